@@ -1,0 +1,247 @@
+"""ComoeConfig: what a mixture-of-LoRA-experts adapter is, validated when it is built.
+
+Field names follow PEFT's LoraConfig where the meaning is the same (r, lora_alpha, lora_dropout,
+target_modules, layers_to_transform), so a PEFT user can read a comoe config at a glance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig
+from torch import nn
+
+ROUTINGS = ("topk", "soft")
+CONTRASTIVES = ("none", "comoe", "moelora")
+ANCHORS = ("all", "random")
+EXPERT_COMPUTES = ("auto", "blocks", "grouped")
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field that carries its help text, as PEFT's configs do."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ComoeConfig:
+    """Configuration of a mixture of LoRA experts with an optional contrastive expert objective."""
+
+    num_experts: int = _field(4, "Number n of LoRA experts per adapted linear layer (>= 1).")
+    top_k: int = _field(
+        2, "Experts activated per token, 1 <= top_k <= num_experts (ignored by soft routing)."
+    )
+    r: int = _field(16, "Rank of each expert's LoRA (>= 1).")
+    lora_alpha: float = _field(
+        32.0, "LoRA scaling numerator: each expert's output is scaled by lora_alpha / r."
+    )
+    lora_dropout: float = _field(0.05, "Dropout on the experts' input, in [0, 1).")
+    target_modules: list[str] | str = _field(
+        ATTENTION_MODULES,
+        "Linear layers to adapt: a list of names matched against the end of each module path "
+        "(as PEFT), or one regular expression that must match the whole path.",
+    )
+    layers_to_transform: list[int] | None = _field(
+        None, "Only adapt modules inside these transformer block indices (None: every block)."
+    )
+    routing: str = _field(
+        "topk",
+        "'topk': sparse top-k routing with renormalised gates; 'soft': every expert, softmax-weighted.",
+    )
+    balance_weight: float = _field(
+        0.0, "Weight of the Switch-style load-balancing loss n * sum_i f_i * P_i (>= 0; 0 turns it off)."
+    )
+    contrastive: str = _field(
+        "none", "Contrastive expert objective: 'none', 'comoe' (CoMoE InfoNCE) or 'moelora' (MoELoRA)."
+    )
+    contrastive_weight: float = _field(
+        0.01, "Weight lambda of the contrastive loss in the total loss (>= 0)."
+    )
+    temperature: float = _field(0.5, "Temperature tau of the contrastive InfoNCE similarities (> 0).")
+    anchor: str = _field(
+        "all", "CoMoE anchors: 'all' activated experts (deterministic) or one 'random' one (the paper)."
+    )
+    num_negatives: int | None = _field(
+        None, "CoMoE: sample this many inactive experts as negatives per token (None: all of them)."
+    )
+    contrastive_max_tokens: int = _field(
+        256, "MoELoRA: at most this many tokens per layer and step enter the contrastive loss (>= 1)."
+    )
+    expert_compute: str = _field(
+        "auto",
+        "How expert outputs are computed: 'blocks' (all experts' down-projection in one matmul, masked "
+        "up-projection in one matmul), 'grouped' (tokens sorted by expert, grouped matmul), 'auto'.",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple | set):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and the valid range."""
+        _check_int("num_experts", self.num_experts, low=1)
+        _check_int("r", self.r, low=1)
+        _check_int("top_k", self.top_k, low=1)
+        if self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
+        _check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        _check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
+        _check_number("balance_weight", self.balance_weight, low=0.0)
+        _check_number("contrastive_weight", self.contrastive_weight, low=0.0)
+        _check_number("temperature", self.temperature, low=0.0, low_open=True)
+        _check_choice("routing", self.routing, ROUTINGS)
+        _check_choice("contrastive", self.contrastive, CONTRASTIVES)
+        _check_choice("anchor", self.anchor, ANCHORS)
+        _check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)
+        _check_int("contrastive_max_tokens", self.contrastive_max_tokens, low=1)
+        if self.num_negatives is not None:
+            _check_int("num_negatives", self.num_negatives, low=1)
+        if self.contrastive == "comoe" and self.active_experts < 2:
+            _fail(
+                "top_k",
+                self.top_k,
+                ">= 2 with contrastive='comoe' (an anchor needs another activated expert as its positive)",
+            )
+        if not self.target_modules:
+            _fail("target_modules", self.target_modules, "a non-empty list of names or a regular expression")
+        if self.layers_to_transform is not None:
+            for index in self.layers_to_transform:
+                _check_int("layers_to_transform", index, low=0)
+
+    @property
+    def active_experts(self) -> int:
+        """Experts that contribute to each token: top_k, or all of them with soft routing."""
+        return self.num_experts if self.routing == "soft" else self.top_k
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ComoeConfig:
+        """The configurations of the papers and the baselines, by name (see PRESETS)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown value {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ComoeConfig:
+        """Build from a saved dict, refusing unknown fields so that typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{CONFIG_NAME}: unknown fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        from comoe.io import atomic_write_text
+
+        payload = {"adapter_type": "comoe", "format_version": FORMAT_VERSION, **self.to_dict()}
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ComoeConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no adapter config here (is this a comoe adapter folder?)")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if values.pop("adapter_type", None) != "comoe":
+            raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
+        version = values.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: format_version {version!r} is not supported (this comoe reads {FORMAT_VERSION})"
+            )
+        return cls.from_dict(values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CoMoE paper defaults: 4 experts, top-2, r=16, alpha=32, q/k/v/o, no balance loss, lambda=0.01.
+    "comoe": dict(
+        num_experts=4, top_k=2, r=16, lora_alpha=32.0, contrastive="comoe", contrastive_weight=0.01
+    ),
+    # Plain top-2 MoE-LoRA: the CoMoE architecture without the contrastive loss (the ablation).
+    "moe": dict(num_experts=4, top_k=2, r=16, lora_alpha=32.0, contrastive="none"),
+    # MoELoRA: 8 experts, top-2, load balancing and expert-identity contrastive learning.
+    "moelora": dict(
+        num_experts=8,
+        top_k=2,
+        r=16,
+        lora_alpha=32.0,
+        balance_weight=0.01,
+        contrastive="moelora",
+        contrastive_weight=0.01,
+    ),
+    # MixLoRA-style: 8 experts, top-2, Switch load balancing, no contrastive loss.
+    "mixlora": dict(num_experts=8, top_k=2, r=16, lora_alpha=32.0, balance_weight=0.01, contrastive="none"),
+}
+
+
+def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_features: int) -> int:
+    """Trainable parameters comoe adds to one linear layer: experts plus router."""
+    return config.num_experts * config.r * (in_features + out_features) + config.num_experts * in_features
+
+
+def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
+    """A PEFT LoraConfig on the same modules whose trainable-parameter count matches comoe's.
+
+    The rank is the integer nearest to (comoe parameters) / sum(d_in + d_out) over the targeted
+    linears, so LoRA baselines are compared at equal capacity, as in the papers' tables.
+    """
+    from comoe.model import find_target_linears
+
+    linears = list(find_target_linears(model, config).values())
+    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in linears)
+    per_rank = sum(m.in_features + m.out_features for m in linears)
+    rank = max(1, round(total / per_rank))
+    return LoraConfig(
+        r=rank,
+        lora_alpha=config.scaling * rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _fail(name: str, value: Any, valid: str) -> None:
+    raise ValueError(f"{name}={value!r} is invalid: expected {valid}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, value, f"an integer >= {low}")
+
+
+def _check_number(
+    name: str, value: Any, low: float, high: float | None = None, low_open: bool = False
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        lower = f"> {low}" if low_open else f">= {low}"
+        _fail(name, value, f"a number {lower}" + (f" and < {high}" if high is not None else ""))
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))

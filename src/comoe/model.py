@@ -1,0 +1,270 @@
+"""ComoeModel: injects ComoeLinear layers into any module with nn.Linear children, adds the auxiliary
+losses to the task loss, and saves/loads the adapter as PEFT does (adapter_config.json +
+adapter_model.safetensors). A small injector of our own rather than PEFT's BaseTuner: see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from comoe.config import ComoeConfig
+from comoe.io import atomic_save_safetensors
+from comoe.layer import ComoeContext, ComoeLinear, LayerStep
+from comoe.objectives import auxiliary_losses
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _is_target(name: str, config: ComoeConfig) -> bool:
+    targets = config.target_modules
+    if isinstance(targets, str):
+        matched = re.fullmatch(targets, name) is not None
+    else:
+        matched = any(name == t or name.endswith("." + t) for t in targets)
+    if matched and config.layers_to_transform is not None:
+        index = _LAYER_INDEX.search("." + name + ".")
+        matched = index is not None and int(index.group(1)) in config.layers_to_transform
+    return matched
+
+
+def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.Linear]:
+    """The nn.Linear modules that config.target_modules selects; a clear error when none or a non-Linear."""
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not name or not _is_target(name, config):
+            continue
+        if isinstance(module, ComoeLinear):
+            raise ValueError(
+                f"target_modules: {name!r} is already a comoe layer; apply comoe to a model only once "
+                "(call unload() first to start again)"
+            )
+        if not isinstance(module, nn.Linear):
+            if any(isinstance(child, ComoeLinear) for child in module.modules()):
+                continue  # the ComoeLinear wrapper's own children are reported above
+            raise ValueError(
+                f"target_modules: {name!r} is a {type(module).__name__}; comoe adapts nn.Linear layers only"
+            )
+        found[name] = module
+    if any(isinstance(m, ComoeLinear) for m in model.modules()):
+        raise ValueError("model: comoe has already been applied to this model; apply it once")
+    if not found:
+        linear_names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+        close = sorted(
+            {c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.5)}
+        )
+        hint = f"; close matches: {close}" if close else ""
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no nn.Linear in the model"
+            + (
+                f" (with layers_to_transform={config.layers_to_transform})"
+                if config.layers_to_transform
+                else ""
+            )
+            + f"{hint}; the model's linear layers are named {linear_names}"
+        )
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class ComoeModel(nn.Module):
+    """A base model whose targeted linears are mixtures of LoRA experts; everything else is frozen."""
+
+    def __init__(self, model: nn.Module, config: ComoeConfig) -> None:
+        super().__init__()
+        targets = find_target_linears(model, config)
+        self.base_model = model
+        self.comoe_config = config
+        self._context = ComoeContext()
+        self._last_aux: dict[str, torch.Tensor] = {}
+        self._recorded: dict[str, LayerStep] | None = None
+        for param in model.parameters():
+            param.requires_grad_(False)
+        layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+        self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def comoe_layers(self) -> dict[str, ComoeLinear]:
+        return dict(self._layers)
+
+    # ---- forward and losses -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; with labels (or in training) the loss includes the auxiliary losses."""
+        want_aux = self._context.adapters_enabled and (self.training or kwargs.get("labels") is not None)
+        mask = kwargs.get("attention_mask")
+        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
+        self._context.keep_step = want_aux or self._recorded is not None
+        try:
+            output = self.base_model(*args, **kwargs)
+            if want_aux:
+                self._add_auxiliary_losses(output)
+        finally:
+            self._end_forward()
+        return output
+
+    def _add_auxiliary_losses(self, output: Any) -> None:
+        layers = [layer for layer in self._layers.values() if layer.step is not None]
+        aux = auxiliary_losses(layers, self.comoe_config)
+        self._last_aux = {name: value.detach() for name, value in aux.items()}
+        task = getattr(output, "loss", None)
+        if task is not None:
+            self._last_aux["task"] = task.detach()
+            config = self.comoe_config
+            output.loss = (
+                task + config.balance_weight * aux["balance"] + config.contrastive_weight * aux["contrastive"]
+            )
+
+    def _end_forward(self) -> None:
+        """Drop the per-layer tensors of this forward (or hand them to record_routing)."""
+        self._context.token_mask = None
+        self._context.keep_step = False
+        if self._recorded is not None:
+            self._recorded.clear()
+            self._recorded.update({n: m.step for n, m in self._layers.items() if m.step is not None})
+        for layer in self._layers.values():
+            layer.step = None
+
+    def last_aux_losses(self) -> dict[str, float]:
+        """The loss components of the last training forward: task, balance, contrastive (0 when off)."""
+        return {name: float(self._last_aux.get(name, 0.0)) for name in ("task", "balance", "contrastive")}
+
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[dict[str, LayerStep]]:
+        """Inside this block, keep each layer's last routing and down-projections for analysis.
+
+        Yields a dict layer name -> LayerStep, refreshed after every forward; outside the block nothing
+        is kept, so no tensors stay alive across training steps.
+        """
+        self._recorded = {}
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ---- adapters on and off ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside this block the model computes exactly the base model's outputs."""
+        previous = self._context.adapters_enabled
+        self._context.adapters_enabled = False
+        try:
+            yield
+        finally:
+            self._context.adapters_enabled = previous
+
+    def unload(self) -> nn.Module:
+        """Put the original nn.Linear modules back and return the untouched base model."""
+        for name, layer in self.comoe_layers().items():
+            _set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        raise NotImplementedError(
+            "merge_and_unload: a mixture of experts cannot be merged into the base weights, because which "
+            "experts apply (and with what gate) depends on each token's input; a merged dense weight would "
+            "apply one fixed combination to every token. Keep the adapter, or unload() for the base model."
+        )
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Experts and routers only, keyed by module path."""
+        state = {}
+        for name, layer in self.comoe_layers().items():
+            state[f"{name}.lora_A"] = layer.lora_A
+            state[f"{name}.lora_B"] = layer.lora_B
+            state[f"{name}.router.weight"] = layer.router.weight
+        return state
+
+    # ---- save and load ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_save_safetensors(
+            os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(), {"format": "pt"}
+        )
+        self.comoe_config.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False
+    ) -> ComoeModel:
+        """Wrap `model` with the adapter saved in `directory` (safetensors only; nothing is unpickled)."""
+        config = ComoeConfig.load(directory)
+        comoe = cls(model, config)
+        comoe.load_adapter_weights(os.path.join(directory, WEIGHTS_NAME))
+        if not is_trainable:
+            comoe.eval()
+            for param in comoe.parameters():
+                param.requires_grad_(False)
+        return comoe
+
+    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: adapter weights not found")
+        try:
+            saved = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(
+                f"{path}: not a readable safetensors file (truncated or corrupted?): {error}"
+            ) from None
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        wrong = [
+            f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+            for k in sorted(set(saved) & set(expected))
+            if saved[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or wrong:
+            lines = [f"{path} does not fit this base model:"]
+            lines += [f"  missing in file: {k}" for k in missing[:20]]
+            lines += [f"  not in model: {k}" for k in unexpected[:20]]
+            lines += [f"  shape mismatch {w}" for w in wrong[:20]]
+            raise ValueError("\n".join(lines))
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(saved[key])
+
+
+def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:
+    """Freeze `model` and turn the linears that `config` targets into mixtures of LoRA experts."""
+    return ComoeModel(model, config)

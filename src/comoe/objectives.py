@@ -1,0 +1,87 @@
+"""The auxiliary losses of a forward, computed from what each layer left in `layer.step`.
+
+Contrastive objectives only need cosines between expert outputs e_i = s * B_i A_i x. With z_i = A_i x
+(already computed for every expert by the layer) and the Gram blocks G_ij = B_i B_j^T (r x r, once per
+step and independent of tokens), e_i . e_j = s^2 z_i^T G_ij z_j exactly, at O(n^2 r^2) per token instead
+of materialising n outputs of size d_out. The InfoNCE tails are the reference ones in comoe.losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from comoe.config import ComoeConfig
+from comoe.layer import ComoeLinear, LayerStep
+from comoe.losses import (
+    NORMALIZE_EPS,
+    comoe_loss_from_cosines,
+    load_balance_loss,
+    sample_contrastive_tokens,
+    supcon_loss,
+)
+
+
+def expert_gram(lora_B: torch.Tensor) -> torch.Tensor:
+    """All Gram blocks B_i B_j^T as one [n*r, n*r] matrix (B stored [n, r, d_out]), in float32."""
+    n, r, d_out = lora_B.shape
+    flat = lora_B.float().reshape(n * r, d_out)
+    return flat @ flat.t()
+
+
+def cosines_from_dots(dots: torch.Tensor) -> torch.Tensor:
+    """Cosines from a matrix of dot products, normalising as F.normalize does: x / max(|x|, eps)."""
+    norms = dots.diagonal(dim1=-2, dim2=-1).clamp_min(NORMALIZE_EPS**2).sqrt()
+    return dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+
+
+def token_cosines(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """[T, n, n] cosines between the n expert outputs of every token, from z [T, n, r] and the Gram."""
+    num_tokens, n, r = z.shape
+    z = z.float()
+    # projected[i, t, (j, b)] = sum_a z[t, i, a] G[(i, a), (j, b)]: one batched matmul over experts i.
+    projected = torch.bmm(z.transpose(0, 1), gram.view(n, r, n * r)).view(n, num_tokens, n, r)
+    dots = (projected * z.unsqueeze(0)).sum(-1).transpose(0, 1)  # [T, i, j]
+    return cosines_from_dots(dots)
+
+
+def item_cosines(z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """[N, N] cosines between N (token, expert) outputs given their z rows [N, r] and expert ids [N].
+
+    Each item is placed in its expert's block of an n*r vector, so all dot products are Zhat G Zhat^T.
+    """
+    n = gram.shape[0] // z_items.shape[1]
+    placed = torch.nn.functional.one_hot(experts, n).to(torch.float32).unsqueeze(
+        -1
+    ) * z_items.float().unsqueeze(1)
+    placed = placed.reshape(z_items.shape[0], -1)
+    return cosines_from_dots(placed @ gram @ placed.t())
+
+
+def contrastive_loss(layer: ComoeLinear, step: LayerStep, config: ComoeConfig) -> torch.Tensor:
+    gram = expert_gram(layer.lora_B)
+    indices = step.routing.indices
+    if config.contrastive == "comoe":
+        cosines = token_cosines(step.z, gram)
+        return comoe_loss_from_cosines(
+            cosines, indices, config.temperature, config.anchor, step.mask, num_negatives=config.num_negatives
+        )
+    tokens, topk = sample_contrastive_tokens(indices, step.mask, config.contrastive_max_tokens, None)
+    experts = topk.flatten()
+    z_items = step.z[tokens.repeat_interleave(topk.shape[1]), experts]
+    return supcon_loss(item_cosines(z_items, experts, gram), experts, config.temperature)
+
+
+def auxiliary_losses(layers: list[ComoeLinear], config: ComoeConfig) -> dict[str, torch.Tensor]:
+    """Balance and contrastive losses, each the mean over adapted layers (zero when turned off)."""
+    balance, contrastive = [], []
+    for layer in layers:
+        step = layer.step
+        if config.balance_weight > 0:
+            balance.append(load_balance_loss(step.routing.probs, step.routing.indices, step.mask))
+        if config.contrastive != "none" and config.contrastive_weight > 0:
+            contrastive.append(contrastive_loss(layer, step, config))
+    zero = torch.zeros((), device=layers[0].lora_A.device) if layers else torch.zeros(())
+    return {
+        "balance": torch.stack(balance).mean() if balance else zero,
+        "contrastive": torch.stack(contrastive).mean() if contrastive else zero,
+    }
