@@ -64,7 +64,7 @@ def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.L
         )
         wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
         close = sorted(
-            {c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.5)}
+            {c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.8)}
         )
         hint = f"; close matches: {close}" if close else ""
         raise ValueError(

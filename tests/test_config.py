@@ -1,0 +1,79 @@
+"""ComoeConfig validation, presets and the matched LoRA baseline."""
+
+import pytest
+from peft import get_peft_model
+
+from comoe import ComoeConfig, get_comoe_model, matched_lora_config
+from comoe.config import comoe_trainable_parameters
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name", "range_text"),
+    [
+        (dict(top_k=5, num_experts=4), "top_k=5", "num_experts (4)"),
+        (dict(top_k=0), "top_k=0", ">= 1"),
+        (dict(r=0), "r=0", ">= 1"),
+        (dict(num_experts=0, top_k=1), "num_experts=0", ">= 1"),
+        (dict(temperature=0.0), "temperature=0.0", "> 0"),
+        (dict(temperature=-1.0), "temperature=-1.0", "> 0"),
+        (dict(contrastive="comoe", top_k=1), "top_k=1", "positive"),
+        (dict(lora_dropout=1.0), "lora_dropout=1.0", "< 1.0"),
+        (dict(routing="dense"), "routing='dense'", "'topk', 'soft'"),
+        (dict(contrastive="simclr"), "contrastive='simclr'", "'comoe'"),
+        (dict(balance_weight=-0.1), "balance_weight=-0.1", ">= 0"),
+        (dict(r=2.5), "r=2.5", "integer"),
+        (dict(num_negatives=0), "num_negatives=0", ">= 1"),
+        (dict(target_modules=[]), "target_modules=[]", "non-empty"),
+    ],
+)
+def test_invalid_values_name_field_value_and_range(fields, field_name, range_text):
+    with pytest.raises(ValueError) as error:
+        ComoeConfig(**fields)
+    assert field_name in str(error.value) and range_text in str(error.value)
+
+
+def test_soft_routing_with_comoe_uses_all_experts_as_active():
+    config = ComoeConfig(routing="soft", top_k=1, contrastive="comoe")
+    assert config.active_experts == 4
+
+
+def test_presets():
+    comoe = ComoeConfig.preset("comoe")
+    assert (comoe.num_experts, comoe.top_k, comoe.r, comoe.lora_alpha) == (4, 2, 16, 32.0)
+    assert comoe.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert comoe.balance_weight == 0.0 and comoe.contrastive == "comoe" and comoe.contrastive_weight == 0.01
+    mix = ComoeConfig.preset("mixlora")
+    assert (mix.num_experts, mix.top_k, mix.balance_weight, mix.contrastive) == (8, 2, 0.01, "none")
+    assert ComoeConfig.preset("moelora").contrastive == "moelora"
+    assert ComoeConfig.preset("comoe", r=8).r == 8
+    with pytest.raises(ValueError, match="unknown value 'nope'"):
+        ComoeConfig.preset("nope")
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown fields \\['num_expert'\\]"):
+        ComoeConfig.from_dict({"num_expert": 4})
+
+
+def test_every_field_is_documented():
+    import dataclasses
+
+    for field in dataclasses.fields(ComoeConfig):
+        assert len(field.metadata.get("help", "")) > 20, field.name
+
+
+def test_matched_lora_has_the_same_trainable_parameter_count(tiny_model):
+    from tests.conftest import tiny_llama
+
+    config = ComoeConfig.preset("comoe")
+    lora = matched_lora_config(config, tiny_model)
+    # tiny: hidden 64; q,o: 64->64, k,v: 64->32; 2 layers
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64)] * 2
+    comoe_total = sum(comoe_trainable_parameters(config, i, o) for i, o in shapes)
+    assert lora.r == round(comoe_total / sum(i + o for i, o in shapes))
+    peft_model = get_peft_model(tiny_llama(), lora)
+    lora_total = peft_model.get_nb_trainable_parameters()[0]
+    comoe_model_total = get_comoe_model(tiny_llama(), config).get_nb_trainable_parameters()[0]
+    assert comoe_model_total == comoe_total
+    assert abs(lora_total - comoe_total) <= sum(i + o for i, o in shapes) / 2
+    assert lora.lora_alpha / lora.r == config.scaling
