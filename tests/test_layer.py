@@ -12,7 +12,13 @@ def make_layer(d_in, d_out, n, k, r, strategy, dtype=torch.float32, routing="top
     torch.manual_seed(seed)
     base = nn.Linear(d_in, d_out, bias=True).to(dtype)
     config = ComoeConfig(
-        num_experts=n, top_k=k, r=r, lora_alpha=2.0 * r, lora_dropout=0.0, expert_compute=strategy, routing=routing
+        num_experts=n,
+        top_k=k,
+        r=r,
+        lora_alpha=2.0 * r,
+        lora_dropout=0.0,
+        expert_compute=strategy,
+        routing=routing,
     )
     layer = ComoeLinear(base, config, ComoeContext())
     with torch.no_grad():

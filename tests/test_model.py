@@ -37,18 +37,24 @@ def trained_comoe(config=None, steps=3, seed=0):
 def test_injection_freezes_base_and_counts_parameters(tiny_model):
     model = get_comoe_model(tiny_model, ComoeConfig.preset("comoe"))
     layers = model.comoe_layers()
-    assert len(layers) == 8 and all(name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in layers)
+    assert len(layers) == 8 and all(
+        name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in layers
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(("lora_" in n) or ("router" in n) for n in trainable)
     q = layers["model.layers.0.self_attn.q_proj"]
-    assert q.lora_A.shape == (4, 16, 64) and q.lora_B.shape == (4, 16, 64) and q.router.weight.shape == (4, 64)
+    assert (
+        q.lora_A.shape == (4, 16, 64) and q.lora_B.shape == (4, 16, 64) and q.router.weight.shape == (4, 64)
+    )
 
 
 def test_initial_outputs_equal_the_base_model_exactly():
     ids, mask = batch()
     with torch.no_grad():
         ref = tiny_llama()(input_ids=ids, attention_mask=mask).logits
-        out = get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora"))(input_ids=ids, attention_mask=mask).logits
+        out = get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora"))(
+            input_ids=ids, attention_mask=mask
+        ).logits
     assert torch.equal(out, ref)
 
 
@@ -59,8 +65,16 @@ def test_layers_to_transform_and_regex_targets(tiny_model):
 
 
 def test_works_on_sequence_classification_and_plain_modules():
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, num_labels=3, pad_token_id=0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        num_labels=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     classifier = LlamaForSequenceClassification(config).eval()
     ids = torch.randint(1, 64, (2, 5))
@@ -90,7 +104,9 @@ def test_loss_is_task_plus_weighted_auxiliary_losses_over_real_tokens():
         assert step.mask is not None and step.mask.sum() == mask.sum()
         balance.append(load_balance_loss(step.routing.probs, step.routing.indices, mask.reshape(-1).bool()))
         outputs = torch.einsum("tnr,nro->tno", step.z, layer.lora_B) * layer.scaling
-        contrastive.append(comoe_loss(outputs, step.routing.indices, config.temperature, mask=mask.reshape(-1).bool()))
+        contrastive.append(
+            comoe_loss(outputs, step.routing.indices, config.temperature, mask=mask.reshape(-1).bool())
+        )
     expected_balance = torch.stack(balance).mean().item()
     expected_contrastive = torch.stack(contrastive).mean().item()
     assert aux["balance"] == pytest.approx(expected_balance, rel=1e-5)
@@ -166,13 +182,22 @@ def test_non_linear_target_is_refused(tiny_model):
 
 def test_adapter_on_another_model_size_lists_mismatches(tmp_path):
     trained_comoe().save_pretrained(tmp_path)
-    other = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128)
+    other = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     with pytest.raises(ValueError) as error:
         ComoeModel.from_pretrained(type(tiny_llama())(other), tmp_path)
     message = str(error.value)
     assert "not in model" not in message or "missing in file: model.layers.2" in message
-    assert "shape mismatch model.layers.0.self_attn.q_proj.lora_A: saved (4, 16, 64), model (4, 16, 32)" in message
+    assert (
+        "shape mismatch model.layers.0.self_attn.q_proj.lora_A: saved (4, 16, 64), model (4, 16, 32)"
+        in message
+    )
 
 
 def test_corrupted_weights_give_a_clear_error(tmp_path):
@@ -186,5 +211,7 @@ def test_corrupted_weights_give_a_clear_error(tmp_path):
 def test_contrastive_weight_zero_trains_exactly_like_plain_moe():
     plain = trained_comoe(ComoeConfig.preset("moe", lora_dropout=0.0))
     zero = trained_comoe(ComoeConfig.preset("comoe", lora_dropout=0.0, contrastive_weight=0.0))
-    for (name, a), (_, b) in zip(plain.adapter_state_dict().items(), zero.adapter_state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        plain.adapter_state_dict().items(), zero.adapter_state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name

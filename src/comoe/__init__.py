@@ -1,4 +1,4 @@
-"""comoe: mixtures of LoRA experts with contrastive expert objectives (CoMoE, MoELoRA) for Hugging Face models."""
+"""comoe: mixtures of LoRA experts with contrastive expert objectives (CoMoE, MoELoRA)."""
 
 from comoe.config import ComoeConfig, matched_lora_config
 from comoe.model import ComoeModel, get_comoe_model
