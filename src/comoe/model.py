@@ -181,6 +181,8 @@ class ComoeModel(nn.Module):
         finally:
             self._context.adapters_enabled = previous
 
+    disable_adapter = disable_adapters  # PEFT's PeftModel spells it in the singular
+
     def unload(self) -> nn.Module:
         """Put the original nn.Linear modules back and return the untouched base model."""
         for name, layer in self.comoe_layers().items():
