@@ -73,7 +73,7 @@ class ComoeConfig:
         None, "CoMoE: sample this many inactive experts as negatives per token (None: all of them)."
     )
     contrastive_max_tokens: int = _field(
-        256, "MoELoRA: at most this many tokens per layer and step enter the contrastive loss (>= 1)."
+        128, "MoELoRA: at most this many tokens per layer and step enter the contrastive loss (>= 1)."
     )
     expert_compute: str = _field(
         "auto",

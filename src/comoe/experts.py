@@ -40,11 +40,7 @@ def mix_grouped(z: torch.Tensor, routing: Routing, lora_B: torch.Tensor, scaling
     pairs = sort_by_expert(routing.indices, n)
     gates = routing.gates.reshape(-1)[pairs.order] * scaling
     z_pairs = z[pairs.tokens, pairs.experts] * gates.to(z.dtype).unsqueeze(-1)
-    if _grouped_mm_aligned(z_pairs, lora_B):
-        out_pairs = GroupedMatmul.apply(z_pairs, lora_B, pairs.offsets)
-    else:  # one matmul per expert over its contiguous slice of the sorted pairs
-        slices = z_pairs.split(pairs.counts.tolist())
-        out_pairs = torch.cat([rows @ lora_B[i] for i, rows in enumerate(slices)])
+    out_pairs = grouped_matmul(z_pairs, lora_B, pairs.counts, pairs.offsets)
     return z.new_zeros(z.shape[0], d_out).index_add(0, pairs.tokens, out_pairs)
 
 
@@ -59,9 +55,16 @@ def mix(
     return mix_grouped(z, routing, lora_B, scaling)
 
 
-def _grouped_mm_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned rows in every operand (and in the gradients)."""
-    return all(size * a.element_size() % 16 == 0 for size in (a.shape[-1], b.shape[-1]))
+def grouped_matmul(
+    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Rows of `a` grouped by expert (counts/offsets) times that expert's matrix b[g]: [M, K] x [G, K, N].
+
+    One grouped_mm where its 16-byte row alignment holds; otherwise one matmul per group.
+    """
+    if all(size * a.element_size() % 16 == 0 for size in (a.shape[-1], b.shape[-1])):
+        return GroupedMatmul.apply(a, b, offsets)
+    return torch.cat([rows @ b[g] for g, rows in enumerate(a.split(counts.tolist()))])
 
 
 class GroupedMatmul(torch.autograd.Function):

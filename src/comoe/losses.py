@@ -24,7 +24,7 @@ __all__ = [
     "comoe_loss",
     "cosine_similarity_matrix",
     "load_balance_loss",
-    "comoe_loss_from_cosines",
+    "comoe_loss_from_anchor_cosines",
     "moelora_loss",
     "sample_contrastive_tokens",
     "supcon_loss",
@@ -132,12 +132,18 @@ def comoe_loss(
     """
     if expert_outputs.dim() != 3:
         raise ValueError(f"expert_outputs must have shape (T, n, d), got {tuple(expert_outputs.shape)}")
+    num_tokens, num_experts, _ = expert_outputs.shape
+    _check_topk(topk_indices, num_tokens, num_experts)
     cosines = cosine_similarity_matrix(_compute_dtype(expert_outputs))  # [T, n, n]
-    return comoe_loss_from_cosines(cosines, topk_indices, temperature, anchor, mask, generator, num_negatives)
+    rows = topk_indices.to(cosines.device).clamp(0, num_experts - 1)  # padding rows may hold any index
+    anchor_cosines = cosines.gather(1, rows.unsqueeze(-1).expand(-1, -1, num_experts))  # [T, k, n]
+    return comoe_loss_from_anchor_cosines(
+        anchor_cosines, topk_indices, temperature, anchor, mask, generator, num_negatives
+    )
 
 
-def comoe_loss_from_cosines(
-    cosines: Tensor,
+def comoe_loss_from_anchor_cosines(
+    anchor_cosines: Tensor,
     topk_indices: Tensor,
     temperature: float,
     anchor: str = "all",
@@ -145,12 +151,13 @@ def comoe_loss_from_cosines(
     generator: torch.Generator | None = None,
     num_negatives: int | None = None,
 ) -> Tensor:
-    """``comoe_loss`` given the per-token cosine matrix ``[T, n, n]`` of the expert outputs.
+    """``comoe_loss`` given ``anchor_cosines[t, s, j]``: the cosine between the output of the expert in
+    top-k slot ``s`` of token ``t`` and expert ``j``'s output, ``[T, k, n]``.
 
-    Shared by the reference (cosines of materialised outputs) and the layer's fast path (cosines from
-    the experts' Gram matrices), so both apply the same InfoNCE, draws and reduction.
+    Shared by the reference (cosines of materialised outputs) and the layer's fast path (only these k rows,
+    from the experts' Gram matrices), so both apply the same InfoNCE, draws and reduction.
     """
-    num_tokens, num_experts, _ = cosines.shape
+    num_tokens, _, num_experts = anchor_cosines.shape
     k = _check_topk(topk_indices, num_tokens, num_experts)
     if k < 2:
         raise ValueError(f"comoe_loss needs k >= 2 activated experts per token (for positives), got k={k}")
@@ -161,7 +168,7 @@ def comoe_loss_from_cosines(
     if num_negatives is not None and num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0 or None, got {num_negatives}")
 
-    device = cosines.device
+    device = anchor_cosines.device
     draw_device = generator.device if generator is not None else device
     num_inactive = num_experts - k
     anchor_slots = None
@@ -173,10 +180,10 @@ def comoe_loss_from_cosines(
         negative_keys = negative_keys.to(device)
 
     valid = _valid_mask(mask, num_tokens, device)
-    cos = cosines[valid]  # [V, n, n]
+    rows = anchor_cosines[valid]  # [V, k, n]
     topk = topk_indices.to(device)[valid]  # [V, k]
-    if cos.shape[0] == 0:
-        return _zero_with_grad(cosines)
+    if rows.shape[0] == 0:
+        return _zero_with_grad(anchor_cosines)
     active = _activation_mask(topk, num_experts)  # [V, n]
 
     negatives = ~active
@@ -187,9 +194,11 @@ def comoe_loss_from_cosines(
         chosen_ids = inactive_ids.gather(1, chosen_pos)
         negatives = torch.zeros_like(active).scatter_(1, chosen_ids, True)
 
-    anchors = topk if anchor_slots is None else topk.gather(1, anchor_slots[valid].unsqueeze(1))  # [V, A]
-    sim = cos / temperature  # [V, n, n]
-    anchor_sim = sim.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_experts))  # [V, A, n]
+    anchors, anchor_sim = topk, rows / temperature  # [V, A], [V, A, n]
+    if anchor_slots is not None:
+        slots = anchor_slots[valid].unsqueeze(1)
+        anchors = topk.gather(1, slots)
+        anchor_sim = anchor_sim.gather(1, slots.unsqueeze(-1).expand(-1, -1, num_experts))
     expert_ids = torch.arange(num_experts, device=device)
     positive = active.unsqueeze(1) & (expert_ids != anchors.unsqueeze(-1))  # [V, A, n]
     candidate = positive | negatives.unsqueeze(1)

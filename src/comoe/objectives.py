@@ -14,7 +14,7 @@ from comoe.config import ComoeConfig
 from comoe.layer import ComoeLinear, LayerStep
 from comoe.losses import (
     NORMALIZE_EPS,
-    comoe_loss_from_cosines,
+    comoe_loss_from_anchor_cosines,
     load_balance_loss,
     sample_contrastive_tokens,
     supcon_loss,
@@ -34,14 +34,31 @@ def cosines_from_dots(dots: torch.Tensor) -> torch.Tensor:
     return dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
 
 
-def token_cosines(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """[T, n, n] cosines between the n expert outputs of every token, from z [T, n, r] and the Gram."""
+def anchor_cosines(z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """[T, k, n] cosines between each token's active experts (rows) and all n experts (columns).
+
+    Only the k anchor rows of each token's n x n cosine matrix are needed. The anchor's z is placed in
+    its expert's r-block of an n*r vector (zeros elsewhere), so all k rows of dot products come from one
+    dense [T*k, n*r] x [n*r, n*r] matmul with the Gram matrix and an r-wide reduction: no sort, gather
+    or scatter, which cost more than the extra FLOPs on the zero blocks.
+    """
     num_tokens, n, r = z.shape
+    k = indices.shape[1]
     z = z.float()
-    # projected[i, t, (j, b)] = sum_a z[t, i, a] G[(i, a), (j, b)]: one batched matmul over experts i.
-    projected = torch.bmm(z.transpose(0, 1), gram.view(n, r, n * r)).view(n, num_tokens, n, r)
-    dots = (projected * z.unsqueeze(0)).sum(-1).transpose(0, 1)  # [T, i, j]
-    return cosines_from_dots(dots)
+    anchor_blocks = torch.nn.functional.one_hot(indices, n).to(z.dtype).unsqueeze(-1)  # [T, k, n, 1]
+    placed = (anchor_blocks * z.unsqueeze(1)).view(num_tokens * k, n * r)
+    dots = ((placed @ gram).view(num_tokens, k, n, r) * z.unsqueeze(1)).sum(-1)  # [T, k, n]
+    norms = _block_self_dots(z, gram).clamp_min(NORMALIZE_EPS**2).sqrt()  # [T, n]
+    anchor_norms = norms.gather(1, indices)  # [T, k]
+    return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(1))
+
+
+def _block_self_dots(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """|e_j|^2 / s^2 = z_j G_jj z_j for every token and expert: one batched matmul over experts."""
+    num_tokens, n, r = z.shape
+    diagonal = gram.view(n, r, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n, r, r]: G_jj
+    zt = z.transpose(0, 1)  # [n, T, r]
+    return (torch.bmm(zt, diagonal) * zt).sum(-1).t()
 
 
 def item_cosines(z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -61,9 +78,9 @@ def contrastive_loss(layer: ComoeLinear, step: LayerStep, config: ComoeConfig) -
     gram = expert_gram(layer.lora_B)
     indices = step.routing.indices
     if config.contrastive == "comoe":
-        cosines = token_cosines(step.z, gram)
-        return comoe_loss_from_cosines(
-            cosines, indices, config.temperature, config.anchor, step.mask, num_negatives=config.num_negatives
+        rows = anchor_cosines(step.z, indices, gram)
+        return comoe_loss_from_anchor_cosines(
+            rows, indices, config.temperature, config.anchor, step.mask, num_negatives=config.num_negatives
         )
     tokens, topk = sample_contrastive_tokens(indices, step.mask, config.contrastive_max_tokens, None)
     experts = topk.flatten()
