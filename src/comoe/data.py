@@ -1,8 +1,12 @@
-"""Examples and the built-in multi-task data (generated deterministically by reasoning-gym)."""
+"""Examples: the LLM-Adapters benchmark files, multi-task mixtures, and built-in data (reasoning-gym)."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -59,3 +63,102 @@ def builtin_examples(split: str, per_task: int, tasks: list[str] | None = None) 
         chosen = [item for item in pool if item["question"] not in seen][:per_task]
         examples += [Example(name, item["question"], "", item["answer"], item["answer"]) for item in chosen]
     return examples
+
+
+# ---- LLM-Adapters benchmark files ---------------------------------------------------------------------
+
+COMMONSENSE_TASKS = [
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "hellaswag",
+    "winogrande",
+    "ARC-Easy",
+    "ARC-Challenge",
+    "openbookqa",
+]
+MATH_TASKS = ["gsm8k", "AddSub", "MultiArith", "SingleEq", "SVAMP", "AQuA", "mawps"]
+MATH_TRAIN = "math_data"  # ft-training_set/math_data.json: the math training mix (with rationales)
+
+
+def answer_kind(task: str) -> str:
+    """How a task's answers are scored: 'choice' (an option word), 'number', 'letter' (AQuA) or 'exact'."""
+    if task in COMMONSENSE_TASKS:
+        return "choice"
+    if task == "AQuA":
+        return "letter"
+    if task in MATH_TASKS or task == MATH_TRAIN:
+        return "number"
+    return "exact"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+    """The folder holding the task folders: an LLM-Adapters checkout (with dataset/) or its dataset/."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir {root}: no such directory")
+    if (root / "dataset").is_dir():
+        return root / "dataset"
+    return root
+
+
+def task_file(data_dir: str | os.PathLike, task: str, split: str) -> Path:
+    dataset = resolve_data_dir(data_dir)
+    if task == MATH_TRAIN:
+        return dataset.parent / "ft-training_set" / "math_data.json"
+    known = COMMONSENSE_TASKS + MATH_TASKS + [MATH_TRAIN]
+    if task not in known:
+        raise ValueError(f"tasks: unknown task {task!r}; LLM-Adapters tasks: {', '.join(known)}")
+    return dataset / task / f"{split}.json"
+
+
+def load_task(data_dir: str | os.PathLike, task: str, split: str) -> list[Example]:
+    """All examples of one LLM-Adapters task split, validated field by field."""
+    path = task_file(data_dir, task, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: task {task!r} has no {split} split in this data directory")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error})") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty JSON list of examples")
+    examples = []
+    for index, record in enumerate(records):
+        missing = [
+            key
+            for key in ("instruction", "output", "answer")
+            if not isinstance(record, dict) or key not in record
+        ]
+        if missing:
+            raise ValueError(f"{path}: example {index} lacks field(s) {missing}")
+        examples.append(
+            Example(
+                task,
+                str(record["instruction"]),
+                str(record.get("input") or ""),
+                str(record["output"]),
+                str(record["answer"]),
+            )
+        )
+    return examples
+
+
+def load_examples(
+    data_dir: str | os.PathLike | None, tasks: list[str] | None, split: str, limit: int | None, seed: int = 0
+) -> list[Example]:
+    """A multi-task mixture: up to `limit` examples per task (a seeded sample), each tagged with its task.
+
+    Without a data directory the built-in reasoning-gym tasks are used (`limit` defaults to 200 there).
+    """
+    if data_dir is None:
+        return builtin_examples(split, per_task=limit or 200, tasks=tasks)
+    if not tasks:
+        raise ValueError("tasks: name at least one task to load from --data-dir")
+    mixture = []
+    for task in tasks:
+        examples = load_task(data_dir, task, split)
+        if limit is not None and len(examples) > limit:
+            examples = random.Random(f"{seed}:{task}").sample(examples, limit)
+        mixture += examples
+    return mixture

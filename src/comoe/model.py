@@ -95,6 +95,9 @@ class ComoeModel(nn.Module):
         self._context = ComoeContext()
         self._last_aux: dict[str, torch.Tensor] = {}
         self._recorded: dict[str, LayerStep] | None = None
+        # The weighted auxiliary loss of the last forward with auxiliary losses, for callers that compute
+        # the task loss themselves (the trainer runs the LM head on response tokens only).
+        self.last_aux_loss: torch.Tensor = torch.zeros(())
         for param in model.parameters():
             param.requires_grad_(False)
         layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
@@ -131,14 +134,15 @@ class ComoeModel(nn.Module):
     def _add_auxiliary_losses(self, output: Any) -> None:
         layers = [layer for layer in self._layers.values() if layer.step is not None]
         aux = auxiliary_losses(layers, self.comoe_config)
+        config = self.comoe_config
+        self.last_aux_loss = (
+            config.balance_weight * aux["balance"] + config.contrastive_weight * aux["contrastive"]
+        )
         self._last_aux = {name: value.detach() for name, value in aux.items()}
         task = getattr(output, "loss", None)
         if task is not None:
             self._last_aux["task"] = task.detach()
-            config = self.comoe_config
-            output.loss = (
-                task + config.balance_weight * aux["balance"] + config.contrastive_weight * aux["contrastive"]
-            )
+            output.loss = task + self.last_aux_loss
 
     def _end_forward(self) -> None:
         """Drop the per-layer tensors of this forward (or hand them to record_routing)."""
