@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -21,3 +23,23 @@ def tiny_llama(seed: int = 0, vocab: int = 128) -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
+
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LLM-Adapters data not found at {DATA_DIR}")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from comoe.models import load_base
+
+    return load_base("smollm2-135m")[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random LLaMA with SmolLM2's tokenizer saved as a local model folder (for end-to-end runs)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

@@ -31,8 +31,11 @@ def materialised(layer):
 
 def assert_same_value_and_gradients(fast, reference, inputs, rtol, atol):
     torch.testing.assert_close(fast.float(), reference.float(), rtol=rtol, atol=atol)
-    for a, b in zip(torch.autograd.grad(fast, inputs, retain_graph=True),
-                    torch.autograd.grad(reference, inputs), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(fast, inputs, retain_graph=True),
+        torch.autograd.grad(reference, inputs),
+        strict=True,
+    ):
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
 
 
@@ -62,8 +65,9 @@ def test_comoe_sampled_negatives_equal_reference():
     torch.manual_seed(5)
     fast = contrastive_loss(layer, layer.step, config)
     torch.manual_seed(5)
-    reference = comoe_loss(materialised(layer), layer.step.routing.indices, config.temperature, mask=mask,
-                           num_negatives=3)
+    reference = comoe_loss(
+        materialised(layer), layer.step.routing.indices, config.temperature, mask=mask, num_negatives=3
+    )
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], 1e-5, 1e-5)
 
 
@@ -75,7 +79,8 @@ def test_moelora_gram_path_equals_reference(n, k, max_tokens, dtype):
     torch.manual_seed(7)
     fast = contrastive_loss(layer, layer.step, config)
     torch.manual_seed(7)
-    reference = moelora_loss(materialised(layer), layer.step.routing.indices, config.temperature, mask,
-                             max_tokens=max_tokens)
+    reference = moelora_loss(
+        materialised(layer), layer.step.routing.indices, config.temperature, mask, max_tokens=max_tokens
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], tol, tol)

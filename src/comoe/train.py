@@ -166,6 +166,7 @@ def train(args: TrainArgs) -> Path:
         lambda s: min(1.0, (s + 1) / max(1, warmup)) * min(1.0, (total - s) / max(1, total - warmup)),
     )
     step = load_checkpoint(run, model, optimizer, scheduler) if args.resume else 0
+    _truncate_log(run / "log.jsonl", step)
     print(
         f"training {args.preset} on {len(items)} examples ({truncated} truncated at {args.cutoff} tokens), "
         f"{total} steps; run directory {run}"
@@ -239,6 +240,15 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return parts, tokens
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after the checkpoint a run resumes from, so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _aux_components(model: nn.Module) -> dict[str, float]:
