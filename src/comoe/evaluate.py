@@ -16,7 +16,7 @@ from torch import nn
 
 from comoe.data import Example, answer_kind, load_examples
 from comoe.io import atomic_write_text
-from comoe.prompts import format_prompt, pad_batch, tokenize_example
+from comoe.prompts import IGNORE_INDEX, format_prompt, pad_batch, response_logits, tokenize_example
 
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -85,21 +85,13 @@ def option_loglikelihoods(
             owners.append(index)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     scores = [0.0] * len(items)
-    head = model.get_output_embeddings()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = pad_batch([items[i] for i in chunk], tokenizer.pad_token_id)
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=1,
-            output_hidden_states=True,
-        )
-        targets = batch["labels"][:, 1:]
-        labelled = targets != -100
-        logprobs = torch.log_softmax(head(out.hidden_states[-1][:, :-1][labelled]).float(), dim=-1)
-        token_scores = logprobs.gather(1, targets[labelled].unsqueeze(1)).squeeze(1)
-        rows = labelled.nonzero()[:, 0]
+        logits, targets = response_logits(model, batch)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_scores = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
         per_row = torch.zeros(len(chunk)).index_add_(0, rows, token_scores)
         for position, item in enumerate(chunk):
             scores[item] = float(per_row[position])

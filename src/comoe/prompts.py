@@ -62,3 +62,23 @@ def pad_batch(items: list[Tokenized], pad_token_id: int) -> dict[str, torch.Tens
         labels[row, :n] = torch.tensor(item.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM-head logits at the positions that predict a labelled token, and those tokens: ([N, V], [N]).
+
+    The model computes logits for one position only; its final hidden states at labelled positions go
+    through the head, which skips the head's FLOPs (about 20% of SmolLM2's) on prompts and padding.
+    """
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=1,
+        output_hidden_states=True,
+    )
+    targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE_INDEX
+    hidden = out.hidden_states[-1][:, :-1][labelled]
+    return model.get_output_embeddings()(hidden).float(), targets[labelled]
