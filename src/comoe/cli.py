@@ -1,4 +1,4 @@
-"""The `comoe` command line: train, eval, demo."""
+"""The `comoe` command line: train, eval, analyze, demo."""
 
 from __future__ import annotations
 
@@ -62,12 +62,26 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--output", help="write the report JSON here")
 
 
+def _add_analyze(commands) -> None:
+    analyze = commands.add_parser("analyze", help="measure expert specialisation of a comoe adapter")
+    analyze.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    analyze.add_argument("--adapter", required=True, help="a comoe adapter folder")
+    analyze.add_argument(
+        "--data-dir", help="LLM-Adapters checkout or its dataset/ folder (default: built-in)"
+    )
+    analyze.add_argument("--tasks", type=_tasks, help="comma-separated tasks (test splits)")
+    analyze.add_argument("--limit", type=int, default=50, help="examples per task (default: 50)")
+    analyze.add_argument("--batch-size", type=int, default=8)
+    analyze.add_argument("--output", required=True, help="folder for summary.json, report.md and figures")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="comoe", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
     _add_eval(commands)
+    _add_analyze(commands)
     demo = commands.add_parser(
         "demo", help="fine-tune SmolLM2-135M on built-in tasks, evaluate, write a report"
     )
@@ -102,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                 interval = f"95% CI {100 * low:.1f}-{100 * high:.1f}"
                 print(f"{name:22s} {100 * row['accuracy']:5.1f}%  (n={row['n']}, {interval})")
             print(f"{'average':22s} {100 * report['average']:5.1f}%   ({report['seconds']} s)")
+        elif args.command == "analyze":
+            from comoe.analysis import analyze
+
+            summary = analyze(
+                args.model, args.adapter, args.data_dir, args.tasks, args.limit, args.output, args.batch_size
+            )
+            print(
+                f"I(task; expert) {summary['mean_mi_task_expert_bits']:.4f} bits "
+                f"({100 * summary['mean_nmi_task_expert']:.2f}% of H(task)), expert similarity "
+                f"{summary['mean_expert_similarity']:.4f}, load CV {summary['mean_load_cv']:.3f}"
+            )
         else:
             from comoe.demo import run_demo
 

@@ -199,18 +199,29 @@ def summarise(predictions: list[Prediction]) -> dict[str, Any]:
 
 
 def load_for_eval(model_name: str, adapter: str | None) -> tuple[nn.Module, Any]:
-    """The base model, with a comoe or PEFT adapter folder applied when given."""
-    from comoe.model import ComoeModel
+    """The base model, with a comoe or PEFT adapter folder applied when given.
+
+    The adapter folder is checked before the (slower) base model is loaded, so a bad path fails fast.
+    """
+    from comoe.config import ComoeConfig
+    from comoe.model import WEIGHTS_NAME, ComoeModel
     from comoe.models import load_base
 
-    base, tokenizer = load_base(model_name)
     if adapter is None:
-        return base, tokenizer
+        return load_base(model_name)
     config_path = Path(adapter) / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there")
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
-    if saved.get("adapter_type") == "comoe":
+    if not (Path(adapter) / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{Path(adapter) / WEIGHTS_NAME}: adapter weights not found")
+    try:
+        is_comoe = json.loads(config_path.read_text(encoding="utf-8")).get("adapter_type") == "comoe"
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if is_comoe:
+        ComoeConfig.load(adapter)  # validates every field before the base model is loaded
+    base, tokenizer = load_base(model_name)
+    if is_comoe:
         return ComoeModel.from_pretrained(base, adapter), tokenizer
     from peft import PeftModel
 

@@ -3,6 +3,7 @@ PEFT LoRA baseline, with auxiliary losses logged per step, atomic checkpoints an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from comoe.analysis import SpecialisationAccumulator, token_tasks
 from comoe.config import PRESETS, ComoeConfig, matched_lora_config
 from comoe.data import load_examples
 from comoe.io import atomic_save_safetensors, atomic_write_text
@@ -50,6 +52,10 @@ class TrainArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     seed: int = field(default=0, metadata={"help": "seed for the adapter init, data order and dropout"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    stats_steps: int = field(
+        default=10,
+        metadata={"help": "log routing statistics (load, I(task; expert)) every N steps (0: never)"},
+    )
     output: str = field(default="runs/train", metadata={"help": "run directory"})
     resume: bool = field(
         default=False, metadata={"help": "continue from the run directory's last checkpoint"}
@@ -116,7 +122,7 @@ def _tokenize_all(examples, tokenizer, cutoff: int) -> tuple[list[Tokenized], in
     return items, sum(item.truncated for item in items)
 
 
-def _batches(items: list[Tokenized], args: TrainArgs, pad_id: int, start_micro: int):
+def _batches(items: list[Tokenized], task_ids: list[int], args: TrainArgs, pad_id: int, start_micro: int):
     """Micro-batches in a seeded order per epoch, starting at micro-batch `start_micro` (for resume)."""
     per_epoch = math.ceil(len(items) / args.batch_size)
     micro = start_micro
@@ -124,7 +130,9 @@ def _batches(items: list[Tokenized], args: TrainArgs, pad_id: int, start_micro: 
         epoch, offset = divmod(micro, per_epoch)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         chunk = order[offset * args.batch_size : (offset + 1) * args.batch_size].tolist()
-        yield pad_batch([items[i] for i in chunk], pad_id)
+        batch = pad_batch([items[i] for i in chunk], pad_id)
+        batch["task_ids"] = torch.tensor([task_ids[i] for i in chunk])
+        yield batch
         micro += 1
 
 
@@ -160,13 +168,19 @@ def train(args: TrainArgs) -> Path:
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(run / "tensorboard"))
-    batches = _batches(items, args, tokenizer.pad_token_id, step * args.grad_accum)
+    task_names = list(dict.fromkeys(e.task for e in examples))
+    task_ids = [task_names.index(e.task) for e in examples]
+    batches = _batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum)
     model.train()
     skipped, tokens, start = 0, 0, time.perf_counter()
     progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
     with open(run / "log.jsonl", "a", encoding="utf-8") as log:
         while step < total:
-            parts, batch_tokens = optimizer_step(model, batches, args, optimizer, params, run, step + 1)
+            watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+            with model.record_routing() if watch else contextlib.nullcontext() as steps:
+                parts, batch_tokens, last_batch = optimizer_step(
+                    model, batches, args, optimizer, params, run, step + 1
+                )
             tokens += batch_tokens
             if parts is None:
                 skipped += 1
@@ -175,6 +189,8 @@ def train(args: TrainArgs) -> Path:
                 continue
             scheduler.step()
             step += 1
+            if watch:
+                parts.update(routing_snapshot(model, steps, last_batch, task_names))
             record = {
                 "step": step,
                 **parts,
@@ -213,7 +229,7 @@ def optimizer_step(
         if bad:
             optimizer.zero_grad(set_to_none=True)
             if args.skip_nonfinite:
-                return None, tokens
+                return None, tokens, batch
             values = ", ".join(f"{k}={v}" for k, v in components.items())
             raise NonFiniteLoss(
                 f"step {step}: non-finite {', '.join(bad)} loss ({values}); the last good checkpoint "
@@ -226,7 +242,20 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return parts, tokens
+    return parts, tokens, batch
+
+
+def routing_snapshot(model: ComoeModel, steps, batch: dict[str, torch.Tensor], task_names: list[str]) -> dict:
+    """Specialisation of the last micro-batch, averaged over layers: I(task; expert), load entropy and CV."""
+    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names, similarity=False)
+    accumulator.update(steps, token_tasks(batch["task_ids"], batch["attention_mask"]))
+    summary = accumulator.summary()
+    layers = summary["layers"].values()
+    return {
+        "mi_task_expert_bits": summary["mean_mi_task_expert_bits"],
+        "load_entropy_bits": sum(v["load_entropy_bits"] for v in layers) / max(1, len(layers)),
+        "load_cv": summary["mean_load_cv"],
+    }
 
 
 def _truncate_log(path: Path, step: int) -> None:

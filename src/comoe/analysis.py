@@ -1,0 +1,296 @@
+"""Expert specialisation as numbers: routing statistics, mutual information between task and expert, and
+redundancy between experts (cosine similarity of their outputs on the same tokens, from Gram matrices)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comoe.layer import ComoeLinear, LayerStep
+from comoe.objectives import anchor_cosines, expert_gram
+
+LN2 = math.log(2.0)
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    """Plug-in entropy (bits) of the distribution given by non-negative counts."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts[counts > 0].double() / total
+    return float(-(p * p.log2()).sum())
+
+
+def mutual_information(
+    task_ids: torch.Tensor, expert_ids: torch.Tensor, bias_correction: bool = True
+) -> float:
+    """I(task; expert) in bits from paired samples, plug-in estimate with the Miller-Madow correction.
+
+    The plug-in estimate is biased upwards by about (m_T - 1)(m_E - 1) / (2 N ln 2) for independent
+    variables; Miller-Madow adds (m - 1) / (2 N ln 2) to each entropy (m: occupied bins), which removes
+    that bias to first order. Clamped at 0.
+    """
+    task_ids, expert_ids = task_ids.reshape(-1).long(), expert_ids.reshape(-1).long()
+    if task_ids.numel() != expert_ids.numel():
+        raise ValueError(f"task_ids and expert_ids must pair up: {task_ids.numel()} vs {expert_ids.numel()}")
+    if task_ids.numel() == 0:
+        return 0.0
+    num_tasks, num_experts = int(task_ids.max()) + 1, int(expert_ids.max()) + 1
+    joint = torch.bincount(task_ids * num_experts + expert_ids, minlength=num_tasks * num_experts)
+    return mutual_information_from_counts(joint.view(num_tasks, num_experts).double(), bias_correction)
+
+
+def mutual_information_from_counts(joint: torch.Tensor, bias_correction: bool = True) -> float:
+    """I(row; column) in bits from a contingency table of counts (see mutual_information)."""
+    n = float(joint.sum())
+    if n == 0:
+        return 0.0
+    rows, cols = joint.sum(1), joint.sum(0)
+    mi = entropy_bits(rows) + entropy_bits(cols) - entropy_bits(joint.flatten())
+    if bias_correction:
+        occupied = int((rows > 0).sum()) + int((cols > 0).sum()) - int((joint > 0).sum()) - 1
+        mi += occupied / (2 * n * LN2)
+    return max(0.0, mi)
+
+
+def load_stats(counts: torch.Tensor, k: int) -> dict[str, Any]:
+    """From routed (token, slot) counts per expert: load, its entropy and imbalance, dead/collapsed flags.
+
+    Dead: an expert with under a tenth of the uniform load. Collapsed: k experts take over 90% of it.
+    """
+    counts = counts.double()
+    n = counts.numel()
+    load = counts / counts.sum().clamp_min(1)
+    return {
+        "load": load.tolist(),
+        "load_entropy_bits": entropy_bits(counts),
+        "max_load_entropy_bits": math.log2(n),
+        "load_cv": float(load.std(unbiased=False) / load.mean()) if n > 1 else 0.0,
+        "dead_experts": [i for i in range(n) if load[i] < 0.1 / n],
+        "collapsed": bool(n > k and load.sort(descending=True).values[:k].sum() > 0.9),
+    }
+
+
+def mean_routing_entropy_bits(probs: torch.Tensor) -> float:
+    """Mean over tokens of the entropy of the router's distribution (bits): low means confident routing."""
+    probs = probs.double()
+    return float(-(probs * probs.clamp_min(1e-30).log2()).sum(1).mean()) if len(probs) else 0.0
+
+
+def routing_stats(
+    indices: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Routing statistics of one layer over real tokens: `indices` [T, k] active experts, `probs` [T, n]."""
+    if mask is not None:
+        indices, probs = indices[mask], probs[mask]
+    counts = torch.bincount(indices.reshape(-1), minlength=probs.shape[1])
+    return {
+        "tokens": int(indices.shape[0]),
+        **load_stats(counts, indices.shape[1]),
+        "routing_entropy_bits": mean_routing_entropy_bits(probs),
+    }
+
+
+def expert_similarity(z: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean cosine similarity between the outputs of every pair of experts on the same tokens.
+
+    From the Gram matrix of the experts' B (exact, no [T, n, d_out] outputs): 1 means redundant experts.
+    """
+    if mask is not None:
+        z = z[mask]
+    n = z.shape[1]
+    if n < 2 or z.shape[0] == 0:
+        return 0.0
+    everyone = torch.arange(n, device=z.device).expand(z.shape[0], n)
+    cosines = anchor_cosines(z, everyone, expert_gram(lora_B))  # [T, n, n]
+    pairs = torch.triu_indices(n, n, offset=1)
+    return float(cosines[:, pairs[0], pairs[1]].mean())
+
+
+def _active(layer: ComoeLinear) -> int:
+    return layer.num_experts if layer.soft else layer.top_k
+
+
+class SpecialisationAccumulator:
+    """Per-layer task x expert counts, routing statistics and expert similarity over many batches."""
+
+    def __init__(
+        self, layers: dict[str, ComoeLinear], task_names: list[str], similarity: bool = True
+    ) -> None:
+        self.layers = layers
+        self.similarity = similarity
+        self.task_names = task_names
+        n_tasks = len(task_names)
+        self.joint = {
+            name: torch.zeros(n_tasks, layer.num_experts, dtype=torch.float64)
+            for name, layer in layers.items()
+        }
+        self.entropy_sum = dict.fromkeys(layers, 0.0)
+        self.similarity_sum = dict.fromkeys(layers, 0.0)
+        self.tokens = dict.fromkeys(layers, 0)
+
+    @torch.no_grad()
+    def update(self, steps: dict[str, LayerStep], token_tasks: torch.Tensor) -> None:
+        """Add one forward's routing; `token_tasks` [T] holds each token's task index (-1 for padding)."""
+        for name, step in steps.items():
+            mask = token_tasks >= 0 if step.mask is None else step.mask & (token_tasks >= 0)
+            indices, tasks = step.routing.indices[mask], token_tasks[mask]
+            k = indices.shape[1]
+            n = self.joint[name].shape[1]
+            flat = tasks.repeat_interleave(k) * n + indices.reshape(-1)
+            self.joint[name] += torch.bincount(flat, minlength=self.joint[name].numel()).view_as(
+                self.joint[name]
+            )
+            count = int(mask.sum())
+            self.entropy_sum[name] += mean_routing_entropy_bits(step.routing.probs[mask]) * count
+            if self.similarity:
+                self.similarity_sum[name] += expert_similarity(step.z, self.layers[name].lora_B, mask) * count
+            self.tokens[name] += count
+
+    def summary(self) -> dict[str, Any]:
+        layers = {}
+        for name, joint in self.joint.items():
+            tokens = max(1, self.tokens[name])
+            task_entropy = entropy_bits(joint.sum(1))
+            mi = mutual_information_from_counts(joint)
+            layers[name] = {
+                "tokens": self.tokens[name],
+                **load_stats(joint.sum(0), _active(self.layers[name])),
+                "routing_entropy_bits": self.entropy_sum[name] / tokens,
+                "mi_task_expert_bits": mi,
+                "nmi_task_expert": mi / task_entropy if task_entropy > 0 else 0.0,
+                "expert_similarity": self.similarity_sum[name] / tokens,
+                "task_expert_load": (joint / joint.sum(1, keepdim=True).clamp_min(1)).tolist(),
+            }
+        values = list(layers.values())
+
+        def mean(key: str) -> float:
+            return sum(v[key] for v in values) / max(1, len(values))
+
+        return {
+            "tasks": self.task_names,
+            "layers": layers,
+            "mean_mi_task_expert_bits": mean("mi_task_expert_bits"),
+            "mean_nmi_task_expert": mean("nmi_task_expert"),
+            "mean_expert_similarity": mean("expert_similarity"),
+            "mean_load_cv": mean("load_cv"),
+        }
+
+
+def token_tasks(task_rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B*S] task index of every token, -1 on padding, from each row's task index [B]."""
+    return torch.where(attention_mask.bool(), task_rows.unsqueeze(1), -1).reshape(-1)
+
+
+def plot_summary(summary: dict[str, Any], output: Path, heatmap_layers: int = 3) -> list[Path]:
+    """Task x expert heatmaps for a few layers and per-layer curves of I(task; expert) and similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["layers"])
+    chosen = [
+        names[round(i * (len(names) - 1) / max(1, heatmap_layers - 1))]
+        for i in range(min(heatmap_layers, len(names)))
+    ]
+    written = []
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 0.5 * len(summary["tasks"]) + 2))
+    for ax, name in zip(list(getattr(axes, "flat", [axes])), chosen, strict=True):
+        table = summary["layers"][name]["task_expert_load"]
+        image = ax.imshow(table, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_title(name.replace("model.layers.", "L").replace(".self_attn", ""), fontsize=9)
+        ax.set_yticks(range(len(summary["tasks"])), summary["tasks"], fontsize=8)
+        ax.set_xticks(range(len(table[0])), [f"E{i}" for i in range(len(table[0]))], fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle("fraction of each task's routed tokens per expert")
+    fig.tight_layout()
+    written.append(output / "task_expert_heatmaps.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    x = range(len(names))
+    ax.plot(x, [summary["layers"][n]["nmi_task_expert"] for n in names], label="I(task; expert) / H(task)")
+    ax.plot(
+        x, [summary["layers"][n]["expert_similarity"] for n in names], label="mean expert cosine similarity"
+    )
+    ax.set_xlabel("adapted layer (model order)")
+    ax.legend()
+    fig.tight_layout()
+    written.append(output / "per_layer_curves.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def analyze(
+    model_name: str,
+    adapter: str,
+    data_dir: str | None,
+    tasks: list[str] | None,
+    limit: int | None,
+    output: str,
+    batch_size: int = 8,
+    cutoff: int = 256,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Route held-out examples (prompt and reference response) through a comoe adapter and measure."""
+    from comoe.data import load_examples
+    from comoe.evaluate import load_for_eval
+    from comoe.io import atomic_write_text
+    from comoe.model import ComoeModel
+    from comoe.prompts import format_prompt, pad_batch, tokenize_example
+
+    model, tokenizer = load_for_eval(model_name, adapter)
+    if not isinstance(model, ComoeModel):
+        raise ValueError(f"--adapter {adapter}: analysis needs a comoe adapter (routing), not a PEFT one")
+    examples = load_examples(data_dir, tasks, "test", limit, seed)
+    task_names = list(dict.fromkeys(e.task for e in examples))
+    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        items = [
+            tokenize_example(tokenizer, format_prompt(e.instruction, e.input), e.output, cutoff)
+            for e in chunk
+        ]
+        batch = pad_batch(items, tokenizer.pad_token_id)
+        rows = torch.tensor([task_names.index(e.task) for e in chunk])
+        with torch.no_grad(), model.record_routing() as steps:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            accumulator.update(steps, token_tasks(rows, batch["attention_mask"]))
+    summary = accumulator.summary()
+    summary.update(model=model_name, adapter=adapter, data_dir=data_dir, limit=limit, examples=len(examples))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    figures = plot_summary(summary, out)
+    atomic_write_text(out / "report.md", specialisation_section(summary, figures))
+    return summary
+
+
+def specialisation_section(summary: dict[str, Any], figures: list[Path]) -> str:
+    """The report.md section: headline numbers and the layers with the most task-specific routing."""
+    lines = [
+        "## Expert specialisation",
+        "",
+        f"- mean I(task; expert): {summary['mean_mi_task_expert_bits']:.4f} bits "
+        f"({100 * summary['mean_nmi_task_expert']:.2f}% of H(task))",
+        f"- mean pairwise cosine similarity of expert outputs: {summary['mean_expert_similarity']:.4f}",
+        f"- mean load imbalance (coefficient of variation): {summary['mean_load_cv']:.3f}",
+        "",
+        "| layer | I(task; expert) bits | NMI | expert cos sim | load CV | dead experts |",
+        "|---|---|---|---|---|---|",
+    ]
+    ranked = sorted(summary["layers"].items(), key=lambda kv: -kv[1]["mi_task_expert_bits"])
+    for name, row in ranked[:10]:
+        lines.append(
+            f"| {name} | {row['mi_task_expert_bits']:.4f} | {row['nmi_task_expert']:.4f} | "
+            f"{row['expert_similarity']:.4f} | {row['load_cv']:.3f} | {row['dead_experts'] or '-'} |"
+        )
+    lines += ["", *[f"![{f.stem}]({f.name})" for f in figures], ""]
+    return "\n".join(lines)
