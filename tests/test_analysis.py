@@ -133,7 +133,9 @@ def test_analyze_writes_summary_report_and_figures(tiny_model_dir, tmp_path):
 def test_training_logs_routing_statistics(tiny_model_dir, tmp_path):
     from comoe.train import train
 
-    run = train(args_for(tiny_model_dir, tmp_path / "run", max_steps=2, stats_steps=2, tasks=["chain_sum", "gcd"][:1]))
+    run = train(
+        args_for(tiny_model_dir, tmp_path / "run", max_steps=2, stats_steps=2, tasks=["chain_sum", "gcd"][:1])
+    )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert "mi_task_expert_bits" not in log[0]
     assert log[1]["mi_task_expert_bits"] == 0.0  # a single task carries no information

@@ -82,9 +82,9 @@ def test_nonfinite_loss_stops_with_step_and_component(tiny_model_dir, tmp_path, 
     original = training.response_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):  # the second batch has a NaN loss
+    def poisoned(model, batch, world):  # the second batch has a NaN loss
         calls["n"] += 1
-        task, aux = original(model, batch)
+        task, aux = original(model, batch, world)
         return (task * float("nan") if calls["n"] == 2 else task), aux
 
     monkeypatch.setattr(training, "response_loss", poisoned)

@@ -31,6 +31,7 @@ def _add_train(commands) -> None:
     train.add_argument("--grad-accum", type=int, help="micro-batches per step (default: 1)")
     train.add_argument("--cutoff", type=int, help="maximum tokens per example (default: 256)")
     train.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: 50)")
+    train.add_argument("--stats-steps", type=int, help="log routing statistics every N steps (default: 10)")
     train.add_argument("--seed", type=int, help="seed (default: 0)")
     train.add_argument("--output", help="run directory (default: runs/train)")
     train.add_argument(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from comoe.data import Example, answer_kind, load_examples
 from comoe.io import atomic_write_text
@@ -85,7 +86,7 @@ def option_loglikelihoods(
             owners.append(index)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     scores = [0.0] * len(items)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="score options", unit="batch", leave=False):
         chunk = order[start : start + batch_size]
         batch = pad_batch([items[i] for i in chunk], tokenizer.pad_token_id)
         logits, targets = response_logits(model, batch)
@@ -112,7 +113,7 @@ def generate_responses(
     ]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)

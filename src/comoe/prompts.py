@@ -81,4 +81,5 @@ def response_logits(
     targets = batch["labels"][:, 1:]
     labelled = targets != IGNORE_INDEX
     hidden = out.hidden_states[-1][:, :-1][labelled]
-    return model.get_output_embeddings()(hidden).float(), targets[labelled]
+    head = getattr(model, "module", model).get_output_embeddings()  # unwrap DistributedDataParallel
+    return head(hidden).float(), targets[labelled]

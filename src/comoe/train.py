@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from comoe.analysis import SpecialisationAccumulator, token_tasks
 from comoe.config import PRESETS, ComoeConfig, matched_lora_config
 from comoe.data import load_examples
+from comoe.distributed import World
 from comoe.io import atomic_save_safetensors, atomic_write_text
 from comoe.model import ComoeModel, get_comoe_model
 from comoe.models import load_base
 from comoe.prompts import Tokenized, format_prompt, pad_batch, response_logits, tokenize_example
 
 METHODS = [*PRESETS, "lora"]
+SINGLE = World()
 
 
 @dataclass
@@ -104,11 +106,30 @@ def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy on response tokens only, weighted auxiliary loss of the same forward)."""
+def response_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], world: World = SINGLE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy on response tokens, weighted auxiliary loss), both normalised over the global batch.
+
+    Each process divides its sum by the number of tokens in all processes' micro-batches and multiplies by
+    the world size, which DDP's gradient averaging divides back out: the gradients are those of one process
+    holding the whole batch (per-token means of the task loss and of the per-token auxiliary losses).
+    """
     logits, targets = response_logits(model, batch)
-    aux = model.last_aux_loss if isinstance(model, ComoeModel) else torch.zeros(())
-    return F.cross_entropy(logits, targets), aux
+    inner = getattr(model, "module", model)
+    aux = inner.last_aux_loss if isinstance(inner, ComoeModel) else torch.zeros(())
+    if world.size == 1:
+        return F.cross_entropy(logits, targets), aux
+    task = (
+        F.cross_entropy(logits, targets, reduction="sum") * _share(targets.numel(), world) / targets.numel()
+    )
+    return task, aux * _share(int(batch["attention_mask"].sum()), world)
+
+
+def _share(count: int, world: World) -> float:
+    """count * world.size / (count summed over processes): the factor that turns a per-process mean into
+    this process's part of the global mean, once DDP averages over processes."""
+    return count * world.size / float(world.sum(torch.tensor(float(count)))) if world.size > 1 else 1.0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -122,34 +143,84 @@ def _tokenize_all(examples, tokenizer, cutoff: int) -> tuple[list[Tokenized], in
     return items, sum(item.truncated for item in items)
 
 
-def _batches(items: list[Tokenized], task_ids: list[int], args: TrainArgs, pad_id: int, start_micro: int):
-    """Micro-batches in a seeded order per epoch, starting at micro-batch `start_micro` (for resume)."""
-    per_epoch = math.ceil(len(items) / args.batch_size)
+def _batches(
+    items: list[Tokenized], task_ids: list[int], args: TrainArgs, pad_id: int, start_micro: int, world: World
+):
+    """Micro-batches in a seeded order per epoch, from micro-batch `start_micro` on (for resume).
+
+    The order depends on the seed and the epoch only; each global micro-batch of batch_size * world.size
+    examples is split into contiguous per-process slices, so N processes see what one process would.
+    """
+    global_size = args.batch_size * world.size
+    per_epoch = math.ceil(len(items) / global_size)
     micro = start_micro
     while True:
         epoch, offset = divmod(micro, per_epoch)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        chunk = order[offset * args.batch_size : (offset + 1) * args.batch_size].tolist()
-        batch = pad_batch([items[i] for i in chunk], pad_id)
-        batch["task_ids"] = torch.tensor([task_ids[i] for i in chunk])
+        chunk = order[offset * global_size : (offset + 1) * global_size].tolist()
+        mine = chunk[world.rank * args.batch_size : (world.rank + 1) * args.batch_size] or chunk[-1:]
+        batch = pad_batch([items[i] for i in mine], pad_id)
+        batch["task_ids"] = torch.tensor([task_ids[i] for i in mine])
         yield batch
         micro += 1
 
 
-def train(args: TrainArgs) -> Path:
-    """Train, checkpoint and save the adapter into args.output; returns the run directory."""
-    run = Path(args.output)
-    if run.exists() and any(run.iterdir()) and not args.resume:
-        raise FileExistsError(
-            f"--output {run} is not empty: pass --resume to continue it, or pick a new folder"
-        )
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+class RunLog:
+    """log.jsonl, TensorBoard and the progress bar, written by the main process only."""
 
+    def __init__(self, run: Path, total: int, step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.writer = SummaryWriter(str(run / "tensorboard"))
+        self.progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for name, value in record.items():
+            if name != "step":
+                self.writer.add_scalar(f"train/{name}", value, record["step"])
+        self.progress.update(1)
+        self.progress.set_postfix(task=f"{record['task']:.3f}", con=f"{record['contrastive']:.3f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.close()
+            self.writer.close()
+            self.file.close()
+
+
+def _prepare_run(args: TrainArgs, world: World) -> Path:
+    run = Path(args.output)
+    if world.is_main:
+        if run.exists() and any(run.iterdir()) and not args.resume:
+            raise FileExistsError(
+                f"--output {run} is not empty: pass --resume to continue it, or pick a new folder"
+            )
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+    world.barrier()
+    return run
+
+
+def train(args: TrainArgs) -> Path:
+    """Train, checkpoint and save the adapter into args.output; returns the run directory.
+
+    Under torchrun / accelerate launch, each process trains on its slice of every global micro-batch with
+    DistributedDataParallel; only the main process writes logs, checkpoints and the adapter.
+    """
+    world = World.from_env()
+    run = _prepare_run(args, world)
     model, tokenizer = build_model(args)
     examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     items, truncated = _tokenize_all(examples, tokenizer, args.cutoff)
-    steps_per_epoch = math.ceil(len(items) / (args.batch_size * args.grad_accum))
+    steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -159,90 +230,90 @@ def train(args: TrainArgs) -> Path:
         lambda s: min(1.0, (s + 1) / max(1, warmup)) * min(1.0, (total - s) / max(1, total - warmup)),
     )
     step = load_checkpoint(run, model, optimizer, scheduler) if args.resume else 0
-    _truncate_log(run / "log.jsonl", step)
-    print(
-        f"training {args.preset} on {len(items)} examples ({truncated} truncated at {args.cutoff} tokens), "
-        f"{total} steps; run directory {run}"
-    )
-
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(str(run / "tensorboard"))
+    if world.is_main:
+        _truncate_log(run / "log.jsonl", step)
+        print(
+            f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens), "
+            f"{total} steps, {world.size} process(es); run directory {run}"
+        )
     task_names = list(dict.fromkeys(e.task for e in examples))
     task_ids = [task_names.index(e.task) for e in examples]
-    batches = _batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum)
-    model.train()
+    batches = _batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
+    forward_model = world.wrap(model.train())
+    log = RunLog(run, total, step, world.is_main)
     skipped, tokens, start = 0, 0, time.perf_counter()
-    progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    with open(run / "log.jsonl", "a", encoding="utf-8") as log:
-        while step < total:
-            watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
-            with model.record_routing() if watch else contextlib.nullcontext() as steps:
-                parts, batch_tokens, last_batch = optimizer_step(
-                    model, batches, args, optimizer, params, run, step + 1
-                )
-            tokens += batch_tokens
-            if parts is None:
-                skipped += 1
-                if skipped > max(100, total):
-                    raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
-                continue
-            scheduler.step()
-            step += 1
-            if watch:
-                parts.update(routing_snapshot(model, steps, last_batch, task_names))
-            record = {
+    while step < total:
+        watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+        with model.record_routing() if watch else contextlib.nullcontext() as steps:
+            parts, batch_tokens, last_batch = optimizer_step(
+                forward_model, batches, args, optimizer, params, run, step + 1, world
+            )
+        tokens += batch_tokens
+        if parts is None:
+            skipped += 1
+            if skipped > max(100, total):
+                raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
+            continue
+        scheduler.step()
+        step += 1
+        if watch:
+            parts.update(routing_snapshot(model, steps, last_batch, task_names))
+        elapsed = time.perf_counter() - start
+        log.write(
+            {
                 "step": step,
                 **parts,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens / (time.perf_counter() - start),
+                "tokens_per_s": tokens / elapsed,
                 "skipped": skipped,
             }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            for name, value in record.items():
-                if name != "step":
-                    writer.add_scalar(f"train/{name}", value, step)
-            progress.update(1)
-            progress.set_postfix(task=f"{parts['task']:.3f}", con=f"{parts['contrastive']:.3f}")
-            if args.save_steps and step % args.save_steps == 0 and step < total:
+        )
+        if args.save_steps and step % args.save_steps == 0 and step < total:
+            if world.is_main:
                 save_checkpoint(run, step, model, optimizer, scheduler)
-    progress.close()
-    writer.close()
-    model.save_pretrained(run / "adapter")
+            world.barrier()
+    log.close()
+    if world.is_main:
+        model.save_pretrained(run / "adapter")
+    world.barrier()
+    world.close()
     return run
 
 
 def optimizer_step(
-    model, batches, args: TrainArgs, optimizer, params, run: Path, step: int
-) -> tuple[dict | None, int]:
-    """One optimizer step over grad_accum micro-batches: (mean loss components, tokens), or (None, tokens)
-    when a non-finite loss was skipped (with --skip-nonfinite; otherwise it stops training)."""
-    parts = {"task": 0.0, "balance": 0.0, "contrastive": 0.0}
+    model, batches, args: TrainArgs, optimizer, params, run: Path, step: int, world: World = SINGLE
+) -> tuple[dict | None, int, dict]:
+    """One optimizer step over grad_accum micro-batches: (loss components averaged over the global batch,
+    tokens, last micro-batch), or None for the components when a non-finite loss was skipped (with
+    --skip-nonfinite; otherwise training stops). All processes see the same components, so they decide
+    alike."""
+    parts = torch.zeros(3, dtype=torch.float64)
     tokens = 0
     for _ in range(args.grad_accum):
         batch = next(batches)
-        tokens += int(batch["attention_mask"].sum())
-        task, aux = response_loss(model, batch)
-        components = {"task": float(task.detach()), **_aux_components(model)}
-        bad = [name for name, value in components.items() if not math.isfinite(value)]
+        tokens += int(world.sum(batch["attention_mask"].sum()))
+        task, aux = response_loss(model, batch, world)
+        share = _share(int(batch["attention_mask"].sum()), world)
+        local = [float(task.detach()), *(share * value for value in _aux_components(model))]
+        components = world.sum(torch.tensor(local, dtype=torch.float64)) / world.size
+        named = dict(zip(("task", "balance", "contrastive"), components.tolist(), strict=True))
+        bad = [name for name, value in named.items() if not math.isfinite(value)]
         if bad:
             optimizer.zero_grad(set_to_none=True)
             if args.skip_nonfinite:
                 return None, tokens, batch
-            values = ", ".join(f"{k}={v}" for k, v in components.items())
+            values = ", ".join(f"{k}={v}" for k, v in named.items())
             raise NonFiniteLoss(
                 f"step {step}: non-finite {', '.join(bad)} loss ({values}); the last good checkpoint "
                 f"is kept in {run / 'checkpoints'} (--skip-nonfinite skips such batches instead)"
             )
         ((task + aux) / args.grad_accum).backward()
-        for name, value in components.items():
-            parts[name] += value / args.grad_accum
+        parts += components / args.grad_accum
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return parts, tokens, batch
+    return dict(zip(("task", "balance", "contrastive"), parts.tolist(), strict=True)), tokens, batch
 
 
 def routing_snapshot(model: ComoeModel, steps, batch: dict[str, torch.Tensor], task_names: list[str]) -> dict:
@@ -267,11 +338,13 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _aux_components(model: nn.Module) -> dict[str, float]:
-    if not isinstance(model, ComoeModel):
-        return {"balance": 0.0, "contrastive": 0.0}
-    losses = model.last_aux_losses()
-    return {"balance": losses["balance"], "contrastive": losses["contrastive"]}
+def _aux_components(model: nn.Module) -> list[float]:
+    """Balance and contrastive losses of the last forward (zeros for a PEFT model)."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, ComoeModel):
+        return [0.0, 0.0]
+    losses = inner.last_aux_losses()
+    return [losses["balance"], losses["contrastive"]]
 
 
 # ---- checkpoints: safetensors and JSON only, written atomically ------------------------------------------

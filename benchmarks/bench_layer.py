@@ -1,0 +1,160 @@
+"""Layer-level speed: one adapted linear, forward + backward over T tokens, against the usual alternatives.
+
+Compared in the same run, interleaved, median of repeats (fp32, this machine's threads):
+- comoe (auto), comoe blocks, comoe grouped: comoe's layer with each expert strategy;
+- lora: PEFT LoRA of rank k*r (the same useful arithmetic: the floor for k active rank-r experts);
+- loop: a per-expert Python loop with index_select / index_add (how existing MoE-LoRA code computes);
+- dense: every expert on every token (einsum), gates masked;
+- base: the frozen linear alone.
+
+    python benchmarks/bench_layer.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from comoe.config import ComoeConfig
+from comoe.layer import ComoeContext, ComoeLinear
+
+SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096)]
+
+
+def make_comoe(base: nn.Linear, n: int, k: int, r: int, strategy: str) -> ComoeLinear:
+    config = ComoeConfig(num_experts=n, top_k=k, r=r, lora_dropout=0.0, expert_compute=strategy)
+    layer = ComoeLinear(base, config, ComoeContext())
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    return layer
+
+
+def loop_forward(layer: ComoeLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-expert loop of existing MoE-LoRA code, on comoe's parameters."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(layer.router(x), dim=-1)
+        gates, indices = probs.topk(layer.top_k, dim=-1)
+        gates = gates / gates.sum(-1, keepdim=True)
+        out = layer.base_layer(x)
+        delta = torch.zeros_like(out)
+        for i in range(layer.num_experts):
+            token, slot = torch.where(indices == i)
+            if token.numel() == 0:
+                continue
+            xi = x.index_select(0, token)
+            yi = (xi @ layer.lora_A[i].t()) @ layer.lora_B[i] * layer.scaling
+            delta = delta.index_add(0, token, yi * gates[token, slot].unsqueeze(-1))
+        return out + delta
+
+    return forward
+
+
+def dense_forward(layer: ComoeLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Every expert on every token, then the gates (zero for inactive experts)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(layer.router(x), dim=-1)
+        gates, indices = probs.topk(layer.top_k, dim=-1)
+        dense = torch.zeros_like(probs).scatter(1, indices, gates / gates.sum(-1, keepdim=True))
+        outputs = torch.einsum("td,nrd->tnr", x, layer.lora_A)
+        outputs = torch.einsum("tnr,nro->tno", outputs, layer.lora_B) * layer.scaling
+        return layer.base_layer(x) + (outputs * dense.unsqueeze(-1)).sum(1)
+
+    return forward
+
+
+def candidates(
+    d_in: int, d_out: int, n: int, k: int, r: int
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+    lora = LoraLinear(base, "default", r=k * r, lora_alpha=2 * k * r, lora_dropout=0.0)
+    comoe = make_comoe(base, n, k, r, "auto")
+    return {
+        "base": base,
+        "lora": lora,
+        "comoe": comoe,
+        "comoe blocks": make_comoe(base, n, k, r, "blocks"),
+        "comoe grouped": make_comoe(base, n, k, r, "grouped"),
+        "loop": loop_forward(comoe),
+        "dense": dense_forward(comoe),
+    }
+
+
+def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(x).backward(grad)
+    return time.perf_counter() - start
+
+
+def bench(d_in: int, d_out: int, n: int, k: int, r: int, tokens: int, repeats: int) -> dict[str, float]:
+    fns = candidates(d_in, d_out, n, k, r)
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    grad = torch.randn(tokens, d_out)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(repeats + 1):  # interleaved; the first round warms up
+        for name, fn in fns.items():
+            elapsed = fwd_bwd(fn, x, grad)
+            if rep:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="576->576 only, n in {4, 8}, few repeats (< 60 s)"
+    )
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    experts = [4, 8] if args.quick else [4, 8, 16]
+    rows = []
+    print(
+        f"{'shape':>11} {'n':>3} "
+        + " ".join(f"{name:>13}" for name in candidates(8, 8, 2, 1, 1))
+        + "  comoe/lora"
+    )
+    for d_in, d_out in shapes:
+        for n in experts:
+            repeats = 3 if args.quick or d_in * d_out > 4e6 else 9
+            medians = bench(d_in, d_out, n, 2, 16, args.tokens, repeats)
+            ratio = medians["comoe"] / medians["lora"]
+            rows.append(
+                {
+                    "d_in": d_in,
+                    "d_out": d_out,
+                    "n": n,
+                    "k": 2,
+                    "r": 16,
+                    "tokens": args.tokens,
+                    "median_ms": {name: 1e3 * t for name, t in medians.items()},
+                    "comoe_over_lora": ratio,
+                }
+            )
+            cells = " ".join(f"{1e3 * t:13.1f}" for t in medians.values())
+            print(f"{d_in:>5}->{d_out:<5} {n:>3} {cells}  {ratio:10.2f}")
+    if args.json:
+        machine = {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"machine": machine, "unit": "ms, forward + backward", "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Step-level speed: one full training step (forward, backward, AdamW) of SmolLM2-135M per method.
+
+Methods: lora (PEFT LoRA of rank k*r = 32 on q/k/v/o: the matched active rank), moe4 / moe8 / moe16 (top-2
+of n rank-16 experts, no auxiliary loss), comoe / comoe8 / comoe16 (the same + the CoMoE loss; comoe is the
+preset), moelora (the moelora preset: top-2 of 8, balance + MoELoRA loss). Each method runs in its
+own process so that peak memory (max RSS above the loaded model) is its own. The batch is random tokens
+with the first quarter of each row masked out of the labels (a prompt), as the trainer computes it.
+
+    python benchmarks/bench_step.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    "lora": None,
+    "moe4": dict(preset="moe"),
+    "moe8": dict(preset="moe", num_experts=8),
+    "comoe": dict(preset="comoe"),
+    "comoe8": dict(preset="comoe", num_experts=8),
+    "moe16": dict(preset="moe", num_experts=16),
+    "comoe16": dict(preset="comoe", num_experts=16),
+    "moelora": dict(preset="moelora"),
+}
+
+
+def run_one(method: str, batch: int, seq: int, repeats: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from comoe import ComoeConfig, get_comoe_model
+    from comoe.models import load_base
+    from comoe.train import response_loss
+
+    torch.manual_seed(0)
+    base, tokenizer = load_base("smollm2-135m")
+    if METHODS[method] is None:
+        config = LoraConfig(
+            r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        )
+        model = get_peft_model(base, config)
+    else:
+        fields = dict(METHODS[method])
+        model = get_comoe_model(base, ComoeConfig.preset(fields.pop("preset"), lora_dropout=0.0, **fields))
+    model.train()
+    ids = torch.randint(0, tokenizer.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, : seq // 4] = -100
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for rep in range(repeats + 1):
+        start = time.perf_counter()
+        task, aux = response_loss(model, data)
+        (task + aux).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if rep:  # the first step warms up (allocations, optimizer state)
+            times.append(time.perf_counter() - start)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    median = statistics.median(times)
+    return {
+        "method": method,
+        "median_s": median,
+        "tokens_per_s": batch * seq / median,
+        "peak_extra_mb": (peak_kb - baseline_kb) / 1024,
+        "times_s": times,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="batch 2 x 64, one measured step (< 60 s)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per method (default 3)")
+    args = parser.parse_args()
+    batch, seq = (2, 64) if args.quick else (8, 256)
+    if args.one:
+        print(json.dumps(run_one(args.one, batch, seq, repeats=1 if args.quick else 2)))
+        return
+    rounds = args.rounds or (1 if args.quick else 3)
+    results: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for _ in range(rounds):  # interleave methods across rounds: drift on a shared machine hits all alike
+        for method in METHODS:
+            command = [sys.executable, __file__, "--one", method] + (["--quick"] if args.quick else [])
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[method].append(json.loads(out.strip().splitlines()[-1]))
+    lora = statistics.median(t for r in results["lora"] for t in r["times_s"])
+    rows = []
+    for method, runs in results.items():
+        median = statistics.median(t for r in runs for t in r["times_s"])
+        memory = max(r["peak_extra_mb"] for r in runs)
+        rows.append(
+            {
+                "method": method,
+                "median_s": median,
+                "tokens_per_s": batch * seq / median,
+                "over_lora": median / lora,
+                "peak_extra_mb": memory,
+            }
+        )
+    moe = {r["method"]: r["median_s"] for r in rows}
+    lora_memory = next(r["peak_extra_mb"] for r in rows if r["method"] == "lora")
+    print(f"batch {batch} x {seq} tokens, SmolLM2-135M, fp32, {rounds} rounds")
+    for row in rows:
+        versus = {"comoe": "moe4", "comoe8": "moe8", "comoe16": "moe16", "moelora": "moe8"}.get(row["method"])
+        extra = f"  x{row['median_s'] / moe[versus]:.2f} of {versus}" if versus else ""
+        print(
+            f"{row['method']:8s} {1e3 * row['median_s']:8.0f} ms  {row['tokens_per_s']:6.0f} tok/s  "
+            f"x{row['over_lora']:.2f} of lora  mem +{row['peak_extra_mb']:.0f} MB "
+            f"(x{row['peak_extra_mb'] / max(lora_memory, 1):.2f}){extra}"
+        )
+    if args.json:
+        import torch
+
+        machine = {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"machine": machine, "batch": batch, "seq": seq, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
