@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from comoe.experts import expert_gram
 from comoe.layer import ComoeLinear, LayerStep
-from comoe.objectives import anchor_cosines, expert_gram
+from comoe.objectives import anchor_cosines
 
 LN2 = math.log(2.0)
 

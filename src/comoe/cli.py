@@ -38,6 +38,9 @@ def _add_train(commands) -> None:
         "--resume", action="store_true", default=None, help="continue from the last checkpoint"
     )
     train.add_argument("--skip-nonfinite", action="store_true", default=None, help="skip non-finite batches")
+    train.add_argument(
+        "--fsdp", action="store_true", default=None, help="shard the base with FSDP2 (torchrun)"
+    )
 
 
 def _add_eval(commands) -> None:

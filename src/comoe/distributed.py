@@ -41,9 +41,13 @@ class World:
         if self.size > 1:
             dist.barrier()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel around the model, whose gradients are then averaged over processes."""
+    def wrap(self, model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
+        """The module to call forward on: the model under DistributedDataParallel (gradients averaged over
+        processes), or, with fsdp, the model itself after FSDP2 has sharded its base (see shard)."""
         if self.size == 1:
+            return model
+        if fsdp:
+            shard(getattr(model, "base_model", model))
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -52,3 +56,22 @@ class World:
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard(base: torch.nn.Module) -> None:
+    """FSDP2 (fully_shard): each transformer block, then the rest of the base model.
+
+    The blocks are the children of the model's longest nn.ModuleList. Frozen base weights and trainable
+    experts are sharded alike; gradients are reduce-scattered (averaged), as DDP would average them.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = max((m for m in base.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(base)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter gathered whole; other tensors as they are. Collective for DTensors."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

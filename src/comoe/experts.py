@@ -27,6 +27,13 @@ def down_project(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     return (x @ lora_A.reshape(n * r, d_in).t()).view(-1, n, r)
 
 
+def expert_gram(lora_B: torch.Tensor) -> torch.Tensor:
+    """All Gram blocks B_i B_j^T as one [n*r, n*r] matrix (B stored [n, r, d_out]), in float32."""
+    n, r, d_out = lora_B.shape
+    flat = lora_B.float().reshape(n * r, d_out)
+    return flat @ flat.t()
+
+
 def mix_blocks(z: torch.Tensor, routing: Routing, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """Gate-weighted sum of B_i z_i over active experts as one dense matmul over all experts."""
     n, r, d_out = lora_B.shape

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from comoe.config import ComoeConfig
-from comoe.experts import down_project, mix
+from comoe.experts import down_project, expert_gram, mix
 from comoe.routing import Router, Routing, route
 
 
@@ -25,8 +25,9 @@ class LayerStep:
     """What one forward of a layer hands to the objectives and to analysis."""
 
     routing: Routing
-    z: torch.Tensor  # [T, n, r] down-projections of all experts (before dropout? no: what the experts saw)
+    z: torch.Tensor  # [T, n, r] down-projections of all experts, of the (dropped-out) input they saw
     mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens
+    gram: torch.Tensor | None = None  # [n*r, n*r] B B^T, taken here where B is whole even under FSDP
 
 
 class ComoeContext:
@@ -49,6 +50,7 @@ class ComoeLinear(nn.Module):
         self.scaling = config.scaling
         self.soft = config.routing == "soft"
         self.expert_compute = config.expert_compute
+        self.needs_gram = config.contrastive != "none" and config.contrastive_weight > 0
         self.context = context
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         self.router = Router(self.in_features, self.num_experts).to(**factory)
@@ -71,9 +73,8 @@ class ComoeLinear(nn.Module):
         delta = mix(z, routing, self.lora_B, self.scaling, self.expert_compute)
         if self.context.keep_step:
             mask = self.context.token_mask
-            self.step = LayerStep(
-                routing, z, mask if mask is not None and mask.numel() == flat.shape[0] else None
-            )
+            mask = mask if mask is not None and mask.numel() == flat.shape[0] else None
+            self.step = LayerStep(routing, z, mask, expert_gram(self.lora_B) if self.needs_gram else None)
         return result + delta.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:

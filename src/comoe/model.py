@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from comoe.config import ComoeConfig
+from comoe.distributed import full_tensor
 from comoe.io import atomic_save_safetensors
 from comoe.layer import ComoeContext, ComoeLinear, LayerStep
 from comoe.objectives import auxiliary_losses
@@ -222,11 +223,14 @@ class ComoeModel(nn.Module):
         return state
 
     # ---- save and load ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Write the adapter. Under FSDP every process must call this (sharded experts are gathered);
+        only the one with is_main_process writes, as in PEFT."""
+        state = {name: full_tensor(tensor) for name, tensor in self.adapter_state_dict().items()}
+        if not is_main_process:
+            return
         os.makedirs(directory, exist_ok=True)
-        atomic_save_safetensors(
-            os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(), {"format": "pt"}
-        )
+        atomic_save_safetensors(os.path.join(directory, WEIGHTS_NAME), state, {"format": "pt"})
         self.comoe_config.save(directory)
 
     @classmethod

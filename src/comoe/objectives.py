@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from comoe.config import ComoeConfig
+from comoe.experts import expert_gram
 from comoe.layer import ComoeLinear, LayerStep
 from comoe.losses import (
     NORMALIZE_EPS,
@@ -19,13 +20,6 @@ from comoe.losses import (
     sample_contrastive_tokens,
     supcon_loss,
 )
-
-
-def expert_gram(lora_B: torch.Tensor) -> torch.Tensor:
-    """All Gram blocks B_i B_j^T as one [n*r, n*r] matrix (B stored [n, r, d_out]), in float32."""
-    n, r, d_out = lora_B.shape
-    flat = lora_B.float().reshape(n * r, d_out)
-    return flat @ flat.t()
 
 
 def cosines_from_dots(dots: torch.Tensor) -> torch.Tensor:
@@ -75,7 +69,7 @@ def item_cosines(z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tenso
 
 
 def contrastive_loss(layer: ComoeLinear, step: LayerStep, config: ComoeConfig) -> torch.Tensor:
-    gram = expert_gram(layer.lora_B)
+    gram = step.gram if step.gram is not None else expert_gram(layer.lora_B)
     indices = step.routing.indices
     if config.contrastive == "comoe":
         rows = anchor_cosines(step.z, indices, gram)

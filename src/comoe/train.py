@@ -63,6 +63,10 @@ class TrainArgs:
         default=False, metadata={"help": "continue from the run directory's last checkpoint"}
     )
     skip_nonfinite: bool = field(default=False, metadata={"help": "skip batches with a non-finite loss"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "with several processes, shard the base model with FSDP2 (comoe presets)"},
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in METHODS:
@@ -74,6 +78,11 @@ class TrainArgs:
             raise ValueError(f"max_steps={self.max_steps!r} is invalid: expected an integer >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} is invalid: expected a number > 0")
+        if self.fsdp and (self.resume or self.preset == "lora"):
+            raise ValueError(
+                "fsdp=True is invalid with resume or preset 'lora': FSDP runs save the final comoe adapter "
+                "only (no resumable checkpoints yet); use DDP (the default) for those"
+            )
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainArgs:
@@ -222,6 +231,7 @@ def train(args: TrainArgs) -> Path:
     items, truncated = _tokenize_all(examples, tokenizer, args.cutoff)
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = min(args.warmup_steps, total)
@@ -239,7 +249,7 @@ def train(args: TrainArgs) -> Path:
     task_names = list(dict.fromkeys(e.task for e in examples))
     task_ids = [task_names.index(e.task) for e in examples]
     batches = _batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
-    forward_model = world.wrap(model.train())
+    checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
     log = RunLog(run, total, step, world.is_main)
     skipped, tokens, start = 0, 0, time.perf_counter()
     while step < total:
@@ -268,13 +278,12 @@ def train(args: TrainArgs) -> Path:
                 "skipped": skipped,
             }
         )
-        if args.save_steps and step % args.save_steps == 0 and step < total:
+        if checkpoints and step % checkpoints == 0 and step < total:
             if world.is_main:
                 save_checkpoint(run, step, model, optimizer, scheduler)
             world.barrier()
     log.close()
-    if world.is_main:
-        model.save_pretrained(run / "adapter")
+    model.save_pretrained(run / "adapter", is_main_process=world.is_main)
     world.barrier()
     world.close()
     return run
