@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -75,3 +76,23 @@ def test_fsdp_trains_saves_and_reloads_in_one_process(tiny_model_dir, tmp_path):
         model.adapter_state_dict()["model.layers.0.self_attn.q_proj.lora_B"],
         sharded["model.layers.0.self_attn.q_proj.lora_B"],
     )
+
+
+def test_accelerate_launch_equals_one_process(tiny_model_dir, tmp_path):
+    accelerate = (
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    )
+    single = _train(tiny_model_dir, tmp_path / "single", 4, launcher=(sys.executable,))
+    launched = _train(tiny_model_dir, tmp_path / "accelerate", 2, launcher=accelerate)
+    for key in single:
+        torch.testing.assert_close(launched[key], single[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from comoe.train import METHODS, NonFiniteLoss, TrainArgs
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
             run = train(TrainArgs.from_sources(args.config, overrides))
-            print(f"adapter saved to {run / 'adapter'}")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"adapter saved to {run / 'adapter'}")
         elif args.command == "eval":
             from comoe.evaluate import run_eval
 
