@@ -13,6 +13,7 @@ Compared in the same run, interleaved, median of repeats (fp32, this machine's t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from peft.tuners.lora import Linear as LoraLinear
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from comoe.config import ComoeConfig
@@ -77,7 +78,11 @@ def candidates(
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
-    lora = LoraLinear(base, "default", r=k * r, lora_alpha=2 * k * r, lora_dropout=0.0)
+    holder = nn.ModuleDict({"proj": copy.deepcopy(base)})
+    lora_config = LoraConfig(r=k * r, lora_alpha=2 * k * r, lora_dropout=0.0, target_modules=["proj"])
+    lora = get_peft_model(holder, lora_config).base_model.model["proj"]
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_(0, 0.01)
     comoe = make_comoe(base, n, k, r, "auto")
     return {
         "base": base,

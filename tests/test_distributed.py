@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,9 +16,9 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 SETTINGS = ["--train-limit", "8", "--max-steps", "3", "--cutoff", "96", "--save-steps", "2", "--lr", "0.001"]
 
 
-def _train(model_dir, out, batch_size, launcher=TORCHRUN, extra=()):
+def _train(model_dir, out, batch_size, launcher=TORCHRUN, extra=(), adapter=""):
     config = out.parent / f"{out.name}.yaml"
-    config.write_text("adapter:\n  r: 4\n  lora_dropout: 0.0\n")
+    config.write_text("adapter:\n  r: 4\n  lora_dropout: 0.0\n" + adapter)
     command = [
         *launcher,
         "-m",
@@ -41,9 +42,14 @@ def _train(model_dir, out, batch_size, launcher=TORCHRUN, extra=()):
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def test_torchrun_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, tmp_path):
-    single = _train(tiny_model_dir, tmp_path / "single", 4, launcher=(sys.executable,))
-    ddp = _train(tiny_model_dir, tmp_path / "ddp", 2)
+# The comoe preset (CoMoE loss, weighted per token), and load balancing counted over the global batch.
+BALANCE = "  contrastive: none\n  balance_weight: 0.5\n  balance_scope: global\n"
+
+
+@pytest.mark.parametrize("adapter", ["", BALANCE], ids=["comoe", "global-balance"])
+def test_torchrun_ddp_equals_one_process_with_the_global_batch(tiny_model_dir, tmp_path, adapter):
+    single = _train(tiny_model_dir, tmp_path / "single", 4, launcher=(sys.executable,), adapter=adapter)
+    ddp = _train(tiny_model_dir, tmp_path / "ddp", 2, adapter=adapter)
     assert single.keys() == ddp.keys()
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6, msg=key)

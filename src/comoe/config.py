@@ -59,6 +59,11 @@ class ComoeConfig:
     balance_weight: float = _field(
         0.0, "Weight of the Switch-style load-balancing loss n * sum_i f_i * P_i (>= 0; 0 turns it off)."
     )
+    balance_scope: str = _field(
+        "local",
+        "Where the balance loss counts expert load f_i under multi-process training: 'local' (each "
+        "process's own tokens) or 'global' (all processes' tokens, one all_reduce per layer).",
+    )
     contrastive: str = _field(
         "none", "Contrastive expert objective: 'none', 'comoe' (CoMoE InfoNCE) or 'moelora' (MoELoRA)."
     )
@@ -101,6 +106,7 @@ class ComoeConfig:
         _check_number("contrastive_weight", self.contrastive_weight, low=0.0)
         _check_number("temperature", self.temperature, low=0.0, low_open=True)
         _check_choice("routing", self.routing, ROUTINGS)
+        _check_choice("balance_scope", self.balance_scope, ("local", "global"))
         _check_choice("contrastive", self.contrastive, CONTRASTIVES)
         _check_choice("anchor", self.anchor, ANCHORS)
         _check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)

@@ -82,12 +82,15 @@ def _zero_with_grad(x: Tensor) -> Tensor:
     return x.sum() * 0
 
 
-def load_balance_loss(router_probs: Tensor, topk_indices: Tensor, mask: Tensor | None = None) -> Tensor:
+def load_balance_loss(
+    router_probs: Tensor, topk_indices: Tensor, mask: Tensor | None = None, fraction: Tensor | None = None
+) -> Tensor:
     """Switch-Transformer auxiliary loss ``n * sum_i f_i * P_i`` (equals 1 under uniform routing).
 
     ``f_i`` is the fraction of the ``valid_tokens * k`` routing assignments that go to expert ``i`` (a
     count, so it carries no gradient); ``P_i`` is the mean router probability of expert ``i`` over valid
-    tokens, through which the gradient flows.  Minimised when both are uniform.
+    tokens, through which the gradient flows.  Minimised when both are uniform. ``fraction`` replaces f
+    (e.g. counted over the global batch of several processes).
     """
     if router_probs.dim() != 2:
         raise ValueError(f"router_probs must have shape (T, n), got {tuple(router_probs.shape)}")
@@ -98,8 +101,8 @@ def load_balance_loss(router_probs: Tensor, topk_indices: Tensor, mask: Tensor |
     topk = topk_indices.to(router_probs.device)[valid]
     if probs.shape[0] == 0 or k == 0:
         return _zero_with_grad(probs)
-    counts = F.one_hot(topk, num_experts).sum(dim=(0, 1)).to(probs.dtype)
-    fraction = counts / (probs.shape[0] * k)
+    if fraction is None:
+        fraction = F.one_hot(topk, num_experts).sum(dim=(0, 1)).to(probs.dtype) / (probs.shape[0] * k)
     mean_prob = probs.mean(dim=0)
     return num_experts * (fraction * mean_prob).sum()
 

@@ -9,6 +9,7 @@ of materialising n outputs of size d_out. The InfoNCE tails are the reference on
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from comoe.config import ComoeConfig
 from comoe.experts import expert_gram
@@ -82,13 +83,28 @@ def contrastive_loss(layer: ComoeLinear, step: LayerStep, config: ComoeConfig) -
     return supcon_loss(item_cosines(z_items, experts, gram), experts, config.temperature)
 
 
+def global_expert_fraction(step: LayerStep) -> torch.Tensor | None:
+    """f_i of the balance loss counted over every process's tokens (None with one process).
+
+    Only the counts are shared: the gradient flows through each process's own mean probabilities, and the
+    trainer's per-token weighting of the auxiliary loss then gives exactly the one-process gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    indices = step.routing.indices if step.mask is None else step.routing.indices[step.mask]
+    counts = torch.bincount(indices.reshape(-1), minlength=step.routing.num_experts).double()
+    dist.all_reduce(counts)
+    return (counts / counts.sum().clamp_min(1)).to(step.routing.probs.dtype)
+
+
 def auxiliary_losses(layers: list[ComoeLinear], config: ComoeConfig) -> dict[str, torch.Tensor]:
     """Balance and contrastive losses, each the mean over adapted layers (zero when turned off)."""
     balance, contrastive = [], []
     for layer in layers:
         step = layer.step
         if config.balance_weight > 0:
-            balance.append(load_balance_loss(step.routing.probs, step.routing.indices, step.mask))
+            fraction = global_expert_fraction(step) if config.balance_scope == "global" else None
+            balance.append(load_balance_loss(step.routing.probs, step.routing.indices, step.mask, fraction))
         if config.contrastive != "none" and config.contrastive_weight > 0:
             contrastive.append(contrastive_loss(layer, step, config))
     zero = torch.zeros((), device=layers[0].lora_A.device) if layers else torch.zeros(())

@@ -1,0 +1,195 @@
+"""Reproduce the papers' comparison at SmolLM2-135M scale: base zero-shot, LoRA (matched parameters),
+MoE-LoRA, CoMoE and MoELoRA, several seeds, multi-task commonsense training, per-task evaluation,
+specialisation measures, paired differences with 95% confidence intervals.
+
+    python benchmarks/reproduce.py [--config benchmarks/reproduce.yaml] [--quick] [--workdir runs/reproduce]
+
+Resumable: finished (method, seed) runs are kept in the results JSON and skipped when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comoe.analysis import analyze
+from comoe.evaluate import run_eval
+from comoe.io import atomic_write_text
+from comoe.train import TrainArgs, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[str, Any], work: Path) -> dict:
+    """Train (unless base), evaluate and, for MoE methods, analyse one (method, seed)."""
+    start = time.perf_counter()
+    adapter, log = None, []
+    if spec is not None:
+        run = work / f"{name}-seed{seed}"
+        args = TrainArgs(
+            model=config["model"],
+            preset=spec["preset"],
+            adapter=spec.get("adapter", {}),
+            data_dir=config["data_dir"],
+            tasks=config["train_tasks"],
+            train_limit=config["train_limit"],
+            epochs=config["epochs"],
+            lr=config["lr"],
+            batch_size=config["batch_size"],
+            seed=seed,
+            output=str(run),
+            save_steps=0,
+            resume=run.exists(),
+        )
+        train(args)
+        adapter = str(run / "adapter")
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    trained = time.perf_counter() - start
+    report = run_eval(
+        config["model"],
+        adapter,
+        config["data_dir"],
+        config["eval_tasks"],
+        config["eval_limit"],
+        mode="loglik",
+        batch_size=16,
+        seed=0,
+    )
+    result = {
+        "method": name,
+        "seed": seed,
+        "train_seconds": trained,
+        "eval_seconds": report["seconds"],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in log) if log else None,
+        "final_task_loss": statistics.mean(r["task"] for r in log[-10:]) if log else None,
+        "final_contrastive": statistics.mean(r["contrastive"] for r in log[-10:]) if log else None,
+        "accuracy": {task: row["accuracy"] for task, row in report["tasks"].items()},
+        "average": report["average"],
+        "correct": {
+            task: [p["correct"] for p in report["examples"] if p["task"] == task] for task in report["tasks"]
+        },
+    }
+    if spec is not None and spec["preset"] != "lora":
+        summary = analyze(
+            config["model"],
+            adapter,
+            config["data_dir"],
+            config["train_tasks"],
+            config["analysis_limit"],
+            str(work / f"{name}-seed{seed}" / "analysis"),
+        )
+        result["specialisation"] = {k: summary[k] for k in summary if k.startswith("mean_")}
+    return result
+
+
+def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict[str, float]:
+    """Mean accuracy difference a - b over the same seeds and examples, with a 95% paired bootstrap CI
+    (examples resampled within each seed; all tasks pooled, each task weighted by its examples)."""
+    by_seed = {r["seed"]: r for r in b}
+    diffs = []
+    for run in a:
+        other = by_seed.get(run["seed"])
+        if other is None:
+            continue
+        diffs.append(
+            [
+                int(x) - int(y)
+                for task in run["correct"]
+                for x, y in zip(run["correct"][task], other["correct"][task], strict=True)
+            ]
+        )
+    if not diffs:
+        return {}
+    rng = random.Random(0)
+    means = []
+    for _ in range(samples):
+        total = count = 0
+        for seed_diffs in diffs:
+            picks = [seed_diffs[rng.randrange(len(seed_diffs))] for _ in seed_diffs]
+            total, count = total + sum(picks), count + len(picks)
+        means.append(total / count)
+    means.sort()
+    mean = sum(map(sum, diffs)) / sum(map(len, diffs))
+    return {"mean": mean, "ci95": [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]}
+
+
+def summarise(results: list[dict], config: dict[str, Any]) -> str:
+    methods = list(config["methods"])
+    lines = [
+        "| method | " + " | ".join(config["eval_tasks"]) + " | average | tokens/s |",
+        "|---" * (len(config["eval_tasks"]) + 3) + "|",
+    ]
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        cells = []
+        for task in [*config["eval_tasks"], "average"]:
+            values = [100 * (r["average"] if task == "average" else r["accuracy"][task]) for r in runs]
+            spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.1f}{spread}")
+        speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
+        cells.append(f"{statistics.mean(speed):.0f}" if speed else "-")
+        lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
+    lines += ["", "| comparison | mean difference (points) | 95% CI |", "|---|---|---|"]
+    for a, b in config["comparisons"]:
+        diff = paired_difference(
+            [r for r in results if r["method"] == a], [r for r in results if r["method"] == b]
+        )
+        if diff:
+            lines.append(
+                f"| {a} − {b} | {100 * diff['mean']:+.1f} | [{100 * diff['ci95'][0]:+.1f}, "
+                f"{100 * diff['ci95'][1]:+.1f}] |"
+            )
+    lines += [
+        "",
+        "| method | I(task; expert) bits | NMI | expert cosine similarity | load CV |",
+        "|---|---|---|---|---|",
+    ]
+    for method in methods:
+        runs = [r["specialisation"] for r in results if r["method"] == method and "specialisation" in r]
+        if runs:
+            mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+            lines.append(
+                f"| {method} | {mean['mean_mi_task_expert_bits']:.4f} | {mean['mean_nmi_task_expert']:.4f} | "
+                f"{mean['mean_expert_similarity']:.4f} | {mean['mean_load_cv']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(HERE / "reproduce.yaml"))
+    parser.add_argument("--quick", action="store_true", help="the config's quick: section (about 15 minutes)")
+    parser.add_argument("--workdir", default="runs/reproduce")
+    args = parser.parse_args()
+    loaded = yaml.safe_load(Path(args.config).read_text())
+    config = {**loaded["full"], **(loaded["quick"] if args.quick else {})}
+    config["methods"] = {name: loaded["methods"][name] for name in config["methods"]}
+    name = "reproduce-quick" if args.quick else "reproduce"
+    results_path = HERE / "results" / f"{name}.json"
+    results = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    work = Path(args.workdir) / name
+    for seed in config["seeds"]:
+        for method, spec in config["methods"].items():
+            if any(r["method"] == method and r["seed"] == seed for r in results):
+                continue
+            print(f"== {method}, seed {seed}")
+            results.append(run_method(method, spec, seed, config, work))
+            atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
+    table = summarise(results, config)
+    atomic_write_text(HERE / "results" / f"{name}.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
