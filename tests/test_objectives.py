@@ -84,3 +84,13 @@ def test_moelora_gram_path_equals_reference(n, k, max_tokens, dtype):
     )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], tol, tol)
+
+
+@pytest.mark.parametrize("contrastive", ["comoe", "moelora"])
+def test_router_gets_no_gradient_from_contrastive_losses(contrastive):
+    """Both objectives see routing only through the discrete top-k set, in the fast path and the reference."""
+    layer, config, _ = layer_and_step(4, 2, torch.float32, contrastive, None)
+    fast = contrastive_loss(layer, layer.step, config)
+    assert torch.autograd.grad(fast, layer.router.weight, allow_unused=True)[0] is None
+    reference = comoe_loss(materialised(layer), layer.step.routing.indices, config.temperature)
+    assert torch.autograd.grad(reference, layer.router.weight, allow_unused=True)[0] is None

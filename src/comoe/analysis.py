@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,17 @@ def token_tasks(task_rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return torch.where(attention_mask.bool(), task_rows.unsqueeze(1), -1).reshape(-1)
 
 
+def _by_module(layers: dict[str, Any]) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """Layer rows grouped by module name (q_proj, ...) as (block index, row), for per-block curves."""
+    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for position, (name, row) in enumerate(layers.items()):
+        found = re.search(r"\.(\d+)\.", name)
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(
+            (int(found.group(1)) if found else position, row)
+        )
+    return groups
+
+
 def plot_summary(summary: dict[str, Any], output: Path, heatmap_layers: int = 3) -> list[Path]:
     """Task x expert heatmaps for a few layers and per-layer curves of I(task; expert) and similarity."""
     import matplotlib
@@ -214,14 +226,15 @@ def plot_summary(summary: dict[str, Any], output: Path, heatmap_layers: int = 3)
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    x = range(len(names))
-    ax.plot(x, [summary["layers"][n]["nmi_task_expert"] for n in names], label="I(task; expert) / H(task)")
-    ax.plot(
-        x, [summary["layers"][n]["expert_similarity"] for n in names], label="mean expert cosine similarity"
-    )
-    ax.set_xlabel("adapted layer (model order)")
-    ax.legend()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for module, rows in _by_module(summary["layers"]).items():
+        blocks = [block for block, _ in rows]
+        top.plot(blocks, [row["mi_task_expert_bits"] for _, row in rows], marker=".", label=module)
+        bottom.plot(blocks, [row["expert_similarity"] for _, row in rows], marker=".", label=module)
+    top.set_ylabel("I(task; expert), bits")
+    bottom.set_ylabel("mean expert cosine similarity")
+    bottom.set_xlabel("transformer block")
+    top.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     written.append(output / "per_layer_curves.png")
     fig.savefig(written[-1], dpi=110)
