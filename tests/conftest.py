@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
+# The LLM-Adapters copy beside the repository (as CI lays it out), or wherever COMOE_DATA_DIR points.
+DATA_DIR = Path(os.environ.get("COMOE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"))
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LLM-Adapters data not found at {DATA_DIR}")
 
 
