@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from common import interleaved_medians, save_results
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -95,23 +92,15 @@ def candidates(
     }
 
 
-def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> float:
-    start = time.perf_counter()
-    fn(x).backward(grad)
-    return time.perf_counter() - start
-
-
 def bench(d_in: int, d_out: int, n: int, k: int, r: int, tokens: int, repeats: int) -> dict[str, float]:
-    fns = candidates(d_in, d_out, n, k, r)
     x = torch.randn(tokens, d_in, requires_grad=True)
     grad = torch.randn(tokens, d_out)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(repeats + 1):  # interleaved; the first round warms up
-        for name, fn in fns.items():
-            elapsed = fwd_bwd(fn, x, grad)
-            if rep:
-                times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+
+    def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        return lambda: fn(x).backward(grad)
+
+    runs = {name: forward_backward(fn) for name, fn in candidates(d_in, d_out, n, k, r).items()}
+    return interleaved_medians(runs, repeats)
 
 
 def main() -> None:
@@ -151,14 +140,7 @@ def main() -> None:
             )
             cells = " ".join(f"{1e3 * t:13.1f}" for t in medians.values())
             print(f"{d_in:>5}->{d_out:<5} {n:>3} {cells}  {ratio:10.2f}")
-    if args.json:
-        machine = {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine, "unit": "ms, forward + backward", "rows": rows}, handle, indent=2)
+    save_results(args.json, {"unit": "ms, forward + backward", "rows": rows})
 
 
 if __name__ == "__main__":

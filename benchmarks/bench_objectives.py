@@ -11,12 +11,10 @@ objectives on the whole model is measured by bench_step.py (comoe vs moe4, comoe
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
+import functools
 
 import torch
+from common import interleaved_medians, save_results
 
 from comoe.config import ComoeConfig
 from comoe.layer import ComoeContext, ComoeLinear
@@ -61,14 +59,11 @@ def main() -> None:
     for n in [4, 8] if args.quick else [4, 8, 16]:
         layer, config = make_layer(n)
         x = torch.randn(tokens, 576)
-        runs: dict[str, list[float]] = {"layer": [], "gram": [], "materialised": []}
-        for rep in range(repeats + 1):
-            for name, fn in (("layer", layer_only), ("gram", gram), ("materialised", materialised)):
-                start = time.perf_counter()
-                fn(layer, config, x)
-                if rep:
-                    runs[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(values) for name, values in runs.items()}
+        runs = {
+            name: functools.partial(fn, layer, config, x)
+            for name, fn in (("layer", layer_only), ("gram", gram), ("materialised", materialised))
+        }
+        medians = interleaved_medians(runs, repeats)
         row = {"n": n, "tokens": tokens, "layer_ms": 1e3 * medians["layer"]}
         for name in ("gram", "materialised"):
             row[f"{name}_extra_ms"] = 1e3 * (medians[name] - medians["layer"])
@@ -77,14 +72,7 @@ def main() -> None:
             f"n={n:2d}  layer {row['layer_ms']:6.2f} ms   CoMoE loss: Gram +{row['gram_extra_ms']:6.2f} ms, "
             f"materialised +{row['materialised_extra_ms']:7.2f} ms"
         )
-    if args.json:
-        machine = {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine, "rows": rows}, handle, indent=2)
+    save_results(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from common import save_results
 
 METHODS = {
     "lora": None,
@@ -127,16 +128,7 @@ def main() -> None:
             f"x{row['over_lora']:.2f} of lora  mem +{row['peak_extra_mb']:.0f} MB "
             f"(x{row['peak_extra_mb'] / max(lora_memory, 1):.2f}){extra}"
         )
-    if args.json:
-        import torch
-
-        machine = {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine, "batch": batch, "seq": seq, "rows": rows}, handle, indent=2)
+    save_results(args.json, {"batch": batch, "seq": seq, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.layer import ComoeLinear
 from comoe.losses import comoe_loss, load_balance_loss
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_config, tiny_llama
 
 
 def batch(seed=0, vocab=128, shape=(2, 10)):
@@ -65,15 +65,8 @@ def test_layers_to_transform_and_regex_targets(tiny_model):
 
 
 def test_works_on_sequence_classification_and_plain_modules():
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        num_labels=3,
-        pad_token_id=0,
+    config = tiny_config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64, num_labels=3, pad_token_id=0
     )
     torch.manual_seed(0)
     classifier = LlamaForSequenceClassification(config).eval()
@@ -182,14 +175,7 @@ def test_non_linear_target_is_refused(tiny_model):
 
 def test_adapter_on_another_model_size_lists_mismatches(tmp_path):
     trained_comoe().save_pretrained(tmp_path)
-    other = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
+    other = tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3)
     with pytest.raises(ValueError) as error:
         ComoeModel.from_pretrained(type(tiny_llama())(other), tmp_path)
     message = str(error.value)
