@@ -48,6 +48,8 @@ def test_presets():
     assert ComoeConfig.preset("comoe", r=8).r == 8
     with pytest.raises(ValueError, match="unknown value 'nope'"):
         ComoeConfig.preset("nope")
+    with pytest.raises(ValueError, match="unknown fields \\['experts'\\]"):
+        ComoeConfig.preset("comoe", experts=8)
 
 
 def test_from_dict_rejects_unknown_fields():

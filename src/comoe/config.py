@@ -139,7 +139,7 @@ class ComoeConfig:
         """The configurations of the papers and the baselines, by name (see PRESETS)."""
         if name not in PRESETS:
             raise ValueError(f"preset: unknown value {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
