@@ -164,7 +164,7 @@ def predict(
     """Score every example: 'loglik' for choice tasks (others always generate), or 'generate'."""
     predictions: list[Prediction | None] = [None] * len(examples)
     scored = [i for i, e in enumerate(examples) if mode == "loglik" and answer_kind(e.task) == "choice"]
-    generated = [i for i in range(len(examples)) if i not in set(scored)]
+    generated = sorted(set(range(len(examples))) - set(scored))
     if scored:
         chosen = [examples[i] for i in scored]
         for i, example, scores in zip(
