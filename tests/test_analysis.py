@@ -99,16 +99,19 @@ def test_accumulator_counts_equal_a_plain_loop():
     accumulator = SpecialisationAccumulator(model.comoe_layers(), ["a", "b"])
     with torch.no_grad(), model.record_routing() as steps:
         model(input_ids=ids, attention_mask=mask)
-        accumulator.update(steps, token_tasks(rows, mask))
+        accumulator.update(steps, token_tasks(rows, mask), ids)
     name = "model.layers.1.self_attn.v_proj"
     indices = steps[name].routing.indices
-    table = torch.zeros(2, 4)
+    table, buckets = torch.zeros(2, 4), torch.zeros(64, 4)
     for token in range(21):
         if mask.reshape(-1)[token]:
             for e in indices[token].tolist():
                 table[rows[token // 7], e] += 1
+                buckets[int(ids.reshape(-1)[token]) % 64, e] += 1
     summary = accumulator.summary()
     assert torch.equal(accumulator.joint[name].float(), table)
+    assert torch.equal(accumulator.token_joint[name].float(), buckets)
+    assert summary["layers"][name]["mi_token_expert_bits"] >= 0
     assert summary["layers"][name]["tokens"] == 19
 
 

@@ -113,6 +113,16 @@ def expert_similarity(z: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor 
     return float(cosines[:, pairs[0], pairs[1]].mean())
 
 
+TOKEN_BUCKETS = 64  # token identity is bucketed as id mod 64 for I(token; expert)
+
+
+def _count_pairs(table: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
+    """Add every (row label, routed expert) pair of [T] labels and [T, k] expert indices to a count table."""
+    n = table.shape[1]
+    flat = rows.repeat_interleave(indices.shape[1]) * n + indices.reshape(-1)
+    table += torch.bincount(flat, minlength=table.numel()).view_as(table)
+
+
 def _active(layer: ComoeLinear) -> int:
     return layer.num_experts if layer.soft else layer.top_k
 
@@ -131,22 +141,26 @@ class SpecialisationAccumulator:
             name: torch.zeros(n_tasks, layer.num_experts, dtype=torch.float64)
             for name, layer in layers.items()
         }
+        self.token_joint = {
+            name: torch.zeros(TOKEN_BUCKETS, layer.num_experts, dtype=torch.float64)
+            for name, layer in layers.items()
+        }
         self.entropy_sum = dict.fromkeys(layers, 0.0)
         self.similarity_sum = dict.fromkeys(layers, 0.0)
         self.tokens = dict.fromkeys(layers, 0)
 
     @torch.no_grad()
-    def update(self, steps: dict[str, LayerStep], token_tasks: torch.Tensor) -> None:
-        """Add one forward's routing; `token_tasks` [T] holds each token's task index (-1 for padding)."""
+    def update(
+        self, steps: dict[str, LayerStep], token_tasks: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> None:
+        """Add one forward's routing; `token_tasks` [T] holds each token's task index (-1 for padding) and
+        `token_ids` [T], when given, the input token ids (for I(token bucket; expert))."""
         for name, step in steps.items():
             mask = token_tasks >= 0 if step.mask is None else step.mask & (token_tasks >= 0)
-            indices, tasks = step.routing.indices[mask], token_tasks[mask]
-            k = indices.shape[1]
-            n = self.joint[name].shape[1]
-            flat = tasks.repeat_interleave(k) * n + indices.reshape(-1)
-            self.joint[name] += torch.bincount(flat, minlength=self.joint[name].numel()).view_as(
-                self.joint[name]
-            )
+            indices = step.routing.indices[mask]
+            _count_pairs(self.joint[name], token_tasks[mask], indices)
+            if token_ids is not None:
+                _count_pairs(self.token_joint[name], token_ids.reshape(-1)[mask] % TOKEN_BUCKETS, indices)
             count = int(mask.sum())
             self.entropy_sum[name] += mean_routing_entropy_bits(step.routing.probs[mask]) * count
             if self.similarity:
@@ -166,6 +180,7 @@ class SpecialisationAccumulator:
                 "mi_task_expert_bits": mi,
                 "nmi_task_expert": mi / task_entropy if task_entropy > 0 else 0.0,
                 "expert_similarity": self.similarity_sum[name] / tokens,
+                "mi_token_expert_bits": mutual_information_from_counts(self.token_joint[name]),
                 "task_expert_load": (joint / joint.sum(1, keepdim=True).clamp_min(1)).tolist(),
             }
         values = list(layers.values())
@@ -178,6 +193,7 @@ class SpecialisationAccumulator:
             "layers": layers,
             "mean_mi_task_expert_bits": mean("mi_task_expert_bits"),
             "mean_nmi_task_expert": mean("nmi_task_expert"),
+            "mean_mi_token_expert_bits": mean("mi_token_expert_bits"),
             "mean_expert_similarity": mean("expert_similarity"),
             "mean_load_cv": mean("load_cv"),
         }
@@ -276,7 +292,7 @@ def analyze(
         rows = torch.tensor([task_names.index(e.task) for e in chunk])
         with torch.no_grad(), model.record_routing() as steps:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            accumulator.update(steps, token_tasks(rows, batch["attention_mask"]))
+            accumulator.update(steps, token_tasks(rows, batch["attention_mask"]), batch["input_ids"])
     summary = accumulator.summary()
     summary.update(model=model_name, adapter=adapter, data_dir=data_dir, limit=limit, examples=len(examples))
     out = Path(output)
@@ -294,6 +310,7 @@ def specialisation_section(summary: dict[str, Any], figures: list[Path]) -> str:
         "",
         f"- mean I(task; expert): {summary['mean_mi_task_expert_bits']:.4f} bits "
         f"({100 * summary['mean_nmi_task_expert']:.2f}% of H(task))",
+        f"- mean I(token id mod {TOKEN_BUCKETS}; expert): {summary['mean_mi_token_expert_bits']:.4f} bits",
         f"- mean pairwise cosine similarity of expert outputs: {summary['mean_expert_similarity']:.4f}",
         f"- mean load imbalance (coefficient of variation): {summary['mean_load_cv']:.3f}",
         "",
