@@ -91,11 +91,12 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
 
 def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict[str, float]:
     """Mean accuracy difference a - b over the same seeds and examples, with a 95% paired bootstrap CI
-    (examples resampled within each seed; all tasks pooled, each task weighted by its examples)."""
+    (examples resampled within each seed; all tasks pooled, each task weighted by its examples).
+    A method with a single run (the untrained base) is paired with every seed of the other."""
     by_seed = {r["seed"]: r for r in b}
     diffs = []
     for run in a:
-        other = by_seed.get(run["seed"])
+        other = b[0] if len(b) == 1 else by_seed.get(run["seed"])
         if other is None:
             continue
         diffs.append(
@@ -183,6 +184,8 @@ def main() -> None:
         for method, spec in config["methods"].items():
             if any(r["method"] == method and r["seed"] == seed for r in results):
                 continue
+            if spec is None and any(r["method"] == method for r in results):
+                continue  # nothing trained, evaluation is deterministic: one run serves every seed
             print(f"== {method}, seed {seed}")
             results.append(run_method(method, spec, seed, config, work))
             atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
