@@ -2,7 +2,11 @@
 MoE-LoRA, CoMoE and MoELoRA, several seeds, multi-task commonsense training, per-task evaluation,
 specialisation measures, paired differences with 95% confidence intervals.
 
-    python benchmarks/reproduce.py [--config benchmarks/reproduce.yaml] [--quick] [--workdir runs/reproduce]
+    python benchmarks/reproduce.py [--config benchmarks/reproduce.yaml] [--quick | --variant math]
+                                   [--workdir runs/reproduce]
+
+A variant is a section of the config whose keys override the full commonsense setting: `quick` (small
+samples, ~15 minutes) and `math` (math_data.json training, generated answers on the math test sets).
 
 Resumable: finished (method, seed) runs are kept in the results JSON and skipped when run again.
 """
@@ -58,8 +62,9 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
         config["data_dir"],
         config["eval_tasks"],
         config["eval_limit"],
-        mode="loglik",
+        mode=config.get("eval_mode", "loglik"),
         batch_size=16,
+        max_new_tokens=config.get("max_new_tokens"),
         seed=0,
     )
     result = {
@@ -81,7 +86,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             config["model"],
             adapter,
             config["data_dir"],
-            config["train_tasks"],
+            config.get("analysis_tasks", config["train_tasks"]),
             config["analysis_limit"],
             str(work / f"{name}-seed{seed}" / "analysis"),
         )
@@ -165,21 +170,23 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(HERE / "reproduce.yaml"))
-    parser.add_argument("--quick", action="store_true", help="the config's quick: section (about 15 minutes)")
-    parser.add_argument("--workdir", default="runs/reproduce")
-    args = parser.parse_args()
-    loaded = yaml.safe_load(Path(args.config).read_text())
-    config = {**loaded["full"], **(loaded["quick"] if args.quick else {})}
+def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:
+    """The full setting of a reproduce config with a variant section's keys laid over it."""
+    loaded = yaml.safe_load(Path(path).read_text())
+    variants = sorted(set(loaded) - {"methods", "full"})
+    if variant is not None and variant not in variants:
+        raise ValueError(f"--variant {variant!r}: not a section of {path}; valid: {', '.join(variants)}")
+    config = {**loaded["full"], **(loaded[variant] if variant else {})}
+    unknown = [name for name in config["methods"] if name not in loaded["methods"]]
+    if unknown:
+        raise ValueError(f"methods: {unknown} not defined under methods: in {path}")
     config["methods"] = {name: loaded["methods"][name] for name in config["methods"]}
-    name = "reproduce-quick" if args.quick else "reproduce"
-    results_path = HERE / "results" / f"{name}.json"
+    return config
+
+
+def reproduce(config: dict[str, Any], results_path: Path, work: Path) -> str:
+    """Run every (method, seed) not yet in results_path, saving after each; return the summary table."""
     results = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
-    work = Path(args.workdir) / name
     for seed in config["seeds"]:
         for method, spec in config["methods"].items():
             if any(r["method"] == method and r["seed"] == seed for r in results):
@@ -190,8 +197,29 @@ def main() -> None:
             results.append(run_method(method, spec, seed, config, work))
             atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
     table = summarise(results, config)
-    atomic_write_text(HERE / "results" / f"{name}.md", table)
-    print(table)
+    atomic_write_text(results_path.with_suffix(".md"), table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(HERE / "reproduce.yaml"))
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--variant", help="a section of the config overriding the full setting, e.g. math")
+    variant.add_argument(
+        "--quick", action="store_const", const="quick", dest="variant", help="--variant quick (~15 minutes)"
+    )
+    parser.add_argument("--workdir", default="runs/reproduce", help="training runs and analyses")
+    parser.add_argument("--results-dir", default=str(HERE / "results"), help="where the JSON and table go")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config, args.variant)
+    except ValueError as error:
+        parser.error(str(error))
+    name = f"reproduce-{args.variant}" if args.variant else "reproduce"
+    print(reproduce(config, Path(args.results_dir) / f"{name}.json", Path(args.workdir) / name))
 
 
 if __name__ == "__main__":
