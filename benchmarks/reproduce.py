@@ -123,37 +123,57 @@ def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict
         means.append(total / count)
     means.sort()
     mean = sum(map(sum, diffs)) / sum(map(len, diffs))
-    return {"mean": mean, "ci95": [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]}
+    per_seed = [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
+    ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
+    return {"mean": mean, "ci95": ci95, "per_seed": per_seed}
+
+
+def column_value(run: dict, column: str, papers: list[str]) -> float:
+    """A run's accuracy on one task, its average, or the unweighted mean over the papers' tasks."""
+    if column == "average":
+        return run["average"]
+    if column == "papers' average":
+        return statistics.mean(run["accuracy"][task] for task in papers)
+    return run["accuracy"][column]
 
 
 def summarise(results: list[dict], config: dict[str, Any]) -> str:
+    """Markdown tables: accuracy mean ± std over seeds, time, paired differences, specialisation."""
     methods = list(config["methods"])
-    lines = [
-        "| method | " + " | ".join(config["eval_tasks"]) + " | average | tokens/s |",
-        "|---" * (len(config["eval_tasks"]) + 3) + "|",
-    ]
+    papers = config.get("papers_tasks", [])
+    columns = [*config["eval_tasks"], "average", *(["papers' average"] if papers else [])]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
         cells = []
-        for task in [*config["eval_tasks"], "average"]:
-            values = [100 * (r["average"] if task == "average" else r["accuracy"][task]) for r in runs]
+        for column in columns:
+            values = [100 * column_value(r, column, papers) for r in runs]
             spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.1f}{spread}")
-        speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
-        cells.append(f"{statistics.mean(speed):.0f}" if speed else "-")
         lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
-    lines += ["", "| comparison | mean difference (points) | 95% CI |", "|---|---|---|"]
+    lines += ["", "| method (median of seeds) | train s | eval s | train tokens/s |", "|---|---|---|---|"]
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        if runs:
+            speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
+            lines.append(
+                f"| {method} | {statistics.median(r['train_seconds'] for r in runs):.0f} | "
+                f"{statistics.median(r['eval_seconds'] for r in runs):.0f} | "
+                + (f"{statistics.median(speed):.0f}" if speed else "-")
+                + " |"
+            )
+    lines += ["", "| comparison | mean difference (points) | 95% CI | per seed |", "|---|---|---|---|"]
     for a, b in config["comparisons"]:
         diff = paired_difference(
             [r for r in results if r["method"] == a], [r for r in results if r["method"] == b]
         )
         if diff:
-            lines.append(
-                f"| {a} − {b} | {100 * diff['mean']:+.1f} | [{100 * diff['ci95'][0]:+.1f}, "
-                f"{100 * diff['ci95'][1]:+.1f}] |"
-            )
+            low, high = diff["ci95"]
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
+            interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+            lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} |")
     lines += [
         "",
         "| method | I(task; expert) bits | NMI | expert cosine similarity | load CV |",

@@ -25,6 +25,7 @@ def test_paired_difference_matches_counting_and_brackets_the_mean():
     b = [run("b", 0, {"t": [False, True, False, False]}), run("b", 1, {"t": [True, True, False, False]})]
     diff = reproduce.paired_difference(a, b)
     assert diff["mean"] == pytest.approx((3 - 1 + 2 - 2) / 8)
+    assert diff["per_seed"] == pytest.approx([2 / 4, 0.0])
     low, high = diff["ci95"]
     assert low <= diff["mean"] <= high and low < high
 
