@@ -57,29 +57,39 @@ def test_unknown_method_is_refused(tmp_path):
         reproduce.load_config(path, None)
 
 
+COMMONSENSE = {"train_tasks": ["boolq", "ARC-Easy"], "eval_tasks": ["boolq", "ARC-Easy"]}
+MATH = {
+    "train_tasks": ["math_data"],
+    "eval_tasks": ["AddSub", "AQuA"],
+    "eval_mode": "generate",
+    "max_new_tokens": 4,
+    "analysis_tasks": ["AddSub", "AQuA"],
+}
+
+
 @needs_data
-def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("setting", [COMMONSENSE, MATH], ids=["commonsense", "math"])
+def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, tiny_model_dir, monkeypatch):
     config = {
         "model": str(tiny_model_dir),
         "data_dir": str(DATA_DIR),
-        "train_tasks": ["boolq", "ARC-Easy"],
         "train_limit": 2,
         "epochs": 1,
         "lr": 0.001,
         "batch_size": 2,
-        "eval_tasks": ["boolq", "ARC-Easy"],
         "eval_limit": 3,
         "analysis_limit": 2,
         "seeds": [0, 1],
         "methods": {"base": None, "moe": {"preset": "moe"}},
         "comparisons": [["moe", "base"]],
+        **setting,
     }
     results_path = tmp_path / "results" / "reproduce-tiny.json"
     table = reproduce.reproduce(config, results_path, tmp_path / "work")
     runs = json.loads(results_path.read_text())["runs"]
     assert [(r["method"], r["seed"]) for r in runs] == [("base", 0), ("moe", 0), ("moe", 1)]
     for r in runs:
-        assert set(r["accuracy"]) == {"boolq", "ARC-Easy"}
+        assert set(r["accuracy"]) == set(setting["eval_tasks"])
         assert all(len(r["correct"][task]) == 3 for task in r["accuracy"])
     assert "specialisation" in runs[1] and "specialisation" not in runs[0]
     assert "| moe − base |" in table and "| moe (n=2) |" in table
