@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -125,7 +126,14 @@ def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict
     mean = sum(map(sum, diffs)) / sum(map(len, diffs))
     per_seed = [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
     ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
-    return {"mean": mean, "ci95": ci95, "per_seed": per_seed}
+    discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / sum(map(len, diffs))
+    return {"mean": mean, "ci95": ci95, "per_seed": per_seed, "discordant": discordant}
+
+
+def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
+    """Paired test questions needed to detect a true difference `effect` (two-sided 5%, power 80%) when a
+    `discordant` fraction of questions is answered differently: (1.96 + 0.84)^2 * discordant / effect^2."""
+    return math.ceil((1.96 + 0.84) ** 2 * discordant / effect**2)
 
 
 def column_value(run: dict, column: str, papers: list[str]) -> float:
@@ -164,7 +172,11 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
                 + (f"{statistics.median(speed):.0f}" if speed else "-")
                 + " |"
             )
-    lines += ["", "| comparison | mean difference (points) | 95% CI | per seed |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| comparison | difference (points) | 95% CI | per seed | answers differ | questions for ±1 point |",
+        "|---|---|---|---|---|---|",
+    ]
     for a, b in config["comparisons"]:
         diff = paired_difference(
             [r for r in results if r["method"] == a], [r for r in results if r["method"] == b]
@@ -173,7 +185,8 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             low, high = diff["ci95"]
             per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
             interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
-            lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} |")
+            differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
+            lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} | {differ} |")
     lines += [
         "",
         "| method | I(task; expert) bits | NMI | expert cosine similarity | load CV |",

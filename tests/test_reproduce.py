@@ -26,8 +26,16 @@ def test_paired_difference_matches_counting_and_brackets_the_mean():
     diff = reproduce.paired_difference(a, b)
     assert diff["mean"] == pytest.approx((3 - 1 + 2 - 2) / 8)
     assert diff["per_seed"] == pytest.approx([2 / 4, 0.0])
+    assert diff["discordant"] == pytest.approx(4 / 8)
     low, high = diff["ci95"]
     assert low <= diff["mean"] <= high and low < high
+
+
+def test_questions_to_detect_follows_the_paired_power_formula():
+    # a 10-point effect when half the answers differ: (1.96 + 0.84)^2 * 0.5 / 0.1^2 = 392
+    assert abs(reproduce.questions_to_detect(0.5, effect=0.1) - 392) <= 1
+    assert reproduce.questions_to_detect(0.0) == 0
+    assert reproduce.questions_to_detect(0.1) > reproduce.questions_to_detect(0.05) > 3900
 
 
 def test_paired_difference_pairs_a_single_base_run_with_every_seed():
