@@ -1,5 +1,5 @@
 """Reproduce the papers' comparison at SmolLM2-135M scale: base zero-shot, LoRA (matched parameters),
-MoE-LoRA, CoMoE and MoELoRA, several seeds, multi-task commonsense training, per-task evaluation,
+MoE-LoRA, CoMoE and MoELoRA, several seeds, multi-task commonsense training (or math), per-task evaluation,
 specialisation measures, paired differences with 95% confidence intervals.
 
     python benchmarks/reproduce.py [--config benchmarks/reproduce.yaml] [--quick | --variant math]
