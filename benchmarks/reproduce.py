@@ -30,6 +30,13 @@ from comoe.io import atomic_write_text
 from comoe.train import TrainArgs, train
 
 HERE = Path(__file__).resolve().parent
+SPECIALISATION = {  # analysis summary key: column header (means over layers, see docs/analysis.md)
+    "mean_mi_task_expert_bits": "I(task; expert) bits",
+    "mean_nmi_task_expert": "I / H(task)",
+    "mean_mi_token_expert_bits": "I(token bucket; expert) bits",
+    "mean_expert_similarity": "expert cosine similarity",
+    "mean_load_cv": "load CV",
+}
 
 
 def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[str, Any], work: Path) -> dict:
@@ -145,12 +152,16 @@ def column_value(run: dict, column: str, papers: list[str]) -> float:
     return run["accuracy"][column]
 
 
+def header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def summarise(results: list[dict], config: dict[str, Any]) -> str:
     """Markdown tables: accuracy mean ± std over seeds, time, paired differences, specialisation."""
     methods = list(config["methods"])
     papers = config.get("papers_tasks", [])
     columns = [*config["eval_tasks"], "average", *(["papers' average"] if papers else [])]
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = header("method", *columns)
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         if not runs:
@@ -161,7 +172,7 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.1f}{spread}")
         lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
-    lines += ["", "| method (median of seeds) | train s | eval s | train tokens/s |", "|---|---|---|---|"]
+    lines += ["", *header("method (median of seeds)", "train s", "eval s", "train tokens/s")]
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         if runs:
@@ -172,11 +183,7 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
                 + (f"{statistics.median(speed):.0f}" if speed else "-")
                 + " |"
             )
-    lines += [
-        "",
-        "| comparison | difference (points) | 95% CI | per seed | answers differ | questions for ±1 point |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines += ["", *header("comparison", "points", "95% CI", "per seed", "differ", "questions for ±1 point")]
     for a, b in config["comparisons"]:
         diff = paired_difference(
             [r for r in results if r["method"] == a], [r for r in results if r["method"] == b]
@@ -187,19 +194,16 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
             lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} | {differ} |")
-    lines += [
-        "",
-        "| method | I(task; expert) bits | NMI | expert cosine similarity | load CV |",
-        "|---|---|---|---|---|",
-    ]
+    lines += ["", *header("method", *SPECIALISATION.values())]
     for method in methods:
         runs = [r["specialisation"] for r in results if r["method"] == method and "specialisation" in r]
         if runs:
-            mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-            lines.append(
-                f"| {method} | {mean['mean_mi_task_expert_bits']:.4f} | {mean['mean_nmi_task_expert']:.4f} | "
-                f"{mean['mean_expert_similarity']:.4f} | {mean['mean_load_cv']:.3f} |"
-            )
+            cells = []
+            for key in SPECIALISATION:
+                values = [r[key] for r in runs if key in r]
+                spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.4f}{spread}" if values else "-")
+            lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
