@@ -221,10 +221,11 @@ def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:
     return config
 
 
-def reproduce(config: dict[str, Any], results_path: Path, work: Path) -> str:
-    """Run every (method, seed) not yet in results_path, saving after each; return the summary table."""
+def reproduce(config: dict[str, Any], results_path: Path, work: Path, run: bool = True) -> str:
+    """Run every (method, seed) not yet in results_path (unless `run` is False), saving after each; write
+    and return the summary tables."""
     results = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
-    for seed in config["seeds"]:
+    for seed in config["seeds"] if run else []:
         for method, spec in config["methods"].items():
             if any(r["method"] == method and r["seed"] == seed for r in results):
                 continue
@@ -250,13 +251,15 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="runs/reproduce", help="training runs and analyses")
     parser.add_argument("--results-dir", default=str(HERE / "results"), help="where the JSON and table go")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables only")
     args = parser.parse_args()
     try:
         config = load_config(args.config, args.variant)
     except ValueError as error:
         parser.error(str(error))
     name = f"reproduce-{args.variant}" if args.variant else "reproduce"
-    print(reproduce(config, Path(args.results_dir) / f"{name}.json", Path(args.workdir) / name))
+    results_path = Path(args.results_dir) / f"{name}.json"
+    print(reproduce(config, results_path, Path(args.workdir) / name, run=not args.tables_only))
 
 
 if __name__ == "__main__":

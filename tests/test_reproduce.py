@@ -108,3 +108,5 @@ def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, 
 
     monkeypatch.setattr(reproduce, "run_method", no_rework)
     assert reproduce.reproduce(config, results_path, tmp_path / "work") == table
+    config["seeds"] = [0, 1, 2]
+    assert reproduce.reproduce(config, results_path, tmp_path / "work", run=False) == table
