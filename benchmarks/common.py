@@ -7,9 +7,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from comoe.io import atomic_write_text
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -35,5 +38,4 @@ def save_results(path: str | None, payload: dict[str, Any]) -> None:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"machine": machine, **payload}, handle, indent=2)
+    atomic_write_text(Path(path), json.dumps({"machine": machine, **payload}, indent=2) + "\n")

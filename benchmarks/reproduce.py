@@ -130,10 +130,11 @@ def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict
             total, count = total + sum(picks), count + len(picks)
         means.append(total / count)
     means.sort()
-    mean = sum(map(sum, diffs)) / sum(map(len, diffs))
+    questions = sum(map(len, diffs))
+    mean = sum(map(sum, diffs)) / questions
     per_seed = [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
     ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
-    discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / sum(map(len, diffs))
+    discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / questions
     return {"mean": mean, "ci95": ci95, "per_seed": per_seed, "discordant": discordant}
 
 
@@ -152,42 +153,39 @@ def column_value(run: dict, column: str, papers: list[str]) -> float:
     return run["accuracy"][column]
 
 
+def mean_spread(values: list[float], digits: int) -> str:
+    """'mean ± sample std' ('mean' alone for one value, '-' for none)."""
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
 def header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
 
 def summarise(results: list[dict], config: dict[str, Any]) -> str:
     """Markdown tables: accuracy mean ± std over seeds, time, paired differences, specialisation."""
-    methods = list(config["methods"])
+    by_method = {m: runs for m in config["methods"] if (runs := [r for r in results if r["method"] == m])}
     papers = config.get("papers_tasks", [])
     columns = [*config["eval_tasks"], "average", *(["papers' average"] if papers else [])]
     lines = header("method", *columns)
-    for method in methods:
-        runs = [r for r in results if r["method"] == method]
-        if not runs:
-            continue
-        cells = []
-        for column in columns:
-            values = [100 * column_value(r, column, papers) for r in runs]
-            spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.1f}{spread}")
+    for method, runs in by_method.items():
+        cells = [mean_spread([100 * column_value(r, column, papers) for r in runs], 1) for column in columns]
         lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
     lines += ["", *header("method (median of seeds)", "train s", "eval s", "train tokens/s")]
-    for method in methods:
-        runs = [r for r in results if r["method"] == method]
-        if runs:
-            speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
-            lines.append(
-                f"| {method} | {statistics.median(r['train_seconds'] for r in runs):.0f} | "
-                f"{statistics.median(r['eval_seconds'] for r in runs):.0f} | "
-                + (f"{statistics.median(speed):.0f}" if speed else "-")
-                + " |"
-            )
+    for method, runs in by_method.items():
+        speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
+        lines.append(
+            f"| {method} | {statistics.median(r['train_seconds'] for r in runs):.0f} | "
+            f"{statistics.median(r['eval_seconds'] for r in runs):.0f} | "
+            + (f"{statistics.median(speed):.0f}" if speed else "-")
+            + " |"
+        )
     lines += ["", *header("comparison", "points", "95% CI", "per seed", "differ", "questions for ±1 point")]
     for a, b in config["comparisons"]:
-        diff = paired_difference(
-            [r for r in results if r["method"] == a], [r for r in results if r["method"] == b]
-        )
+        diff = paired_difference(by_method.get(a, []), by_method.get(b, []))
         if diff:
             low, high = diff["ci95"]
             per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
@@ -195,14 +193,10 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
             lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} | {differ} |")
     lines += ["", *header("method", *SPECIALISATION.values())]
-    for method in methods:
-        runs = [r["specialisation"] for r in results if r["method"] == method and "specialisation" in r]
+    for method, runs in by_method.items():
+        runs = [r["specialisation"] for r in runs if "specialisation" in r]
         if runs:
-            cells = []
-            for key in SPECIALISATION:
-                values = [r[key] for r in runs if key in r]
-                spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-                cells.append(f"{statistics.mean(values):.4f}{spread}" if values else "-")
+            cells = [mean_spread([r[key] for r in runs if key in r], 4) for key in SPECIALISATION]
             lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
