@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from comoe.config import ComoeConfig
-from comoe.layer import ComoeContext, ComoeLinear
+from comoe.adapter.layer import ComoeContext, ComoeLinear
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096)]
 

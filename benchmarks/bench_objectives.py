@@ -17,16 +17,16 @@ import torch
 from common import interleaved_medians, save_results
 
 from comoe.config import ComoeConfig
-from comoe.layer import ComoeContext, ComoeLinear
-from comoe.losses import comoe_loss
-from comoe.objectives import contrastive_loss
+from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.objectives.reference import comoe_loss
+from comoe.objectives.auxiliary import contrastive_loss
 
 
 def make_layer(n: int) -> tuple[ComoeLinear, ComoeConfig]:
     torch.manual_seed(0)
     config = ComoeConfig(num_experts=n, top_k=2, r=16, lora_dropout=0.0, contrastive="comoe")
     context = ComoeContext()
-    context.keep_step = True
+    context.keep_records = True
     layer = ComoeLinear(torch.nn.Linear(576, 576), config, context)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
@@ -38,13 +38,13 @@ def layer_only(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None
 
 
 def gram(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None:
-    (layer(x).sum() + contrastive_loss(layer, layer.step, config)).backward()
+    (layer(x).sum() + contrastive_loss(layer.record, config)).backward()
 
 
 def materialised(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None:
     out = layer(x)
-    outputs = torch.einsum("tnr,nro->tno", layer.step.z, layer.lora_B) * layer.scaling
-    (out.sum() + comoe_loss(outputs, layer.step.routing.indices, config.temperature)).backward()
+    outputs = torch.einsum("tnr,nro->tno", layer.record.z, layer.lora_B) * layer.scaling
+    (out.sum() + comoe_loss(outputs, layer.record.routing.indices, config.temperature)).backward()
 
 
 def main() -> None:

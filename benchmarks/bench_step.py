@@ -39,7 +39,7 @@ def run_one(method: str, batch: int, seq: int, repeats: int) -> dict:
 
     from comoe import ComoeConfig, get_comoe_model
     from comoe.models import load_base
-    from comoe.train import response_loss
+    from comoe.training.loss import response_loss
 
     torch.manual_seed(0)
     base, tokenizer = load_base("smollm2-135m")

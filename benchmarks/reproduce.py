@@ -24,10 +24,13 @@ from typing import Any
 
 import yaml
 
-from comoe.analysis import analyze
-from comoe.evaluate import run_eval
-from comoe.io import atomic_write_text
-from comoe.train import TrainArgs, train
+from comoe.analysis.pipeline import analyze
+from comoe.analysis.settings import AnalyzeArgs
+from comoe.atomic import atomic_write_text
+from comoe.evaluation.runner import run_eval
+from comoe.evaluation.settings import EvalArgs
+from comoe.training.loop import train
+from comoe.training.settings import TrainArgs
 
 HERE = Path(__file__).resolve().parent
 SPECIALISATION = {  # analysis summary key: column header (means over layers, see docs/analysis.md)
@@ -48,7 +51,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
         args = TrainArgs(
             model=config["model"],
             preset=spec["preset"],
-            adapter=spec.get("adapter", {}),
+            adapter_config=spec.get("adapter_config", {}),
             data_dir=config["data_dir"],
             tasks=config["train_tasks"],
             train_limit=config["train_limit"],
@@ -65,15 +68,17 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     trained = time.perf_counter() - start
     report = run_eval(
-        config["model"],
-        adapter,
-        config["data_dir"],
-        config["eval_tasks"],
-        config["eval_limit"],
-        mode=config.get("eval_mode", "loglik"),
-        batch_size=16,
-        max_new_tokens=config.get("max_new_tokens"),
-        seed=0,
+        EvalArgs(
+            model=config["model"],
+            adapter=adapter,
+            data_dir=config["data_dir"],
+            tasks=config["eval_tasks"],
+            limit=config["eval_limit"],
+            mode=config.get("eval_mode", "loglik"),
+            batch_size=16,
+            max_new_tokens=config.get("max_new_tokens"),
+            seed=0,
+        )
     )
     result = {
         "method": name,
@@ -91,12 +96,14 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
     }
     if spec is not None and spec["preset"] != "lora":
         summary = analyze(
-            config["model"],
-            adapter,
-            config["data_dir"],
-            config.get("analysis_tasks", config["train_tasks"]),
-            config["analysis_limit"],
-            str(work / f"{name}-seed{seed}" / "analysis"),
+            AnalyzeArgs(
+                model=config["model"],
+                adapter=adapter,
+                data_dir=config["data_dir"],
+                tasks=config.get("analysis_tasks", config["train_tasks"]),
+                limit=config["analysis_limit"],
+                output=str(work / f"{name}-seed{seed}" / "analysis"),
+            )
         )
         result["specialisation"] = {k: summary[k] for k in summary if k.startswith("mean_")}
     return result

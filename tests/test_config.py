@@ -4,7 +4,7 @@ import pytest
 from peft import get_peft_model
 
 from comoe import ComoeConfig, get_comoe_model, matched_lora_config
-from comoe.config import comoe_trainable_parameters
+from comoe.adapter.lora import comoe_trainable_parameters
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_every_field_is_documented():
 
 
 def test_matched_lora_has_the_same_trainable_parameter_count(tiny_model):
-    from tests.conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     config = ComoeConfig.preset("comoe")
     lora = matched_lora_config(config, tiny_model)

@@ -1,6 +1,38 @@
-"""comoe: mixtures of LoRA experts with contrastive expert objectives (CoMoE, MoELoRA)."""
+"""comoe: mixtures of LoRA experts with contrastive expert objectives (CoMoE, MoELoRA).
 
-from comoe.config import ComoeConfig, matched_lora_config
-from comoe.model import ComoeModel, get_comoe_model
+The names below are imported on first use (PEP 562), so `import comoe` and the command line's --help load
+neither torch nor peft until a name that needs them is touched.
+"""
 
-__all__ = ["ComoeConfig", "ComoeModel", "get_comoe_model", "matched_lora_config"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from comoe.adapter.lora import matched_lora_config
+    from comoe.adapter.model import ComoeModel, get_comoe_model
+    from comoe.config import ComoeConfig
+    from comoe.models.loading import load_base
+
+_EXPORTS = {
+    "ComoeConfig": "comoe.config",
+    "ComoeModel": "comoe.adapter.model",
+    "get_comoe_model": "comoe.adapter.model",
+    "matched_lora_config": "comoe.adapter.lora",
+    "load_base": "comoe.models.loading",
+}
+
+__all__ = ["ComoeConfig", "ComoeModel", "get_comoe_model", "load_base", "matched_lora_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'comoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,26 +1,23 @@
-"""ComoeConfig: what a mixture-of-LoRA-experts adapter is, validated when it is built.
+"""ComoeConfig: what a mixture-of-LoRA-experts adapter is, validated when it is built, and the presets.
 
 Field names follow PEFT's LoraConfig where the meaning is the same (r, lora_alpha, lora_dropout,
-target_modules, layers_to_transform), so a PEFT user can read a comoe config at a glance.
+target_modules, layers_to_transform), so a PEFT user can read a comoe config at a glance. Pure Python (no
+torch, no peft): the command line reads the presets without loading either. Reading and writing
+adapter_config.json is comoe.adapter.serialization's job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from peft import LoraConfig
-from torch import nn
+from comoe.validation import check_choice, check_int, check_number, fail, reject_unknown
 
 ROUTINGS = ("topk", "soft")
 CONTRASTIVES = ("none", "comoe", "moelora")
 ANCHORS = ("all", "random")
 EXPERT_COMPUTES = ("auto", "blocks", "grouped")
-CONFIG_NAME = "adapter_config.json"
-FORMAT_VERSION = 1
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -95,35 +92,35 @@ class ComoeConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and the valid range."""
-        _check_int("num_experts", self.num_experts, low=1)
-        _check_int("r", self.r, low=1)
-        _check_int("top_k", self.top_k, low=1)
+        check_int("num_experts", self.num_experts, low=1)
+        check_int("r", self.r, low=1)
+        check_int("top_k", self.top_k, low=1)
         if self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
-        _check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        _check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
-        _check_number("balance_weight", self.balance_weight, low=0.0)
-        _check_number("contrastive_weight", self.contrastive_weight, low=0.0)
-        _check_number("temperature", self.temperature, low=0.0, low_open=True)
-        _check_choice("routing", self.routing, ROUTINGS)
-        _check_choice("balance_scope", self.balance_scope, ("local", "global"))
-        _check_choice("contrastive", self.contrastive, CONTRASTIVES)
-        _check_choice("anchor", self.anchor, ANCHORS)
-        _check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)
-        _check_int("contrastive_max_tokens", self.contrastive_max_tokens, low=1)
+            fail("top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
+        check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
+        check_number("balance_weight", self.balance_weight, low=0.0)
+        check_number("contrastive_weight", self.contrastive_weight, low=0.0)
+        check_number("temperature", self.temperature, low=0.0, low_open=True)
+        check_choice("routing", self.routing, ROUTINGS)
+        check_choice("balance_scope", self.balance_scope, ("local", "global"))
+        check_choice("contrastive", self.contrastive, CONTRASTIVES)
+        check_choice("anchor", self.anchor, ANCHORS)
+        check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)
+        check_int("contrastive_max_tokens", self.contrastive_max_tokens, low=1)
         if self.num_negatives is not None:
-            _check_int("num_negatives", self.num_negatives, low=1)
+            check_int("num_negatives", self.num_negatives, low=1)
         if self.contrastive == "comoe" and self.active_experts < 2:
-            _fail(
+            fail(
                 "top_k",
                 self.top_k,
                 ">= 2 with contrastive='comoe' (an anchor needs another activated expert as its positive)",
             )
         if not self.target_modules:
-            _fail("target_modules", self.target_modules, "a non-empty list of names or a regular expression")
+            fail("target_modules", self.target_modules, "a non-empty list of names or a regular expression")
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
-                _check_int("layers_to_transform", index, low=0)
+                check_int("layers_to_transform", index, low=0)
 
     @property
     def active_experts(self) -> int:
@@ -147,36 +144,8 @@ class ComoeConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ComoeConfig:
         """Build from a saved dict, refusing unknown fields so that typos do not pass silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{CONFIG_NAME}: unknown fields {unknown}; valid fields: {sorted(known)}")
+        reject_unknown(values, (f.name for f in dataclasses.fields(cls)), "adapter config")
         return cls(**values)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        from comoe.io import atomic_write_text
-
-        payload = {"adapter_type": "comoe", "format_version": FORMAT_VERSION, **self.to_dict()}
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> ComoeConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no adapter config here (is this a comoe adapter folder?)")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                values = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        if values.pop("adapter_type", None) != "comoe":
-            raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
-        version = values.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format_version {version!r} is not supported (this comoe reads {FORMAT_VERSION})"
-            )
-        return cls.from_dict(values)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -199,55 +168,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     # MixLoRA-style: 8 experts, top-2, Switch load balancing, no contrastive loss.
     "mixlora": dict(num_experts=8, top_k=2, r=16, lora_alpha=32.0, balance_weight=0.01, contrastive="none"),
 }
-
-
-def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_features: int) -> int:
-    """Trainable parameters comoe adds to one linear layer: experts plus router."""
-    return config.num_experts * config.r * (in_features + out_features) + config.num_experts * in_features
-
-
-def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
-    """A PEFT LoraConfig on the same modules whose trainable-parameter count matches comoe's.
-
-    The rank is the integer nearest to (comoe parameters) / sum(d_in + d_out) over the targeted
-    linears, so LoRA baselines are compared at equal capacity, as in the papers' tables.
-    """
-    from comoe.model import find_target_linears
-
-    linears = list(find_target_linears(model, config).values())
-    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in linears)
-    per_rank = sum(m.in_features + m.out_features for m in linears)
-    rank = max(1, round(total / per_rank))
-    return LoraConfig(
-        r=rank,
-        lora_alpha=config.scaling * rank,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        layers_to_transform=config.layers_to_transform,
-        task_type="CAUSAL_LM",
-    )
-
-
-def _fail(name: str, value: Any, valid: str) -> None:
-    raise ValueError(f"{name}={value!r} is invalid: expected {valid}")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(name, value, f"an integer >= {low}")
-
-
-def _check_number(
-    name: str, value: Any, low: float, high: float | None = None, low_open: bool = False
-) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        lower = f"> {low}" if low_open else f">= {low}"
-        _fail(name, value, f"a number {lower}" + (f" and < {high}" if high is not None else ""))
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))

@@ -1,0 +1,79 @@
+"""ComoeLinear: a frozen nn.Linear plus a routed mixture of LoRA experts.
+
+    y = W0 x + sum_{i in topk(g(x))} g_i(x) * (alpha / r) * B_i A_i x,   g = softmax(W_g x)
+
+B is zero-initialised, so at initialisation the layer returns exactly the base layer's output.
+When the model asks for it (auxiliary losses, `record_routing()`), each call also leaves its routing and
+the experts' down-projections in `self.record` (a LayerRecord); the model clears it after every forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from comoe.config import ComoeConfig
+from comoe.moe.experts import down_project, expert_gram, mix
+from comoe.moe.record import LayerRecord
+from comoe.moe.routing import Router, route
+
+
+class ComoeContext:
+    """State shared by the model and all its layers during one forward (a plain object, not a module)."""
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.keep_records = False
+        self.adapters_enabled = True
+
+
+class ComoeLinear(nn.Module):
+    """A frozen linear layer plus n routed LoRA experts (A: [n, r, d_in], B: [n, r, d_out]) and a router."""
+
+    def __init__(self, base_layer: nn.Linear, config: ComoeConfig, context: ComoeContext) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"ComoeLinear adapts nn.Linear only, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
+        self.scaling = config.scaling
+        self.soft = config.routing == "soft"
+        self.expert_compute = config.expert_compute
+        self.needs_gram = config.contrastive != "none" and config.contrastive_weight > 0
+        self.context = context
+        factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.router = Router(self.in_features, self.num_experts).to(**factory)
+        # A is stored [n, r, d_in] (PEFT's lora_A.weight per expert); B is stored [n, r, d_out], the transpose
+        # of PEFT's lora_B.weight, so that both expert strategies use it without a copy.
+        self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.r, self.out_features, **factory))
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        for expert in self.lora_A:
+            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))  # as PEFT initialises lora_A
+        self.record: LayerRecord | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.context.adapters_enabled:
+            return result
+        flat = x.reshape(-1, self.in_features)
+        routing = route(self.router(flat), self.top_k, soft=self.soft)
+        z = down_project(self.lora_dropout(flat), self.lora_A)
+        delta = mix(z, routing, self.lora_B, self.scaling, self.expert_compute)
+        if self.context.keep_records:
+            mask = self.context.token_mask
+            mask = mask if mask is not None and mask.numel() == flat.shape[0] else None
+            gram = expert_gram(self.lora_B) if self.needs_gram else None
+            self.record = LayerRecord(routing, z, mask, self.lora_B, gram)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    @property
+    def active_experts(self) -> int:
+        """Experts that contribute to each token: top_k, or all of them with soft routing."""
+        return self.num_experts if self.soft else self.top_k
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, r={self.r}, scaling={self.scaling:g}"

@@ -1,0 +1,34 @@
+"""The PEFT LoRA baseline at comoe's capacity: same target modules, same trainable-parameter count."""
+
+from __future__ import annotations
+
+from peft import LoraConfig
+from torch import nn
+
+from comoe.adapter.targeting import find_target_linears
+from comoe.config import ComoeConfig
+
+
+def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_features: int) -> int:
+    """Trainable parameters comoe adds to one linear layer: experts plus router."""
+    return config.num_experts * config.r * (in_features + out_features) + config.num_experts * in_features
+
+
+def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
+    """A PEFT LoraConfig on the same modules whose trainable-parameter count matches comoe's.
+
+    The rank is the integer nearest to (comoe parameters) / sum(d_in + d_out) over the targeted
+    linears, so LoRA baselines are compared at equal capacity, as in the papers' tables.
+    """
+    linears = list(find_target_linears(model, config).values())
+    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in linears)
+    per_rank = sum(m.in_features + m.out_features for m in linears)
+    rank = max(1, round(total / per_rank))
+    return LoraConfig(
+        r=rank,
+        lora_alpha=config.scaling * rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,199 @@
+"""ComoeModel: injects ComoeLinear layers into any module with nn.Linear children, adds the auxiliary
+losses to the task loss, and saves/loads the adapter as PEFT does (adapter_config.json +
+adapter_model.safetensors). A small injector of our own rather than PEFT's BaseTuner: see docs/design.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.adapter.serialization import (
+    WEIGHTS_NAME,
+    full_tensor,
+    load_config,
+    load_weights_into,
+    save_config,
+    save_weights,
+)
+from comoe.adapter.targeting import find_target_linears, set_submodule
+from comoe.config import ComoeConfig
+from comoe.moe.record import LayerRecord
+from comoe.objectives.auxiliary import auxiliary_losses
+
+
+class ComoeModel(nn.Module):
+    """A base model whose targeted linears are mixtures of LoRA experts; everything else is frozen."""
+
+    def __init__(self, model: nn.Module, config: ComoeConfig) -> None:
+        super().__init__()
+        targets = find_target_linears(model, config)
+        self.base_model = model
+        self.comoe_config = config
+        self._context = ComoeContext()
+        self._last_aux: dict[str, torch.Tensor] = {}
+        self._recorded: dict[str, LayerRecord] | None = None
+        # The weighted auxiliary loss of the last forward with auxiliary losses, for callers that compute
+        # the task loss themselves (the trainer runs the LM head on response tokens only).
+        self.weighted_aux_loss: torch.Tensor = torch.zeros(())
+        for param in model.parameters():
+            param.requires_grad_(False)
+        layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
+        for name, layer in layers.items():
+            set_submodule(model, name, layer)
+        self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def comoe_layers(self) -> dict[str, ComoeLinear]:
+        return dict(self._layers)
+
+    # ---- forward and losses -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; with labels (or in training) the loss includes the auxiliary losses."""
+        want_aux = self._context.adapters_enabled and (self.training or kwargs.get("labels") is not None)
+        mask = kwargs.get("attention_mask")
+        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
+        self._context.keep_records = want_aux or self._recorded is not None
+        try:
+            output = self.base_model(*args, **kwargs)
+            if want_aux:
+                self._add_auxiliary_losses(output)
+        finally:
+            self._end_forward()
+        return output
+
+    def _add_auxiliary_losses(self, output: Any) -> None:
+        records = [layer.record for layer in self._layers.values() if layer.record is not None]
+        aux = auxiliary_losses(records, self.comoe_config)
+        config = self.comoe_config
+        self.weighted_aux_loss = (
+            config.balance_weight * aux["balance"] + config.contrastive_weight * aux["contrastive"]
+        )
+        self._last_aux = {name: value.detach() for name, value in aux.items()}
+        task = getattr(output, "loss", None)
+        if task is not None:
+            self._last_aux["task"] = task.detach()
+            output.loss = task + self.weighted_aux_loss
+
+    def _end_forward(self) -> None:
+        """Drop the per-layer tensors of this forward (or hand them to record_routing)."""
+        self._context.token_mask = None
+        self._context.keep_records = False
+        if self._recorded is not None:
+            self._recorded.clear()
+            self._recorded.update({n: m.record for n, m in self._layers.items() if m.record is not None})
+        for layer in self._layers.values():
+            layer.record = None
+
+    def last_aux_losses(self) -> dict[str, float]:
+        """The loss components of the last training forward: task, balance, contrastive (0 when off)."""
+        return {name: float(self._last_aux.get(name, 0.0)) for name in ("task", "balance", "contrastive")}
+
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[dict[str, LayerRecord]]:
+        """Inside this block, keep each layer's last routing and down-projections for analysis.
+
+        Yields a dict layer name -> LayerRecord, refreshed after every forward; outside the block nothing
+        is kept, so no tensors stay alive across training steps.
+        """
+        self._recorded = {}
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ---- adapters on and off ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside this block the model computes exactly the base model's outputs."""
+        previous = self._context.adapters_enabled
+        self._context.adapters_enabled = False
+        try:
+            yield
+        finally:
+            self._context.adapters_enabled = previous
+
+    disable_adapter = disable_adapters  # PEFT's PeftModel spells it in the singular
+
+    def unload(self) -> nn.Module:
+        """Put the original nn.Linear modules back and return the untouched base model."""
+        for name, layer in self.comoe_layers().items():
+            set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        raise NotImplementedError(
+            "merge_and_unload: a mixture of experts cannot be merged into the base weights, because which "
+            "experts apply (and with what gate) depends on each token's input; a merged dense weight would "
+            "apply one fixed combination to every token. Keep the adapter, or unload() for the base model."
+        )
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Experts and routers only, keyed by module path."""
+        state = {}
+        for name, layer in self.comoe_layers().items():
+            state[f"{name}.lora_A"] = layer.lora_A
+            state[f"{name}.lora_B"] = layer.lora_B
+            state[f"{name}.router.weight"] = layer.router.weight
+        return state
+
+    # ---- save and load ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Write the adapter. Under FSDP every process must call this (sharded experts are gathered);
+        only the one with is_main_process writes, as in PEFT."""
+        state = {name: full_tensor(tensor) for name, tensor in self.adapter_state_dict().items()}
+        if not is_main_process:
+            return
+        os.makedirs(directory, exist_ok=True)
+        save_weights(state, directory)
+        save_config(self.comoe_config, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False
+    ) -> ComoeModel:
+        """Wrap `model` with the adapter saved in `directory` (safetensors only; nothing is unpickled)."""
+        comoe = cls(model, load_config(directory))
+        comoe.load_adapter_weights(os.path.join(directory, WEIGHTS_NAME))
+        if not is_trainable:
+            comoe.eval()
+            for param in comoe.parameters():
+                param.requires_grad_(False)
+        return comoe
+
+    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        """Load experts and routers from a safetensors file that must fit this model exactly."""
+        load_weights_into(self.adapter_state_dict(), path)
+
+
+def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:
+    """Freeze `model` and turn the linears that `config` targets into mixtures of LoRA experts."""
+    return ComoeModel(model, config)

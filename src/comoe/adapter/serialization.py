@@ -1,0 +1,117 @@
+"""The adapter folder format: adapter_config.json + adapter_model.safetensors, written atomically.
+
+The file names are PEFT's, so a folder reads like a PEFT adapter; `adapter_type: "comoe"` and
+`format_version` tell comoe's apart. Tensors are read from safetensors only (nothing is unpickled), and
+every way a folder can be wrong (missing file, bad JSON, unknown fields, weights of another model) is an
+error that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from comoe.atomic import atomic_save_safetensors, atomic_write_text
+from comoe.config import ComoeConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+ADAPTER_TYPE = "comoe"
+
+
+def save_config(config: ComoeConfig, directory: str | os.PathLike) -> None:
+    payload = {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **config.to_dict()}
+    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
+    """The raw adapter_config.json of a folder (comoe or PEFT), with a clear error when absent or broken."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config here (is this an adapter folder?)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    return values
+
+
+def load_config(directory: str | os.PathLike) -> ComoeConfig:
+    """The ComoeConfig of a comoe adapter folder, every field validated."""
+    path = Path(directory) / CONFIG_NAME
+    values = read_config_json(directory)
+    if values.pop("adapter_type", None) != ADAPTER_TYPE:
+        raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
+    version = values.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version!r} is not supported (this comoe reads {FORMAT_VERSION})"
+        )
+    try:
+        return ComoeConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def adapter_kind(directory: str | os.PathLike) -> str:
+    """'comoe' or 'peft' for an adapter folder, after checking that both files are there (and, for comoe,
+    that every config field is valid): cheap, so callers check before loading a base model."""
+    weights = Path(directory) / WEIGHTS_NAME
+    values = read_config_json(directory)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: adapter weights not found")
+    if values.get("adapter_type") == ADAPTER_TYPE:
+        load_config(directory)
+        return "comoe"
+    return "peft"
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter gathered whole; other tensors as they are. Collective for DTensors."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def save_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    atomic_save_safetensors(Path(directory) / WEIGHTS_NAME, tensors, {"format": "pt"})
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with one clear error for a missing, truncated or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: adapter weights not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from None
+
+
+def load_weights_into(expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy the file's tensors into `expected` (name -> parameter), after checking that they fit exactly."""
+    saved = read_safetensors(path)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = [
+        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(saved) & set(expected))
+        if saved[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"{path} does not fit this base model:"]
+        lines += [f"  missing in file: {k}" for k in missing[:20]]
+        lines += [f"  not in model: {k}" for k in unexpected[:20]]
+        lines += [f"  shape mismatch {w}" for w in wrong[:20]]
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(saved[key])

@@ -1,0 +1,53 @@
+"""`comoe analyze`: route held-out examples through a comoe adapter, measure specialisation, write the
+summary, the figures and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comoe.adapter.model import ComoeModel
+from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
+from comoe.analysis.plots import plot_summary
+from comoe.analysis.report import specialisation_section
+from comoe.analysis.settings import AnalyzeArgs
+from comoe.atomic import atomic_write_text
+from comoe.data.collate import encode_examples, pad_batch
+from comoe.data.tasks import load_examples, task_index
+from comoe.evaluation.runner import load_for_eval
+
+
+def analyze(args: AnalyzeArgs) -> dict[str, Any]:
+    """Route held-out examples (prompt and reference response) through a comoe adapter and measure."""
+    model, tokenizer = load_for_eval(args.model, args.adapter)
+    if not isinstance(model, ComoeModel):
+        raise ValueError(
+            f"--adapter {args.adapter}: analysis needs a comoe adapter (routing), not a PEFT one"
+        )
+    examples = load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
+    task_names, task_ids = task_index(examples)
+    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names)
+    for start in range(0, len(examples), args.batch_size):
+        items, _ = encode_examples(tokenizer, examples[start : start + args.batch_size], args.cutoff)
+        batch = pad_batch(items, tokenizer.pad_token_id)
+        rows = torch.tensor(task_ids[start : start + args.batch_size])
+        with torch.no_grad(), model.record_routing() as records:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            accumulator.update(records, token_tasks(rows, batch["attention_mask"]), batch["input_ids"])
+    summary = accumulator.summary()
+    summary.update(
+        model=args.model,
+        adapter=args.adapter,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        examples=len(examples),
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    figures = plot_summary(summary, out)
+    atomic_write_text(out / "report.md", specialisation_section(summary, figures))
+    return summary

@@ -1,0 +1,58 @@
+"""Atomic file writes: a reader never sees a half-written adapter or config, even after a kill.
+
+(Named `atomic`, not `io`, so it never shadows the standard library's io module.)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write into a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(path, write)
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))

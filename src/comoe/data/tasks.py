@@ -1,0 +1,91 @@
+"""The task registry: for every task name, where its examples come from, its prompt template and how its
+answers are scored. Training, evaluation and analysis look tasks up here instead of keeping their own
+name lists, so a new data source registers its tasks once (`register_task`) and is scored correctly."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from comoe.data.builtin import BUILTIN_TASKS, builtin_examples
+from comoe.data.example import Example
+from comoe.data.llm_adapters import COMMONSENSE_TASKS, MATH_TASKS, MATH_TRAIN, load_task
+from comoe.data.templates import TEMPLATES
+from comoe.validation import check_choice
+
+SCORINGS = ("choice", "number", "letter", "exact")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task. scoring: 'choice' (an option word, scored by option log-likelihood or generation),
+    'number' (the last number, |error| <= 1e-3), 'letter' (A-E) or 'exact' (the first line, case-folded)."""
+
+    name: str
+    source: str  # "builtin" (reasoning-gym) or "llm-adapters" (a --data-dir task folder)
+    scoring: str = "exact"
+    template: str = "alpaca"
+
+    def __post_init__(self) -> None:
+        check_choice(f"task {self.name!r} scoring", self.scoring, SCORINGS)
+        check_choice(f"task {self.name!r} template", self.template, TEMPLATES)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add (or replace) a task in the registry; returns it."""
+    TASKS[task.name] = task
+    return task
+
+
+for _name in BUILTIN_TASKS:
+    register_task(Task(_name, "builtin", "exact"))
+for _name in COMMONSENSE_TASKS:
+    register_task(Task(_name, "llm-adapters", "choice"))
+for _name in [*MATH_TASKS, MATH_TRAIN]:
+    register_task(Task(_name, "llm-adapters", "letter" if _name == "AQuA" else "number"))
+
+
+def get_task(name: str) -> Task:
+    """The registered task, or an unregistered one scored by exact match."""
+    return TASKS.get(name) or Task(name, "unknown")
+
+
+def answer_kind(task: str) -> str:
+    """How a task's answers are scored: 'choice', 'number', 'letter' (AQuA) or 'exact'."""
+    return get_task(task).scoring
+
+
+def render_prompt(example: Example) -> str:
+    """The prompt text of an example, in its task's template."""
+    return TEMPLATES[get_task(example.task).template](example.instruction, example.input)
+
+
+def load_examples(
+    data_dir: str | os.PathLike | None, tasks: list[str] | None, split: str, limit: int | None, seed: int = 0
+) -> list[Example]:
+    """A multi-task mixture: up to `limit` examples per task (a seeded sample), each tagged with its task.
+
+    Without a data directory the built-in reasoning-gym tasks are used (`limit` defaults to 200 there).
+    """
+    if data_dir is None:
+        return builtin_examples(split, per_task=limit or 200, tasks=tasks)
+    if not tasks:
+        raise ValueError("tasks: name at least one task to load from --data-dir")
+    mixture = []
+    for task in tasks:
+        examples = load_task(data_dir, task, split)
+        if limit is not None and len(examples) > limit:
+            examples = random.Random(f"{seed}:{task}").sample(examples, limit)
+        mixture += examples
+    return mixture
+
+
+def task_index(examples: list[Example]) -> tuple[list[str], list[int]]:
+    """The distinct task names in order of first appearance, and each example's index into them."""
+    names = list(dict.fromkeys(e.task for e in examples))
+    position = {name: index for index, name in enumerate(names)}
+    return names, [position[e.task] for e in examples]

@@ -1,0 +1,17 @@
+"""Exceptions a user can cause and act on; the command line prints them as one line and exits 2."""
+
+from __future__ import annotations
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training met a non-finite loss (or skipped too many such batches): the run diverges."""
+
+
+# What the command line reports as a user error (one line, exit 2) rather than a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    ImportError,
+    NonFiniteLoss,
+)

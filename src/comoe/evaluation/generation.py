@@ -1,0 +1,39 @@
+"""Greedy generation for evaluation: batched with left padding, KV cache on."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from comoe.data.example import Example
+from comoe.data.tasks import render_prompt
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy, batched (left padding), with the KV cache."""
+    prompts = [tokenizer(render_prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, i in enumerate(chunk):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    return outputs

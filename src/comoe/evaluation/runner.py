@@ -1,0 +1,91 @@
+"""Evaluation runner: load a base model (with a comoe or PEFT adapter), score every example of the chosen
+tasks (option log-likelihood or generation), and write the per-task report."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from torch import nn
+
+from comoe.adapter.auto import load_adapter
+from comoe.adapter.serialization import adapter_kind
+from comoe.atomic import atomic_write_text
+from comoe.data.example import Example
+from comoe.data.tasks import answer_kind, load_examples
+from comoe.evaluation.generation import generate_responses
+from comoe.evaluation.loglik import option_loglikelihoods
+from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
+from comoe.evaluation.settings import EvalArgs
+from comoe.models.loading import load_base
+
+
+def predict(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    mode: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+) -> list[Prediction]:
+    """Score every example: 'loglik' for choice tasks (others always generate), or 'generate'."""
+    predictions: list[Prediction | None] = [None] * len(examples)
+    scored = [i for i, e in enumerate(examples) if mode == "loglik" and answer_kind(e.task) == "choice"]
+    generated = sorted(set(range(len(examples))) - set(scored))
+    if scored:
+        chosen = [examples[i] for i in scored]
+        for i, example, scores in zip(
+            scored, chosen, option_loglikelihoods(model, tokenizer, chosen, batch_size), strict=True
+        ):
+            best = choice_options(example)[max(range(len(scores)), key=scores.__getitem__)]
+            predictions[i] = Prediction(example.task, example.answer, best, best == example.answer)
+    if generated:
+        chosen = [examples[i] for i in generated]
+        texts = generate_responses(model, tokenizer, chosen, batch_size, max_new_tokens)
+        for i, example, text in zip(generated, chosen, texts, strict=True):
+            kind = answer_kind(example.task)
+            options = choice_options(example) if kind == "choice" else None
+            guess = extract_answer(kind, text, options)
+            predictions[i] = Prediction(
+                example.task, example.answer, guess, is_correct(kind, guess, example.answer), text
+            )
+    return predictions  # type: ignore[return-value]
+
+
+def load_for_eval(model_name: str, adapter: str | None) -> tuple[nn.Module, Any]:
+    """The base model, with a comoe or PEFT adapter folder applied when given.
+
+    The adapter folder is checked before the (slower) base model is loaded, so a bad path fails fast.
+    """
+    if adapter is None:
+        return load_base(model_name)
+    adapter_kind(adapter)
+    base, tokenizer = load_base(model_name)
+    return load_adapter(base, adapter), tokenizer
+
+
+def run_eval(args: EvalArgs) -> dict[str, Any]:
+    """Evaluate and (optionally) write the report JSON; returns it."""
+    model, tokenizer = load_for_eval(args.model, args.adapter)
+    examples = load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
+        max_new_tokens = 256 if any(answer_kind(e.task) in ("number", "letter") for e in examples) else 32
+    start = time.perf_counter()
+    predictions = predict(model, tokenizer, examples, args.mode, args.batch_size, max_new_tokens)
+    report = summarise(predictions)
+    report.update(
+        model=args.model,
+        adapter=args.adapter,
+        data_dir=args.data_dir,
+        mode=args.mode,
+        limit=args.limit,
+        seed=args.seed,
+        max_new_tokens=max_new_tokens,
+        seconds=round(time.perf_counter() - start, 1),
+        examples=[vars(p) for p in predictions],
+    )
+    if args.output:
+        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+    return report

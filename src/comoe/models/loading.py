@@ -1,0 +1,86 @@
+"""Loading base causal language models and their tokenizers.
+
+Three kinds of names are accepted by :func:`load_base`: a built-in alias (a GGUF file shipped in a pip
+package, converted once to a safetensors cache: comoe.models.gguf), a local Hugging Face model folder, and
+a Hugging Face Hub id. Weights are only ever read from safetensors or GGUF files, never unpickled, so
+loading a model cannot execute code unless ``trust_remote_code`` is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from comoe.models.gguf import ALIASES, alias_cache, cache_root
+
+_PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_base(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM (eval mode, ``dtype``) and its tokenizer (with a pad token) from a name.
+
+    ``name_or_path`` is a key of :data:`ALIASES`, a local model folder, or a Hub id, tried in that order.
+    ``cache_dir`` only matters for aliases: their converted copies live in ``cache_dir / alias``
+    (default: ``$COMOE_CACHE``, else ``~/.cache/comoe``).
+    """
+    if name_or_path in ALIASES:
+        folder = alias_cache(name_or_path, cache_root(cache_dir))
+    elif Path(name_or_path).is_dir():
+        folder = Path(name_or_path)
+        _check_local_folder(folder)
+    else:
+        return _load_from_hub(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return _load_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_pretrained(
+    source: str | Path, *, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer with safetensors enforced, so no pickle is ever read."""
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batched training and generation need padding; eos is the conventional stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _load_from_hub(
+    model_id: str, *, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load from the Hub, turning the opaque download error into one that says what would work offline."""
+    try:
+        return _load_pretrained(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise OSError(
+            f"could not load {model_id!r}: it is neither a built-in alias ({', '.join(sorted(ALIASES))}) "
+            "nor an existing local folder, and loading it as a Hugging Face Hub id failed. "
+            f"Offline, only local folders and the built-in aliases work. Cause: {exc}"
+        ) from exc
+
+
+def _check_local_folder(folder: Path) -> None:
+    """Refuse folders whose weights could only be read by unpickling (arbitrary code execution)."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLED_WEIGHT_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"{folder} has only pickled weights ({', '.join(pickled)}); safetensors are required "
+            "because unpickling can execute arbitrary code. Convert the model with "
+            "model.save_pretrained(folder, safe_serialization=True) in a trusted environment."
+        )
+    raise ValueError(f"{folder} has no model weights: expected *.safetensors files")

@@ -1,0 +1,21 @@
+"""LayerRecord: what one forward of a routed layer leaves behind for the objectives and for analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from comoe.moe.routing import Routing
+
+
+@dataclass
+class LayerRecord:
+    """The routing and expert down-projections of one layer call, kept only while the model asks for them
+    (auxiliary losses, `record_routing()`), and dropped after the forward so nothing outlives a step."""
+
+    routing: Routing
+    z: torch.Tensor  # [T, n, r] down-projections of all experts, of the (dropped-out) input they saw
+    mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens
+    lora_B: torch.Tensor  # [n, r, d_out] the experts' up-projections (the parameter itself)
+    gram: torch.Tensor | None = None  # [n*r, n*r] B B^T, taken in the forward where B is whole under FSDP

@@ -1,0 +1,72 @@
+"""report.md of a run: settings, the training curve, and per-task accuracy before and after."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comoe.atomic import atomic_write_text
+
+
+def training_curve(run: Path, points: int = 10) -> list[dict[str, Any]]:
+    """About `points` evenly spaced rows of log.jsonl (always the first and the last step)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    if not rows:
+        return []
+    stride = max(1, len(rows) // points)
+    picked = rows[::stride]
+    if picked[-1] is not rows[-1]:
+        picked.append(rows[-1])
+    return picked
+
+
+def _percent(row: dict[str, Any]) -> str:
+    low, high = row["ci95"]
+    return f"{100 * row['accuracy']:.1f} ({100 * low:.0f}–{100 * high:.0f})"
+
+
+def write_report(run: Path, base: dict[str, Any], tuned: dict[str, Any]) -> Path:
+    settings = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    lines = [
+        f"# comoe run: {run.name}",
+        "",
+        "## Settings",
+        "",
+        "```yaml",
+        yaml.safe_dump(settings).strip(),
+        "```",
+        "",
+    ]
+    lines += [
+        "## Training curve",
+        "",
+        "| step | task loss | balance | contrastive | lr | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in training_curve(run):
+        lines.append(
+            f"| {row['step']} | {row['task']:.4f} | {row['balance']:.4f} | {row['contrastive']:.4f} | "
+            f"{row['lr']:.2e} | {row['tokens_per_s']:.0f} |"
+        )
+    lines += ["", f"## Accuracy per task (%, 95% Wilson CI; mode: {tuned['mode']})", ""]
+    lines += ["| task | n | base model | fine-tuned | change |", "|---|---|---|---|---|"]
+    for name, row in tuned["tasks"].items():
+        before = base["tasks"][name]
+        change = 100 * (row["accuracy"] - before["accuracy"])
+        lines.append(f"| {name} | {row['n']} | {_percent(before)} | {_percent(row)} | {change:+.1f} |")
+    change = 100 * (tuned["average"] - base["average"])
+    lines.append(
+        f"| **average** | | {100 * base['average']:.1f} | {100 * tuned['average']:.1f} | {change:+.1f} |"
+    )
+    lines += [
+        "",
+        "Files: `config.yaml` (resolved settings), `adapter/`, `log.jsonl`, `tensorboard/`, `checkpoints/`,",
+        "`eval.json` (both evaluations with every prediction).",
+        "",
+    ]
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

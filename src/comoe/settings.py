@@ -1,0 +1,92 @@
+"""One loader for every command's settings: dataclass defaults, then a YAML file, then command-line flags.
+
+`comoe train`, `comoe eval`, `comoe analyze` and `comoe demo` each describe their settings as a dataclass
+whose fields carry their help text (and, where they have them, their choices) in `metadata`. This module
+turns such a dataclass into command-line flags and builds it from a YAML file plus flags, with one
+unknown-key check. Pure Python and PyYAML: the command line's --help must not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from comoe.validation import reject_unknown
+
+S = TypeVar("S")
+
+def setting(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field that carries its help text (and e.g. `choices`, `flag=False`) for the CLI."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **metadata}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of settings (safe loader: no Python objects), keys with '-' spelled as '_'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def load_settings(cls: type[S], config_file: str | Path | None, overrides: dict[str, Any]) -> S:
+    """Defaults of `cls`, then the YAML file, then explicit overrides (flags; None means not given)."""
+    values: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return settings_from_dict(cls, values, where=str(config_file) if config_file else "settings")
+
+
+def settings_from_dict(cls: type[S], values: dict[str, Any], where: str = "settings") -> S:
+    """Build `cls` from a mapping, accepting renamed keys (a class's `renamed_keys`: old -> new) and
+    refusing unknown ones."""
+    renamed = getattr(cls, "renamed_keys", {})
+    values = {renamed.get(key, key): value for key, value in values.items()}
+    reject_unknown(values, (f.name for f in dataclasses.fields(cls)), where)
+    return cls(**values)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# Field annotation (as written, postponed) -> argparse type; bools become store_true flags.
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "list[str]": _comma_list}
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a settings dataclass, defaulting to None so that unset flags do not
+    override the YAML file; fields with metadata flag=False are YAML-only (e.g. nested mappings)."""
+    for spec in dataclasses.fields(cls):
+        if not spec.metadata.get("flag", True):
+            continue
+        annotation = str(spec.type).replace(" | None", "")
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        help_text = spec.metadata.get("help", "")
+        if default not in (None, False, True):
+            help_text += f" (default: {default})"
+        if annotation == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        parser.add_argument(
+            flag,
+            type=_FLAG_TYPES[annotation],
+            choices=spec.metadata.get("choices"),
+            default=None,
+            help=help_text,
+        )

@@ -1,0 +1,27 @@
+"""The model a training run fine-tunes: the base model plus a comoe preset, or PEFT LoRA matched to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from comoe.adapter.lora import matched_lora_config
+from comoe.adapter.model import get_comoe_model
+from comoe.config import ComoeConfig
+from comoe.models.loading import load_base
+from comoe.training.settings import TrainArgs
+
+
+def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
+    """Base model plus the method's adapter: a comoe preset, or PEFT LoRA matched to the comoe preset."""
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base(args.model)
+    if args.preset == "lora":
+        reference = ComoeConfig.preset("comoe", **args.adapter_config)
+        model = get_peft_model(base, matched_lora_config(reference, base))
+    else:
+        model = get_comoe_model(base, ComoeConfig.preset(args.preset, **args.adapter_config))
+    return model, tokenizer

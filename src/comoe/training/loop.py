@@ -1,0 +1,147 @@
+"""Fine-tuning: the LLM-Adapters recipe (instruction data, loss on the response) for comoe presets and the
+PEFT LoRA baseline, with auxiliary losses logged per step, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from comoe.adapter.model import ComoeModel
+from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
+from comoe.data.collate import encode_examples
+from comoe.data.tasks import load_examples, task_index
+from comoe.errors import NonFiniteLoss
+from comoe.moe.record import LayerRecord
+from comoe.training.batches import micro_batches
+from comoe.training.checkpoint import load_checkpoint, save_checkpoint
+from comoe.training.distributed import SINGLE, World
+from comoe.training.factory import build_model
+from comoe.training.loss import aux_components, response_loss, share
+from comoe.training.rundir import prepare_run, truncate_log
+from comoe.training.runlog import RunLog
+from comoe.training.settings import TrainArgs
+
+
+def train(args: TrainArgs) -> Path:
+    """Train, checkpoint and save the adapter into args.output; returns the run directory.
+
+    Under torchrun / accelerate launch, each process trains on its slice of every global micro-batch with
+    DistributedDataParallel; only the main process writes logs, checkpoints and the adapter.
+    """
+    world = World.from_env()
+    run = prepare_run(args, world)
+    model, tokenizer = build_model(args)
+    examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
+    items, truncated = encode_examples(tokenizer, examples, args.cutoff)
+    steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
+    total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = min(args.warmup_steps, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / max(1, warmup)) * min(1.0, (total - s) / max(1, total - warmup)),
+    )
+    step = load_checkpoint(run, model, optimizer, scheduler) if args.resume else 0
+    if world.is_main:
+        truncate_log(run / "log.jsonl", step)
+        print(
+            f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens), "
+            f"{total} steps, {world.size} process(es); run directory {run}"
+        )
+    task_names, task_ids = task_index(examples)
+    batches = micro_batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
+    checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
+    log = RunLog(run, total, step, world.is_main)
+    skipped, tokens, start = 0, 0, time.perf_counter()
+    while step < total:
+        watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+        with model.record_routing() if watch else contextlib.nullcontext() as records:
+            parts, batch_tokens, last_batch = optimizer_step(
+                forward_model, batches, args, optimizer, params, run, step + 1, world
+            )
+        tokens += batch_tokens
+        if parts is None:
+            skipped += 1
+            if skipped > max(100, total):
+                raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
+            continue
+        scheduler.step()
+        step += 1
+        if watch:
+            parts.update(routing_snapshot(model, records, last_batch, task_names))
+        elapsed = time.perf_counter() - start
+        log.write(
+            {
+                "step": step,
+                **parts,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / elapsed,
+                "skipped": skipped,
+            }
+        )
+        if checkpoints and step % checkpoints == 0 and step < total:
+            if world.is_main:
+                save_checkpoint(run, step, model, optimizer, scheduler)
+            world.barrier()
+    log.close()
+    model.save_pretrained(run / "adapter", is_main_process=world.is_main)
+    world.barrier()
+    world.close()
+    return run
+
+
+def optimizer_step(
+    model, batches, args: TrainArgs, optimizer, params, run: Path, step: int, world: World = SINGLE
+) -> tuple[dict | None, int, dict]:
+    """One optimizer step over grad_accum micro-batches: (loss components averaged over the global batch,
+    tokens, last micro-batch), or None for the components when a non-finite loss was skipped (with
+    --skip-nonfinite; otherwise training stops). All processes see the same components, so they decide
+    alike."""
+    parts = torch.zeros(3, dtype=torch.float64)
+    tokens = 0
+    for _ in range(args.grad_accum):
+        batch = next(batches)
+        tokens += int(world.sum(batch["attention_mask"].sum()))
+        task, aux = response_loss(model, batch, world)
+        weight = share(int(batch["attention_mask"].sum()), world)
+        local = [float(task.detach()), *(weight * value for value in aux_components(model))]
+        components = world.sum(torch.tensor(local, dtype=torch.float64)) / world.size
+        named = dict(zip(("task", "balance", "contrastive"), components.tolist(), strict=True))
+        bad = [name for name, value in named.items() if not math.isfinite(value)]
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            if args.skip_nonfinite:
+                return None, tokens, batch
+            values = ", ".join(f"{k}={v}" for k, v in named.items())
+            raise NonFiniteLoss(
+                f"step {step}: non-finite {', '.join(bad)} loss ({values}); the last good checkpoint "
+                f"is kept in {run / 'checkpoints'} (--skip-nonfinite skips such batches instead)"
+            )
+        ((task + aux) / args.grad_accum).backward()
+        parts += components / args.grad_accum
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(zip(("task", "balance", "contrastive"), parts.tolist(), strict=True)), tokens, batch
+
+
+def routing_snapshot(
+    model: ComoeModel, records: dict[str, LayerRecord], batch: dict[str, torch.Tensor], task_names: list[str]
+) -> dict[str, float]:
+    """Specialisation of the last micro-batch, averaged over layers: I(task; expert), load entropy and CV."""
+    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names, similarity=False)
+    accumulator.update(records, token_tasks(batch["task_ids"], batch["attention_mask"]))
+    summary = accumulator.summary()
+    layers = summary["layers"].values()
+    return {
+        "mi_task_expert_bits": summary["mean_mi_task_expert_bits"],
+        "load_entropy_bits": sum(v["load_entropy_bits"] for v in layers) / max(1, len(layers)),
+        "load_cv": summary["mean_load_cv"],
+    }

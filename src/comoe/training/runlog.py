@@ -1,0 +1,39 @@
+"""What a run reports while it trains: log.jsonl rows, TensorBoard scalars and the progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+
+class RunLog:
+    """log.jsonl, TensorBoard and the progress bar, written by the main process only."""
+
+    def __init__(self, run: Path, total: int, step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.file = open(run / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.writer = SummaryWriter(str(run / "tensorboard"))
+        self.progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for name, value in record.items():
+            if name != "step":
+                self.writer.add_scalar(f"train/{name}", value, record["step"])
+        self.progress.update(1)
+        self.progress.set_postfix(task=f"{record['task']:.3f}", con=f"{record['contrastive']:.3f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.close()
+            self.writer.close()
+            self.file.close()

@@ -1,0 +1,203 @@
+"""Injection, forward with auxiliary losses, save/load, disable/unload, and the errors users hit."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaForSequenceClassification
+
+from comoe import ComoeConfig, ComoeModel, get_comoe_model
+from comoe.adapter.layer import ComoeLinear
+from comoe.objectives.reference import comoe_loss, load_balance_loss
+from tests.helpers import tiny_config, tiny_llama
+
+
+def batch(seed=0, vocab=128, shape=(2, 10)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    return ids, mask
+
+
+def trained_comoe(config=None, steps=3, seed=0):
+    model = get_comoe_model(tiny_llama(seed), config or ComoeConfig.preset("comoe", lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids, mask = batch()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_injection_freezes_base_and_counts_parameters(tiny_model):
+    model = get_comoe_model(tiny_model, ComoeConfig.preset("comoe"))
+    layers = model.comoe_layers()
+    assert len(layers) == 8 and all(
+        name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in layers
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or ("router" in n) for n in trainable)
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert (
+        q.lora_A.shape == (4, 16, 64) and q.lora_B.shape == (4, 16, 64) and q.router.weight.shape == (4, 64)
+    )
+
+
+def test_initial_outputs_equal_the_base_model_exactly():
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = tiny_llama()(input_ids=ids, attention_mask=mask).logits
+        out = get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora"))(
+            input_ids=ids, attention_mask=mask
+        ).logits
+    assert torch.equal(out, ref)
+
+
+def test_layers_to_transform_and_regex_targets(tiny_model):
+    config = ComoeConfig(target_modules=r".*mlp\.(up|down)_proj", layers_to_transform=[1])
+    names = sorted(get_comoe_model(tiny_model, config).comoe_layers())
+    assert names == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+
+
+def test_works_on_sequence_classification_and_plain_modules():
+    config = tiny_config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64, num_labels=3, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    classifier = LlamaForSequenceClassification(config).eval()
+    ids = torch.randint(1, 64, (2, 5))
+    ref = classifier(ids).logits
+    wrapped = get_comoe_model(classifier, ComoeConfig(target_modules=["q_proj", "v_proj"]))
+    assert torch.equal(wrapped(ids).logits, ref)
+
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    ref = plain(x)
+    wrapped = get_comoe_model(plain, ComoeConfig(target_modules=["0", "2"], num_experts=2, top_k=1, r=2))
+    assert isinstance(plain[0], ComoeLinear) and torch.equal(wrapped(x), ref)
+
+
+def test_loss_is_task_plus_weighted_auxiliary_losses_over_real_tokens():
+    config = ComoeConfig.preset("comoe", balance_weight=0.5, contrastive_weight=0.3, lora_dropout=0.0)
+    model = trained_comoe(config)  # non-zero B so the contrastive loss is informative
+    ids, mask = batch(seed=1)
+    model.train()
+    with model.record_routing() as records:
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    aux = model.last_aux_losses()
+    # Reference: task loss from the same forward with adapters; aux losses from materialised expert outputs.
+    balance, contrastive = [], []
+    for name, layer in model.comoe_layers().items():
+        step = records[name]
+        assert step.mask is not None and step.mask.sum() == mask.sum()
+        balance.append(load_balance_loss(step.routing.probs, step.routing.indices, mask.reshape(-1).bool()))
+        outputs = torch.einsum("tnr,nro->tno", step.z, layer.lora_B) * layer.scaling
+        contrastive.append(
+            comoe_loss(outputs, step.routing.indices, config.temperature, mask=mask.reshape(-1).bool())
+        )
+    expected_balance = torch.stack(balance).mean().item()
+    expected_contrastive = torch.stack(contrastive).mean().item()
+    assert aux["balance"] == pytest.approx(expected_balance, rel=1e-5)
+    assert aux["contrastive"] == pytest.approx(expected_contrastive, rel=1e-4)
+    expected = aux["task"] + 0.5 * expected_balance + 0.3 * expected_contrastive
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    # Padding tokens do not move the statistics: changing padded input ids leaves them unchanged.
+    ids2 = ids.clone()
+    ids2[1, :3] = (ids2[1, :3] + 7) % 128
+    model(input_ids=ids2, attention_mask=mask, labels=ids2)
+    assert model.last_aux_losses()["balance"] == pytest.approx(aux["balance"], rel=1e-5)
+
+
+def test_save_and_load_restore_bit_identical_outputs(tmp_path):
+    model = trained_comoe()
+    ids, mask = batch(seed=2)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["adapter_type"] == "comoe" and saved["format_version"] == 1 and saved["num_experts"] == 4
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_disable_adapters_and_unload_give_the_base_model():
+    model = trained_comoe()
+    ids, mask = batch()
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=ids, attention_mask=mask).logits
+        adapted = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(adapted, base)
+        with model.disable_adapters():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
+        unloaded = model.unload()
+        assert not any(isinstance(m, ComoeLinear) for m in unloaded.modules())
+        assert torch.equal(unloaded(input_ids=ids, attention_mask=mask).logits, base)
+
+
+def test_merge_and_unload_explains_why_not():
+    with pytest.raises(NotImplementedError, match="depends on each token"):
+        get_comoe_model(tiny_llama(), ComoeConfig()).merge_and_unload()
+
+
+def test_generate_runs_with_adapters():
+    model = trained_comoe()
+    ids, _ = batch()
+    out = model.generate(input_ids=ids[:1], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 14)
+    assert all(layer.record is None for layer in model.comoe_layers().values())
+
+
+def test_target_that_matches_nothing_lists_close_matches(tiny_model):
+    with pytest.raises(ValueError) as error:
+        get_comoe_model(tiny_model, ComoeConfig(target_modules=["q_prj"]))
+    message = str(error.value)
+    assert "target_modules=['q_prj']" in message and "close matches: ['q_proj']" in message
+
+
+def test_applying_twice_is_refused(tiny_model):
+    get_comoe_model(tiny_model, ComoeConfig())
+    with pytest.raises(ValueError, match="already"):
+        get_comoe_model(tiny_model, ComoeConfig())
+
+
+def test_non_linear_target_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="'model.layers.0.mlp' is a LlamaMLP"):
+        get_comoe_model(tiny_model, ComoeConfig(target_modules=["mlp"]))
+
+
+def test_adapter_on_another_model_size_lists_mismatches(tmp_path):
+    trained_comoe().save_pretrained(tmp_path)
+    other = tiny_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3)
+    with pytest.raises(ValueError) as error:
+        ComoeModel.from_pretrained(type(tiny_llama())(other), tmp_path)
+    message = str(error.value)
+    assert "not in model" not in message or "missing in file: model.layers.2" in message
+    assert (
+        "shape mismatch model.layers.0.self_attn.q_proj.lora_A: saved (4, 16, 64), model (4, 16, 32)"
+        in message
+    )
+
+
+def test_corrupted_weights_give_a_clear_error(tmp_path):
+    trained_comoe().save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_contrastive_weight_zero_trains_exactly_like_plain_moe():
+    plain = trained_comoe(ComoeConfig.preset("moe", lora_dropout=0.0))
+    zero = trained_comoe(ComoeConfig.preset("comoe", lora_dropout=0.0, contrastive_weight=0.0))
+    for (name, a), (_, b) in zip(
+        plain.adapter_state_dict().items(), zero.adapter_state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name

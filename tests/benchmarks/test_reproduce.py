@@ -1,0 +1,112 @@
+"""benchmarks/reproduce.py: paired statistics against a plain count, config variants, and a tiny end-to-end
+run that must evaluate the untrained base once, train each method per seed and resume without rework."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import DATA_DIR, needs_data
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduce.py"
+spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def run(method: str, seed: int, correct: dict[str, list[bool]]) -> dict:
+    return {"method": method, "seed": seed, "correct": correct}
+
+
+def test_paired_difference_matches_counting_and_brackets_the_mean():
+    a = [run("a", 0, {"t": [True, True, False, True]}), run("a", 1, {"t": [True, False, False, True]})]
+    b = [run("b", 0, {"t": [False, True, False, False]}), run("b", 1, {"t": [True, True, False, False]})]
+    diff = reproduce.paired_difference(a, b)
+    assert diff["mean"] == pytest.approx((3 - 1 + 2 - 2) / 8)
+    assert diff["per_seed"] == pytest.approx([2 / 4, 0.0])
+    assert diff["discordant"] == pytest.approx(4 / 8)
+    low, high = diff["ci95"]
+    assert low <= diff["mean"] <= high and low < high
+
+
+def test_questions_to_detect_follows_the_paired_power_formula():
+    # a 10-point effect when half the answers differ: (1.96 + 0.84)^2 * 0.5 / 0.1^2 = 392
+    assert abs(reproduce.questions_to_detect(0.5, effect=0.1) - 392) <= 1
+    assert reproduce.questions_to_detect(0.0) == 0
+    assert reproduce.questions_to_detect(0.1) > reproduce.questions_to_detect(0.05) > 3900
+
+
+def test_paired_difference_pairs_a_single_base_run_with_every_seed():
+    a = [run("a", 0, {"t": [True, False]}), run("a", 1, {"t": [True, True]})]
+    base = [run("base", 0, {"t": [False, False]})]
+    assert reproduce.paired_difference(a, base)["mean"] == pytest.approx(3 / 4)
+    two_seeds = [run("b", 0, {"t": [True, True]}), run("b", 5, {"t": [False, False]})]
+    assert reproduce.paired_difference(a, two_seeds)["mean"] == pytest.approx(-1 / 2)  # only seed 0 pairs
+    assert reproduce.paired_difference(a, []) == {}
+
+
+def test_committed_config_variants_resolve_and_bad_ones_are_named():
+    config_path = SCRIPT.with_name("reproduce.yaml")
+    full = reproduce.load_config(config_path, None)
+    assert full["seeds"] == [0, 1, 2] and set(full["methods"]) >= {"base", "lora", "moe", "comoe", "moelora"}
+    math = reproduce.load_config(config_path, "math")
+    assert math["train_tasks"] == ["math_data"] and math["eval_mode"] == "generate"
+    assert "gsm8k" in math["eval_tasks"] and math["lr"] == full["lr"]
+    with pytest.raises(ValueError, match="--variant 'nope'.*valid: math, quick"):
+        reproduce.load_config(config_path, "nope")
+
+
+def test_unknown_method_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"methods": {"base": None}, "full": {"methods": ["base", "lora"]}}))
+    with pytest.raises(ValueError, match=r"methods: \['lora'\] not defined"):
+        reproduce.load_config(path, None)
+
+
+COMMONSENSE = {"train_tasks": ["boolq", "ARC-Easy"], "eval_tasks": ["boolq", "ARC-Easy"]}
+MATH = {
+    "train_tasks": ["math_data"],
+    "eval_tasks": ["AddSub", "AQuA"],
+    "eval_mode": "generate",
+    "max_new_tokens": 4,
+    "analysis_tasks": ["AddSub", "AQuA"],
+}
+
+
+@needs_data
+@pytest.mark.parametrize("setting", [COMMONSENSE, MATH], ids=["commonsense", "math"])
+def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, tiny_model_dir, monkeypatch):
+    config = {
+        "model": str(tiny_model_dir),
+        "data_dir": str(DATA_DIR),
+        "train_limit": 2,
+        "epochs": 1,
+        "lr": 0.001,
+        "batch_size": 2,
+        "eval_limit": 3,
+        "analysis_limit": 2,
+        "seeds": [0, 1],
+        "methods": {"base": None, "moe": {"preset": "moe"}},
+        "comparisons": [["moe", "base"]],
+        **setting,
+    }
+    results_path = tmp_path / "results" / "reproduce-tiny.json"
+    table = reproduce.reproduce(config, results_path, tmp_path / "work")
+    runs = json.loads(results_path.read_text())["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("base", 0), ("moe", 0), ("moe", 1)]
+    for r in runs:
+        assert set(r["accuracy"]) == set(setting["eval_tasks"])
+        assert all(len(r["correct"][task]) == 3 for task in r["accuracy"])
+    assert "specialisation" in runs[1] and "specialisation" not in runs[0]
+    assert "| moe − base |" in table and "| moe (n=2) |" in table
+    assert results_path.with_suffix(".md").read_text() == table
+
+    def no_rework(*args, **kwargs):
+        raise AssertionError("a finished (method, seed) ran again")
+
+    monkeypatch.setattr(reproduce, "run_method", no_rework)
+    assert reproduce.reproduce(config, results_path, tmp_path / "work") == table
+    config["seeds"] = [0, 1, 2]
+    assert reproduce.reproduce(config, results_path, tmp_path / "work", run=False) == table

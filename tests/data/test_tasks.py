@@ -1,0 +1,88 @@
+"""Task registry: every LLM-Adapters task loads, mixtures are seeded, bad data gives clear errors."""
+
+import json
+
+import pytest
+
+from comoe.data import MATH_TASKS, answer_kind, builtin_examples, load_examples, load_task
+from tests.helpers import DATA_DIR, needs_data
+
+TEST_SIZES = {
+    "boolq": 3270,
+    "piqa": 1838,
+    "social_i_qa": 1954,
+    "winogrande": 1267,
+    "ARC-Easy": 2376,
+    "ARC-Challenge": 1172,
+    "openbookqa": 500,
+    "gsm8k": 1319,
+    "AddSub": 395,
+    "MultiArith": 600,
+    "SingleEq": 508,
+    "SVAMP": 1000,
+    "AQuA": 254,
+    "mawps": 238,
+}
+
+
+@needs_data
+@pytest.mark.parametrize(("task", "size"), sorted(TEST_SIZES.items()))
+def test_every_test_set_loads(task, size):
+    examples = load_task(DATA_DIR, task, "test")
+    assert len(examples) == size and all(e.task == task for e in examples)
+    if task in MATH_TASKS and task != "AQuA":
+        assert all(float(e.answer) == float(e.answer) for e in examples)  # numeric answers parse
+    if answer_kind(task) == "choice":
+        assert all("Answer format:" in e.instruction for e in examples)
+
+
+@needs_data
+def test_train_sets_and_math_training_file():
+    sizes = {"boolq": 9427, "ARC-Easy": 2251, "ARC-Challenge": 1119, "openbookqa": 4957, "math_data": 3260}
+    for task, size in sizes.items():
+        assert len(load_task(DATA_DIR, task, "train")) == size
+
+
+@needs_data
+def test_hellaswag_is_registered_but_absent_with_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="task 'hellaswag' has no test split"):
+        load_task(DATA_DIR, "hellaswag", "test")
+
+
+@needs_data
+def test_mixture_is_seeded_per_task_and_accepts_the_dataset_folder():
+    tasks = ["boolq", "ARC-Challenge"]
+    first = load_examples(DATA_DIR, tasks, "train", limit=5, seed=3)
+    again = load_examples(DATA_DIR / "dataset", tasks, "train", limit=5, seed=3)
+    other = load_examples(DATA_DIR, tasks, "train", limit=5, seed=4)
+    assert first == again and first != other
+    assert [e.task for e in first] == ["boolq"] * 5 + ["ARC-Challenge"] * 5
+
+
+def test_builtin_tasks_are_deterministic_and_disjoint():
+    train, test = builtin_examples("train", 30), builtin_examples("test", 30)
+    assert train == builtin_examples("train", 30)
+    assert len({e.task for e in train}) == 5 and len(test) == 150
+    assert not {e.instruction for e in train} & {e.instruction for e in test}
+
+
+def test_bad_data_errors_name_file_and_example(tmp_path):
+    folder = tmp_path / "dataset" / "boolq"
+    folder.mkdir(parents=True)
+    (folder / "test.json").write_text("[{oops")
+    with pytest.raises(ValueError, match=r"boolq/test.json: malformed JSON"):
+        load_task(tmp_path, "boolq", "test")
+    (folder / "test.json").write_text(
+        json.dumps([{"instruction": "q", "output": "o", "answer": "a"}, {"instruction": "q"}])
+    )
+    with pytest.raises(ValueError, match=r"example 1 lacks field\(s\) \['output', 'answer'\]"):
+        load_task(tmp_path, "boolq", "test")
+    (folder / "test.json").write_text("[]")
+    with pytest.raises(ValueError, match="non-empty JSON list"):
+        load_task(tmp_path, "boolq", "test")
+    with pytest.raises(ValueError, match="unknown task 'boolqq'"):
+        load_task(tmp_path, "boolqq", "test")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_task(tmp_path / "missing", "boolq", "test")
+    with pytest.raises(ValueError, match="unknown built-in tasks"):
+        builtin_examples("train", 2, tasks=["nope"])

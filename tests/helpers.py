@@ -1,0 +1,100 @@
+"""What several test modules share: tiny models, the data location, layer references, run settings.
+
+Fixtures live in conftest.py; plain functions and constants live here, so no test module imports another.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.config import ComoeConfig
+from comoe.training.settings import TrainArgs
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A small LLaMA configuration: same module names and code paths as SmolLM2, milliseconds per step."""
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(vocab_size=vocab)).eval()
+
+
+# The LLM-Adapters copy beside the repository (as CI lays it out), or wherever COMOE_DATA_DIR points.
+DATA_DIR = Path(
+    os.environ.get("COMOE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters")
+)
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"LLM-Adapters data not found at {DATA_DIR}")
+
+
+def make_layer(d_in, d_out, n, k, r, strategy, dtype=torch.float32, routing="topk", seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=True).to(dtype)
+    config = ComoeConfig(
+        num_experts=n,
+        top_k=k,
+        r=r,
+        lora_alpha=2.0 * r,
+        lora_dropout=0.0,
+        expert_compute=strategy,
+        routing=routing,
+    )
+    layer = ComoeLinear(base, config, ComoeContext())
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)  # non-zero B so the experts contribute and get gradients
+        layer.router.weight.normal_(0, 1.0)
+    return layer
+
+
+def dense_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
+    """Every expert computed for every token, then masked by the renormalised top-k gates."""
+    flat = x.reshape(-1, layer.in_features).double()
+    probs = torch.softmax(flat @ layer.router.weight.double().t(), dim=-1)
+    if layer.soft:
+        gates = probs
+    else:
+        top, idx = probs.topk(layer.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(1, idx, top / top.sum(-1, keepdim=True))
+    outs = torch.einsum("td,nrd->tnr", flat, layer.lora_A.double())
+    outs = torch.einsum("tnr,nro->tno", outs, layer.lora_B.double()) * layer.scaling
+    delta = (outs * gates.unsqueeze(-1)).sum(1)
+    base = flat @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double()
+    return (base + delta).view(*x.shape[:-1], -1)
+
+
+def grads(layer, x, out, seed=1):
+    torch.manual_seed(seed)
+    g = torch.randn_like(out, dtype=torch.float64)
+    params = [x, layer.router.weight, layer.lora_A, layer.lora_B]
+    return torch.autograd.grad((out.double() * g).sum(), params)
+
+
+def train_args(model_dir, out, **fields):
+    base = dict(
+        model=str(model_dir),
+        preset="comoe",
+        train_limit=4,
+        max_steps=4,
+        batch_size=4,
+        cutoff=96,
+        save_steps=2,
+        output=str(out),
+        adapter_config={"r": 4, "num_experts": 4},
+        lr=1e-3,
+    )
+    return TrainArgs(**{**base, **fields})

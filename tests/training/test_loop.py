@@ -1,0 +1,122 @@
+"""End to end on a tiny random LLaMA: train -> checkpoint -> resume -> save -> eval, and the loss path."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comoe import ComoeConfig, get_comoe_model
+from comoe.cli import main
+from comoe.data import builtin_examples
+from comoe.data.collate import pad_batch, tokenize_example
+from comoe.data.templates import format_prompt
+from comoe.evaluation.runner import run_eval
+from comoe.evaluation.settings import EvalArgs
+from comoe.training.loop import optimizer_step, train
+from comoe.training.loss import response_loss
+from comoe.training.settings import TrainArgs
+from tests.helpers import tiny_llama, train_args
+
+
+def test_response_loss_equals_full_head_loss(smol_tokenizer):
+    model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig(r=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.1)
+    items = [
+        tokenize_example(smol_tokenizer, format_prompt(e.instruction), e.output, 128)
+        for e in builtin_examples("train", 2)
+    ]
+    batch = pad_batch(items, smol_tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        task, _ = response_loss(model, batch)
+        full = model.base_model(**batch).loss
+    assert float(task) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_train_save_eval_end_to_end(tiny_model_dir, tmp_path):
+    run = train(train_args(tiny_model_dir, tmp_path / "run"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
+    assert all(row["contrastive"] > 0 and row["task"] > 0 for row in log)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (
+        run / "checkpoints" / "step-000002"
+    ).is_dir()
+    assert list((run / "tensorboard").iterdir())
+    report = run_eval(
+        EvalArgs(
+            model=str(tiny_model_dir),
+            adapter=str(run / "adapter"),
+            tasks=["chain_sum", "syllogism"],
+            limit=3,
+            mode="generate",
+            max_new_tokens=4,
+            output=str(tmp_path / "eval.json"),
+        )
+    )
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["tasks"]) == {"chain_sum", "syllogism"} and saved["tasks"]["chain_sum"]["n"] == 3
+    assert saved["adapter"] == str(run / "adapter") and report["average"] == saved["average"]
+
+
+def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    straight = train(train_args(tiny_model_dir, tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = optimizer_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies during step 4, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(tiny_model_dir, tmp_path / "resumed"))
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", original)
+    resumed = train(train_args(tiny_model_dir, tmp_path / "resumed", resume=True))
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]  # rows of the interrupted run after its checkpoint are dropped
+
+
+def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
+    run = train(train_args(tiny_model_dir, tmp_path / "lora", preset="lora", max_steps=2))
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    report = run_eval(
+        EvalArgs(
+            model=str(tiny_model_dir),
+            adapter=str(run / "adapter"),
+            tasks=["syllogism"],
+            limit=2,
+            mode="generate",
+            max_new_tokens=2,
+        )
+    )
+    assert report["tasks"]["syllogism"]["n"] == 2
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("preset: moelora\nlr: 0.001\nbatch-size: 2\n")
+    args = TrainArgs.from_sources(str(path), {"lr": 0.005, "seed": None})
+    assert (args.preset, args.lr, args.batch_size) == ("moelora", 0.005, 2)
+    path.write_text("lrate: 1\n")
+    with pytest.raises(ValueError, match="unknown fields \\['lrate'\\]"):
+        TrainArgs.from_sources(str(path), {})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", "comoe", "--batch-size", "0", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("comoe: error: batch_size=0 is invalid") and "\n" not in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    assert main(["train", "--output", str(tmp_path / "busy")]) == 2
+    assert "--resume" in capsys.readouterr().err
