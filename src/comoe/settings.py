@@ -19,6 +19,7 @@ from comoe.validation import reject_unknown
 
 S = TypeVar("S")
 
+
 def setting(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field that carries its help text (and e.g. `choices`, `flag=False`) for the CLI."""
     if isinstance(default, list | dict):

@@ -116,7 +116,9 @@ def test_accumulator_counts_equal_a_plain_loop():
     assert summary["layers"][name]["mi_token_expert_bits"] == pytest.approx(
         mutual_information_from_counts(buckets.double())
     )
-    assert summary["layers"][name]["mi_task_expert_bits"] == pytest.approx(mutual_information_from_counts(table.double()))
+    assert summary["layers"][name]["mi_task_expert_bits"] == pytest.approx(
+        mutual_information_from_counts(table.double())
+    )
     assert summary["layers"][name]["tokens"] == 19
 
 
@@ -133,7 +135,9 @@ def test_analyze_writes_summary_report_and_figures(tiny_model_dir, tmp_path):
     )
     saved = json.loads((tmp_path / "an" / "summary.json").read_text())
     assert saved["tasks"] == ["chain_sum", "syllogism"] and len(saved["layers"]) == 8
-    assert 0 <= summary["mean_nmi_task_expert"] <= 1
+    layers = list(saved["layers"].values())
+    for key in ("mi_task_expert_bits", "nmi_task_expert", "expert_similarity", "load_cv"):
+        assert summary[f"mean_{key}"] == pytest.approx(sum(row[key] for row in layers) / len(layers))
     for figure in ("task_expert_heatmaps.png", "per_layer_curves.png"):
         data = (tmp_path / "an" / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -144,7 +148,9 @@ def test_analyze_writes_summary_report_and_figures(tiny_model_dir, tmp_path):
 
 def test_training_logs_routing_statistics(tiny_model_dir, tmp_path):
     run = train(
-        train_args(tiny_model_dir, tmp_path / "run", max_steps=2, stats_steps=2, tasks=["chain_sum", "gcd"][:1])
+        train_args(
+            tiny_model_dir, tmp_path / "run", max_steps=2, stats_steps=2, tasks=["chain_sum", "gcd"][:1]
+        )
     )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert "mi_task_expert_bits" not in log[0]

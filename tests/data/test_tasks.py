@@ -86,3 +86,34 @@ def test_bad_data_errors_name_file_and_example(tmp_path):
         load_task(tmp_path / "missing", "boolq", "test")
     with pytest.raises(ValueError, match="unknown built-in tasks"):
         builtin_examples("train", 2, tasks=["nope"])
+
+
+def test_task_registry_scores_every_known_task_and_accepts_new_ones():
+    from comoe.data import (
+        BUILTIN_TASKS,
+        COMMONSENSE_TASKS,
+        TASKS,
+        Example,
+        Task,
+        register_task,
+        render_prompt,
+    )
+
+    assert {name: TASKS[name].scoring for name in ("boolq", "gsm8k", "AQuA", "math_data", "syllogism")} == {
+        "boolq": "choice",
+        "gsm8k": "number",
+        "AQuA": "letter",
+        "math_data": "number",
+        "syllogism": "exact",
+    }
+    assert set(TASKS) == {*BUILTIN_TASKS, *COMMONSENSE_TASKS, *MATH_TASKS, "math_data"}
+    assert answer_kind("not-registered") == "exact"
+    with pytest.raises(ValueError, match="task 'mine' scoring='fuzzy' is invalid"):
+        Task("mine", "file", scoring="fuzzy")
+    try:
+        register_task(Task("mine", "file", scoring="number", template="none"))
+        assert answer_kind("mine") == "number"
+        assert render_prompt(Example("mine", "2+2?", "", "4", "4")) == "2+2?"
+        assert render_prompt(Example("boolq", "Is it?", "", "true", "true")).endswith("### Response:\n")
+    finally:
+        TASKS.pop("mine")

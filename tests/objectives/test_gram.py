@@ -54,7 +54,9 @@ def test_comoe_gram_path_equals_reference(n, k, dtype, anchor):
     torch.manual_seed(11)
     fast = contrastive_loss(layer.record, config)
     torch.manual_seed(11)
-    reference = comoe_loss(materialised(layer), layer.record.routing.indices, config.temperature, anchor, mask)
+    reference = comoe_loss(
+        materialised(layer), layer.record.routing.indices, config.temperature, anchor, mask
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_value_and_gradients(fast, reference, inputs, tol, tol)
 

@@ -128,8 +128,9 @@ def test_bad_adapter_folders_give_one_line_cli_errors(tiny_model_dir, tmp_path, 
             "1",
         ]
     )
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of the model loader
-    assert code == 2 and err.startswith("comoe: error:") and "Traceback" not in capsys.readouterr().err
+    captured = capsys.readouterr().err
+    err = captured.strip().splitlines()[-1]  # after any progress bars of the model loader
+    assert code == 2 and err.startswith("comoe: error:") and "Traceback" not in captured
     assert __import__("re").search(message, err), err
 
 

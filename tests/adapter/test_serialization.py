@@ -1,0 +1,65 @@
+"""The adapter folder format: folders written by earlier releases load, and folder kinds are told apart."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comoe import ComoeModel
+from comoe.adapter.serialization import adapter_kind
+from tests.helpers import tiny_llama
+
+# adapter_config.json exactly as format version 1 has been written since the first release.
+V1_CONFIG = {
+    "adapter_type": "comoe",
+    "format_version": 1,
+    "num_experts": 2,
+    "top_k": 2,
+    "r": 2,
+    "lora_alpha": 4.0,
+    "lora_dropout": 0.0,
+    "target_modules": ["v_proj"],
+    "layers_to_transform": None,
+    "routing": "topk",
+    "balance_weight": 0.0,
+    "balance_scope": "local",
+    "contrastive": "comoe",
+    "contrastive_weight": 0.01,
+    "temperature": 0.5,
+    "anchor": "all",
+    "num_negatives": None,
+    "contrastive_max_tokens": 128,
+    "expert_compute": "auto",
+}
+
+
+def test_a_version_1_folder_written_by_hand_loads_with_its_weights(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for block in (0, 1):
+        prefix = f"model.layers.{block}.self_attn.v_proj"
+        tensors[f"{prefix}.lora_A"] = torch.randn(2, 2, 64, generator=g)
+        tensors[f"{prefix}.lora_B"] = torch.randn(2, 2, 32, generator=g)
+        tensors[f"{prefix}.router.weight"] = torch.randn(2, 64, generator=g)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(V1_CONFIG))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    assert adapter_kind(tmp_path) == "comoe"
+    model = ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    layer = model.comoe_layers()["model.layers.1.self_attn.v_proj"]
+    assert torch.equal(layer.lora_B, tensors["model.layers.1.self_attn.v_proj.lora_B"])
+    assert torch.equal(layer.router.weight, tensors["model.layers.1.self_attn.v_proj.router.weight"])
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_adapter_kind_tells_peft_from_comoe_and_checks_both_files(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors: adapter weights not found"):
+        adapter_kind(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert adapter_kind(tmp_path) == "peft"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**V1_CONFIG, "top_k": 3}))
+    with pytest.raises(ValueError, match="adapter_config.json: top_k=3 is invalid"):
+        adapter_kind(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no adapter config here"):
+        adapter_kind(tmp_path / "missing")
