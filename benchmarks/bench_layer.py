@@ -21,8 +21,8 @@ from common import interleaved_medians, save_results
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from comoe.config import ComoeConfig
 from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.config import ComoeConfig
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096)]
 

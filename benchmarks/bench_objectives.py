@@ -16,10 +16,10 @@ import functools
 import torch
 from common import interleaved_medians, save_results
 
-from comoe.config import ComoeConfig
 from comoe.adapter.layer import ComoeContext, ComoeLinear
-from comoe.objectives.reference import comoe_loss
+from comoe.config import ComoeConfig
 from comoe.objectives.auxiliary import contrastive_loss
+from comoe.objectives.reference import comoe_loss
 
 
 def make_layer(n: int) -> tuple[ComoeLinear, ComoeConfig]:

@@ -76,6 +76,7 @@ MATH = {
 
 
 @needs_data
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [COMMONSENSE, MATH], ids=["commonsense", "math"])
 def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, tiny_model_dir, monkeypatch):
     config = {

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from comoe.models import ALIASES, gguf, load_base
 
+pytestmark = pytest.mark.slow  # most tests need the ~20 s GGUF conversion of SmolLM2-135M
+
 ALIAS = "smollm2-135m"
 PROMPT = "The capital of France is"
 

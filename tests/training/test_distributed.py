@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test launches torchrun or accelerate subprocesses
+
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 SETTINGS = ["--train-limit", "8", "--max-steps", "3", "--cutoff", "96", "--save-steps", "2", "--lr", "0.001"]
 

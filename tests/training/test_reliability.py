@@ -47,6 +47,7 @@ def _train_command(model_dir, out, *extra):
     ]
 
 
+@pytest.mark.slow  # a real subprocess killed mid-run
 def test_sigkill_then_resume_gives_the_same_adapter(tiny_model_dir, tmp_path):
     (tmp_path / "adapter.yaml").write_text("adapter:\n  r: 4\n")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
