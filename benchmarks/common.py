@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from comoe.atomic import atomic_write_text
+from comoe.files import atomic_write_text
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

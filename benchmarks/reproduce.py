@@ -26,9 +26,9 @@ import yaml
 
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.settings import AnalyzeArgs
-from comoe.atomic import atomic_write_text
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
+from comoe.files import atomic_write_text
 from comoe.training.loop import train
 from comoe.training.settings import TrainArgs
 

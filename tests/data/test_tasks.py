@@ -70,7 +70,7 @@ def test_bad_data_errors_name_file_and_example(tmp_path):
     folder = tmp_path / "dataset" / "boolq"
     folder.mkdir(parents=True)
     (folder / "test.json").write_text("[{oops")
-    with pytest.raises(ValueError, match=r"boolq/test.json: malformed JSON"):
+    with pytest.raises(ValueError, match=r"boolq/test.json: not valid JSON"):
         load_task(tmp_path, "boolq", "test")
     (folder / "test.json").write_text(
         json.dumps([{"instruction": "q", "output": "o", "answer": "a"}, {"instruction": "q"}])

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from comoe.atomic import atomic_save_safetensors, atomic_write_text
 from comoe.config import ComoeConfig
+from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,12 +34,7 @@ def save_config(config: ComoeConfig, directory: str | os.PathLike) -> None:
 def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
     """The raw adapter_config.json of a folder (comoe or PEFT), with a clear error when absent or broken."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config here (is this an adapter folder?)")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    values = read_json(path, "no adapter config here (is this an adapter folder?)")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of settings")
     return values

@@ -14,10 +14,10 @@ from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.analysis.plots import plot_summary
 from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
-from comoe.atomic import atomic_write_text
 from comoe.data.collate import encode_examples, pad_batch
 from comoe.data.tasks import load_examples, task_index
 from comoe.evaluation.runner import load_for_eval
+from comoe.files import atomic_write_text
 
 
 def analyze(args: AnalyzeArgs) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from comoe.data.example import Example
+from comoe.files import read_json
 
 COMMONSENSE_TASKS = [
     "boolq",
@@ -45,12 +45,7 @@ def task_file(data_dir: str | os.PathLike, task: str, split: str) -> Path:
 def load_task(data_dir: str | os.PathLike, task: str, split: str) -> list[Example]:
     """All examples of one LLM-Adapters task split, validated field by field."""
     path = task_file(data_dir, task, split)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: task {task!r} has no {split} split in this data directory")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON ({error})") from None
+    records = read_json(path, f"task {task!r} has no {split} split in this data directory")
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of examples")
     examples = []

@@ -11,13 +11,13 @@ from torch import nn
 
 from comoe.adapter.auto import load_adapter
 from comoe.adapter.serialization import adapter_kind
-from comoe.atomic import atomic_write_text
 from comoe.data.example import Example
 from comoe.data.tasks import answer_kind, load_examples
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.loglik import option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
 from comoe.evaluation.settings import EvalArgs
+from comoe.files import atomic_write_text
 from comoe.models.loading import load_base
 
 

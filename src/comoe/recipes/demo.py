@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-from comoe.atomic import atomic_write_text
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
+from comoe.files import atomic_write_text
 from comoe.recipes.report import write_report
 from comoe.recipes.settings import DemoArgs
 from comoe.training.loop import train

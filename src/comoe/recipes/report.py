@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from comoe.atomic import atomic_write_text
+from comoe.files import atomic_write_text
 
 
 def training_curve(run: Path, points: int = 10) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import WEIGHTS_NAME, read_safetensors
-from comoe.atomic import atomic_save_safetensors, atomic_write_text
+from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
 
 
 def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer, scheduler) -> None:
@@ -58,7 +58,7 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer, scheduler) -> int:
     if checkpoint is None:
         print(f"--resume: no checkpoint in {run / 'checkpoints'} yet, starting at step 0")
         return 0
-    meta = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    meta = read_json(checkpoint / "trainer_state.json", "checkpoint without trainer_state.json")
     _load_adapter_weights(model, checkpoint / "adapter")
     tensors = load_file(checkpoint / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from comoe.atomic import atomic_write_text
+from comoe.files import atomic_write_text
 from comoe.training.distributed import World
 from comoe.training.settings import TrainArgs
 

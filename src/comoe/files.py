@@ -1,13 +1,17 @@
-"""Atomic file writes: a reader never sees a half-written adapter or config, even after a kill.
+"""Files: atomic writes (a reader never sees a half-written adapter or config, even after a kill) and JSON
+reads that fail with the file's name and what is wrong with it.
 
-(Named `atomic`, not `io`, so it never shadows the standard library's io module.)
+(Named `files`, not `io`, so it never shadows the standard library's io module.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -56,3 +60,14 @@ def atomic_save_safetensors(
 ) -> None:
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     _atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Parsed JSON; FileNotFoundError '<path>: <missing>' when absent, ValueError naming the file if broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
