@@ -63,7 +63,7 @@ def atomic_save_safetensors(
 
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:
-    """Parsed JSON; FileNotFoundError '<path>: <missing>' when absent, ValueError naming the file if broken."""
+    """Parsed JSON; FileNotFoundError '<path>: <missing>' if absent, ValueError naming the file if broken."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {missing}")
