@@ -101,5 +101,5 @@ def test_cli_reports_bad_settings_in_one_line_before_loading_a_model(capsys):
     assert main(["eval", "--batch-size", "0", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "comoe: error: batch_size=0 is invalid: expected an integer >= 1 (run with --debug for the traceback)"
+        "comoe: error: --batch-size=0 is invalid: expected an integer >= 1 (run with --debug for the traceback)"
     ]

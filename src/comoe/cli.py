@@ -57,6 +57,8 @@ def _demo(args: DemoArgs) -> None:
     run_demo(args)
 
 
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
+
 # name: (settings class, handler, help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "train": (TrainArgs, _train, "fine-tune a base model with a comoe preset or PEFT LoRA"),
@@ -87,10 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
     try:
         handler(load_settings(settings, args.config, flags))
+    except KeyboardInterrupt as error:  # Interrupted (training) says where it stopped and how to go on
+        if args.debug:
+            raise
+        print(f"comoe: {error or 'interrupted'}", file=sys.stderr)
+        return INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"comoe: error: {error} (run with --debug for the traceback)", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"comoe: error: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     return 0
 

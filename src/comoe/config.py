@@ -9,6 +9,7 @@ adapter_config.json is comoe.adapter.serialization's job.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,11 +117,25 @@ class ComoeConfig:
                 self.top_k,
                 ">= 2 with contrastive='comoe' (an anchor needs another activated expert as its positive)",
             )
-        if not self.target_modules:
-            fail("target_modules", self.target_modules, "a non-empty list of names or a regular expression")
+        self._validate_targets()
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
                 check_int("layers_to_transform", index, low=0)
+
+    def _validate_targets(self) -> None:
+        targets = self.target_modules
+        valid = "a non-empty list of module names or one regular expression"
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as error:
+                fail("target_modules", targets, f"{valid} (not a valid regular expression: {error})")
+        elif (
+            not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            fail("target_modules", targets, valid)
+        if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, list):
+            fail("layers_to_transform", self.layers_to_transform, "a list of block indices or null")
 
     @property
     def active_experts(self) -> int:
@@ -134,17 +149,22 @@ class ComoeConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ComoeConfig:
         """The configurations of the papers and the baselines, by name (see PRESETS)."""
+        return cls.from_preset(name, overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: dict[str, Any], where: str = "adapter config") -> ComoeConfig:
+        """A preset with field overrides; errors in the overrides are reported under `where`."""
         if name not in PRESETS:
             raise ValueError(f"preset: unknown value {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ComoeConfig:
+    def from_dict(cls, values: dict[str, Any], where: str = "adapter config") -> ComoeConfig:
         """Build from a saved dict, refusing unknown fields so that typos do not pass silently."""
-        reject_unknown(values, (f.name for f in dataclasses.fields(cls)), "adapter config")
+        reject_unknown(values, (f.name for f in dataclasses.fields(cls)), where)
         return cls(**values)
 
 

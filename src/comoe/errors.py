@@ -7,11 +7,16 @@ class NonFiniteLoss(RuntimeError):
     """Training met a non-finite loss (or skipped too many such batches): the run diverges."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the step reached and how to continue (still a KeyboardInterrupt)."""
+
+
 # What the command line reports as a user error (one line, exit 2) rather than a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     FileExistsError,
     ImportError,
+    OSError,  # unreadable or full folders, a model that cannot be found: the message names the path
     NonFiniteLoss,
 )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from comoe.validation import reject_unknown
+from comoe.validation import InvalidSetting, check_type, reject_unknown
 
 S = TypeVar("S")
 
@@ -46,10 +46,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_settings(cls: type[S], config_file: str | Path | None, overrides: dict[str, Any]) -> S:
-    """Defaults of `cls`, then the YAML file, then explicit overrides (flags; None means not given)."""
-    values: dict[str, Any] = read_yaml(config_file) if config_file else {}
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    return settings_from_dict(cls, values, where=str(config_file) if config_file else "settings")
+    """Defaults of `cls`, then the YAML file, then explicit overrides (flags; None means not given).
+
+    An invalid value from the file is reported with the file's name; one from a flag, with the flag's."""
+    from_file: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return settings_from_dict(cls, {**from_file, **flags}, where=str(config_file or "settings"))
+    except InvalidSetting as error:
+        renamed = getattr(cls, "renamed_keys", {})
+        flag = "--" + error.field.replace("_", "-")
+        if error.field in flags:  # "batch_size=0 is invalid: ..." -> "--batch-size=0 is invalid: ..."
+            message = str(error)
+            message = (
+                flag + message[len(error.field) :]
+                if message.startswith(error.field)
+                else f"{flag}: {message}"
+            )
+            raise InvalidSetting(error.field, message) from None
+        if error.field in {renamed.get(key, key) for key in from_file}:
+            raise InvalidSetting(error.field, f"{config_file}: {error}") from None
+        raise
 
 
 def settings_from_dict(cls: type[S], values: dict[str, Any], where: str = "settings") -> S:
@@ -59,6 +76,12 @@ def settings_from_dict(cls: type[S], values: dict[str, Any], where: str = "setti
     values = {renamed.get(key, key): value for key, value in values.items()}
     reject_unknown(values, (f.name for f in dataclasses.fields(cls)), where)
     return cls(**values)
+
+
+def check_field_types(settings: Any) -> None:
+    """Every field of a settings dataclass holds its declared type (see validation.check_type)."""
+    for spec in dataclasses.fields(settings):
+        check_type(spec.name, getattr(settings, spec.name), str(spec.type))
 
 
 def _comma_list(text: str) -> list[str]:

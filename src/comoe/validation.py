@@ -12,8 +12,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 
+class InvalidSetting(ValueError):
+    """A value outside its valid range or of the wrong type; `field` names the setting it belongs to, so a
+    loader can say where the value came from (a YAML file, a flag, an adapter config)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def fail(name: str, value: Any, valid: str) -> NoReturn:
-    raise ValueError(f"{name}={value!r} is invalid: expected {valid}")
+    raise InvalidSetting(name, f"{name}={value!r} is invalid: expected {valid}")
 
 
 def check_int(name: str, value: Any, low: int) -> None:
@@ -45,3 +54,36 @@ def reject_unknown(values: Mapping[str, Any], known: Iterable[str], where: str) 
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown fields {unknown}; valid fields: {known}")
+
+
+# Declared field types (as written in postponed annotations) -> (accepted Python types, wording).
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "list[str]": ((list,), "a list of strings"),
+    "dict[str, Any]": ((dict,), "a mapping"),
+}
+
+
+def check_type(name: str, value: Any, annotation: str) -> None:
+    """`value` has the declared type, with no coercion: no bool for an int, no float for an int, no string
+    for a number or a switch, and finite floats only."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if not optional:
+            fail(name, value, _TYPES[base][1])
+        return
+    accepted, wording = _TYPES[base]
+    ok = isinstance(value, accepted) and (base == "bool" or not isinstance(value, bool))
+    if ok and base == "float":
+        ok = math.isfinite(value)
+        wording = "a finite number"
+    if ok and base == "list[str]":
+        ok = all(isinstance(item, str) for item in value)
+    if ok and base == "dict[str, Any]":
+        ok = all(isinstance(key, str) for key in value)
+    if not ok:
+        fail(name, value, wording + (" or null" if optional else ""))

@@ -86,7 +86,8 @@ def test_option_loglikelihoods_equal_a_plain_loop(smol_tokenizer):
             "answer3",
         ),
     ]
-    batched = option_loglikelihoods(model, smol_tokenizer, examples, batch_size=4)
+    batched, truncated = option_loglikelihoods(model, smol_tokenizer, examples, batch_size=4)
+    assert truncated == [False] * len(examples)
     for example, scores in zip(examples, batched, strict=True):
         prompt_ids = smol_tokenizer(format_prompt(example.instruction), add_special_tokens=False)["input_ids"]
         for option, score in zip(choice_options(example), scores, strict=True):

@@ -74,7 +74,9 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_pa
         return original(*args, **kwargs)
 
     monkeypatch.setattr("comoe.training.loop.optimizer_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(
+        KeyboardInterrupt, match="interrupted at step 3 of 4; the last checkpoint is step-000002"
+    ):
         train(train_args(tiny_model_dir, tmp_path / "resumed"))
     monkeypatch.setattr("comoe.training.loop.optimizer_step", original)
     resumed = train(train_args(tiny_model_dir, tmp_path / "resumed", resume=True))
@@ -115,7 +117,7 @@ def test_yaml_config_with_flag_overrides(tmp_path):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--preset", "comoe", "--batch-size", "0", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("comoe: error: batch_size=0 is invalid") and "\n" not in err
+    assert err.startswith("comoe: error: --batch-size=0 is invalid") and "\n" not in err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["train", "--output", str(tmp_path / "busy")]) == 2

@@ -16,11 +16,13 @@ from torch import nn
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.adapter.serialization import (
     WEIGHTS_NAME,
+    check_fits,
     full_tensor,
     load_config,
     load_weights_into,
     save_config,
     save_weights,
+    tensor_shapes,
 )
 from comoe.adapter.targeting import find_target_linears, set_submodule
 from comoe.config import ComoeConfig
@@ -180,9 +182,18 @@ class ComoeModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False
     ) -> ComoeModel:
-        """Wrap `model` with the adapter saved in `directory` (safetensors only; nothing is unpickled)."""
-        comoe = cls(model, load_config(directory))
-        comoe.load_adapter_weights(os.path.join(directory, WEIGHTS_NAME))
+        """Wrap `model` with the adapter saved in `directory` (safetensors only; nothing is unpickled).
+
+        The file's tensor names and shapes are checked against the config and the model before any expert
+        is allocated, so a wrong or hostile config (num_experts = 10**9) fails at once, not in an allocation.
+        """
+        config = load_config(directory)
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        check_fits(
+            adapter_shapes(find_target_linears(model, config), config), tensor_shapes(weights), weights
+        )
+        comoe = cls(model, config)
+        comoe.load_adapter_weights(weights)
         if not is_trainable:
             comoe.eval()
             for param in comoe.parameters():
@@ -192,6 +203,17 @@ class ComoeModel(nn.Module):
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Load experts and routers from a safetensors file that must fit this model exactly."""
         load_weights_into(self.adapter_state_dict(), path)
+
+
+def adapter_shapes(targets: dict[str, nn.Linear], config: ComoeConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of `adapter_state_dict()` for these target linears, without building anything."""
+    n, r = config.num_experts, config.r
+    shapes = {}
+    for name, linear in targets.items():
+        shapes[f"{name}.lora_A"] = (n, r, linear.in_features)
+        shapes[f"{name}.lora_B"] = (n, r, linear.out_features)
+        shapes[f"{name}.router.weight"] = (n, linear.in_features)
+    return shapes
 
 
 def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from comoe.config import ComoeConfig
@@ -91,22 +91,50 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_weights_into(expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Copy the file's tensors into `expected` (name -> parameter), after checking that they fit exactly."""
-    saved = read_safetensors(path)
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file from its header, without reading (or allocating) tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: adapter weights not found")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from None
+
+
+def check_fits(
+    expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], path: str | os.PathLike
+) -> None:
+    """Refuse a weights file whose tensor names or shapes differ from what the model expects, listing them."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     wrong = [
-        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+        f"{k}: saved {tuple(saved[k])}, model {tuple(expected[k])}"
         for k in sorted(set(saved) & set(expected))
-        if saved[k].shape != expected[k].shape
+        if tuple(saved[k]) != tuple(expected[k])
     ]
     if missing or unexpected or wrong:
-        lines = [f"{path} does not fit this base model:"]
+        lines = [f"{path} does not fit this base model"]
         lines += [f"  missing in file: {k}" for k in missing[:20]]
         lines += [f"  not in model: {k}" for k in unexpected[:20]]
         lines += [f"  shape mismatch {w}" for w in wrong[:20]]
         raise ValueError("\n".join(lines))
+
+
+def assign_weights(
+    expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: str | os.PathLike
+) -> None:
+    """Copy `saved` into the parameters `expected` (name -> parameter) after checking that they fit."""
+    check_fits(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in saved.items()}, path
+    )
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(saved[key])
+
+
+def load_weights_into(expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load a safetensors file into the parameters `expected` (name -> parameter); they must fit exactly."""
+    assign_weights(expected, read_safetensors(path), path)

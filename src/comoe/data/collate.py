@@ -24,18 +24,23 @@ class Tokenized:
 
 
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, cutoff: int
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, cutoff: int, keep_response: bool = False
 ) -> Tokenized:
     """Token ids of prompt + response + eos with the prompt masked out of the labels.
 
-    The prompt is tokenised on its own so that the label boundary is exact; over-long examples are cut to
-    `cutoff` tokens and flagged, so callers can count them instead of dropping them silently.
+    The prompt is tokenised on its own so that the label boundary is exact. Over-long examples are cut to
+    `cutoff` tokens and flagged, so callers can count them instead of dropping them silently: from the end
+    (training, as LLM-Adapters), or with keep_response from the start of the prompt, so that a scored
+    response is always scored whole (evaluation).
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(prompt_ids) + len(response_ids) > cutoff
+    if truncated and keep_response and len(response_ids) < cutoff:
+        prompt_ids = prompt_ids[len(prompt_ids) + len(response_ids) - cutoff :]
     ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return Tokenized(ids[:cutoff], labels[:cutoff], truncated=len(ids) > cutoff)
+    return Tokenized(ids[:cutoff], labels[:cutoff], truncated=truncated)
 
 
 def encode_examples(

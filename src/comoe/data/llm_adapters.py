@@ -57,13 +57,14 @@ def load_task(data_dir: str | os.PathLike, task: str, split: str) -> list[Exampl
         ]
         if missing:
             raise ValueError(f"{path}: example {index} lacks field(s) {missing}")
+        for key in ("instruction", "input", "output", "answer"):
+            value = record.get(key, "")
+            if not isinstance(value, str):  # never train on "None", "{'x': 1}" or "nan"
+                raise ValueError(
+                    f"{path}: example {index} field {key!r} must be a string, got {type(value).__name__} "
+                    f"{value!r:.60}"
+                )
         examples.append(
-            Example(
-                task,
-                str(record["instruction"]),
-                str(record.get("input") or ""),
-                str(record["output"]),
-                str(record["answer"]),
-            )
+            Example(task, record["instruction"], record.get("input", ""), record["output"], record["answer"])
         )
     return examples

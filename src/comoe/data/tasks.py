@@ -12,7 +12,7 @@ from comoe.data.builtin import BUILTIN_TASKS, builtin_examples
 from comoe.data.example import Example
 from comoe.data.llm_adapters import COMMONSENSE_TASKS, MATH_TASKS, MATH_TRAIN, load_task
 from comoe.data.templates import TEMPLATES
-from comoe.validation import check_choice
+from comoe.validation import check_choice, check_int
 
 SCORINGS = ("choice", "number", "letter", "exact")
 
@@ -26,6 +26,7 @@ class Task:
     source: str  # "builtin" (reasoning-gym) or "llm-adapters" (a --data-dir task folder)
     scoring: str = "exact"
     template: str = "alpaca"
+    splits: tuple[str, ...] = ("train", "test")
 
     def __post_init__(self) -> None:
         check_choice(f"task {self.name!r} scoring", self.scoring, SCORINGS)
@@ -45,8 +46,9 @@ for _name in BUILTIN_TASKS:
     register_task(Task(_name, "builtin", "exact"))
 for _name in COMMONSENSE_TASKS:
     register_task(Task(_name, "llm-adapters", "choice"))
-for _name in [*MATH_TASKS, MATH_TRAIN]:
+for _name in MATH_TASKS:
     register_task(Task(_name, "llm-adapters", "letter" if _name == "AQuA" else "number"))
+register_task(Task(MATH_TRAIN, "llm-adapters", "number", splits=("train",)))  # a training mix, no test split
 
 
 def get_task(name: str) -> Task:
@@ -71,6 +73,11 @@ def load_examples(
 
     Without a data directory the built-in reasoning-gym tasks are used (`limit` defaults to 200 there).
     """
+    if limit is not None:
+        check_int("limit", limit, low=1)
+    for name in tasks or []:
+        if name in TASKS and split not in TASKS[name].splits:
+            raise ValueError(f"tasks: {name!r} has no {split} split ({', '.join(TASKS[name].splits)} only)")
     if data_dir is None:
         return builtin_examples(split, per_task=limit or 200, tasks=tasks)
     if not tasks:

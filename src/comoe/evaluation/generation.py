@@ -8,14 +8,19 @@ from tqdm.auto import tqdm
 
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
+from comoe.evaluation.loglik import context_length
 
 
 @torch.no_grad()
 def generate_responses(
     model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
-) -> list[str]:
-    """Greedy, batched (left padding), with the KV cache."""
-    prompts = [tokenizer(render_prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+) -> tuple[list[str], list[bool]]:
+    """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
+    (from the start) so that prompt and answer fit the model's context length."""
+    room = max(1, context_length(model) - max_new_tokens)
+    encoded = [tokenizer(render_prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+    truncated = [len(ids) > room for ids in encoded]
+    prompts = [ids[-room:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False):
@@ -36,4 +41,4 @@ def generate_responses(
         )
         for row, i in enumerate(chunk):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    return outputs
+    return outputs, truncated

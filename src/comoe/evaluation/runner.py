@@ -4,7 +4,9 @@ tasks (option log-likelihood or generation), and write the per-task report."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -35,21 +37,21 @@ def predict(
     generated = sorted(set(range(len(examples))) - set(scored))
     if scored:
         chosen = [examples[i] for i in scored]
-        for i, example, scores in zip(
-            scored, chosen, option_loglikelihoods(model, tokenizer, chosen, batch_size), strict=True
-        ):
+        all_scores, cut = option_loglikelihoods(model, tokenizer, chosen, batch_size)
+        for i, example, scores, truncated in zip(scored, chosen, all_scores, cut, strict=True):
             best = choice_options(example)[max(range(len(scores)), key=scores.__getitem__)]
-            predictions[i] = Prediction(example.task, example.answer, best, best == example.answer)
+            predictions[i] = Prediction(
+                example.task, example.answer, best, best == example.answer, truncated=truncated
+            )
     if generated:
         chosen = [examples[i] for i in generated]
-        texts = generate_responses(model, tokenizer, chosen, batch_size, max_new_tokens)
-        for i, example, text in zip(generated, chosen, texts, strict=True):
+        texts, cut = generate_responses(model, tokenizer, chosen, batch_size, max_new_tokens)
+        for i, example, text, truncated in zip(generated, chosen, texts, cut, strict=True):
             kind = answer_kind(example.task)
             options = choice_options(example) if kind == "choice" else None
             guess = extract_answer(kind, text, options)
-            predictions[i] = Prediction(
-                example.task, example.answer, guess, is_correct(kind, guess, example.answer), text
-            )
+            correct = is_correct(kind, guess, example.answer)
+            predictions[i] = Prediction(example.task, example.answer, guess, correct, text, truncated)
     return predictions  # type: ignore[return-value]
 
 
@@ -65,8 +67,25 @@ def load_for_eval(model_name: str, adapter: str | None) -> tuple[nn.Module, Any]
     return load_adapter(base, adapter), tokenizer
 
 
+def check_report_path(output: str | None) -> None:
+    """Refuse an output the report could not be written to, before hours of evaluation are spent."""
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"--output {path} is a folder; give the report's file name (e.g. {path}/eval.json)"
+        )
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"--output {path}: {parent} is a file, not a folder")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise PermissionError(f"--output {path}: {parent} is not writable")
+
+
 def run_eval(args: EvalArgs) -> dict[str, Any]:
     """Evaluate and (optionally) write the report JSON; returns it."""
+    check_report_path(args.output)
     model, tokenizer = load_for_eval(args.model, args.adapter)
     examples = load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
     max_new_tokens = args.max_new_tokens

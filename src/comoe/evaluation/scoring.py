@@ -77,6 +77,7 @@ class Prediction:
     predicted: str | None
     correct: bool
     response: str = ""
+    truncated: bool = False  # the prompt was shortened (from its start) to fit the model's context
 
 
 def summarise(predictions: list[Prediction]) -> dict[str, Any]:
@@ -88,6 +89,7 @@ def summarise(predictions: list[Prediction]) -> dict[str, Any]:
             "accuracy": correct / len(rows),
             "n": len(rows),
             "ci95": wilson_interval(correct, len(rows)),
+            "truncated": sum(p.truncated for p in rows),
         }
     average = sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else 0.0
     return {"tasks": tasks, "average": average}

@@ -37,6 +37,8 @@ def load_base(
     elif Path(name_or_path).is_dir():
         folder = Path(name_or_path)
         _check_local_folder(folder)
+    elif _looks_like_a_path(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder (nor a built-in alias or hub id)")
     else:
         return _load_from_hub(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     return _load_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -66,8 +68,13 @@ def _load_from_hub(
         raise OSError(
             f"could not load {model_id!r}: it is neither a built-in alias ({', '.join(sorted(ALIASES))}) "
             "nor an existing local folder, and loading it as a Hugging Face Hub id failed. "
-            f"Offline, only local folders and the built-in aliases work. Cause: {exc}"
+            f"Offline, only local folders and the built-in aliases work. Cause: {str(exc).splitlines()[0]}"
         ) from exc
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything absolute, relative-dotted or deeper is a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _check_local_folder(folder: Path) -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 from torch import nn
 
 from comoe.adapter.model import ComoeModel
-from comoe.adapter.serialization import WEIGHTS_NAME, read_safetensors
+from comoe.adapter.serialization import WEIGHTS_NAME, assign_weights, read_safetensors
 from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
 
 
@@ -52,31 +52,64 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
+@dataclass
+class SavedCheckpoint:
+    """Every file of a checkpoint read and checked, before anything is loaded into the model."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+
+
+def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
+    """Read a checkpoint whole; ValueError (naming the file) if any part is missing, truncated or corrupt."""
+    meta = read_json(checkpoint / "trainer_state.json", "checkpoint without trainer_state.json")
+    fields = {"step": int, "param_groups": list, "scheduler": dict}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in fields.items()):
+        raise ValueError(
+            f"{checkpoint / 'trainer_state.json'}: expected {sorted(fields)} as a run writes them"
+        )
+    optimizer = read_safetensors(checkpoint / "optimizer.safetensors")
+    if "rng.torch" not in optimizer:
+        raise ValueError(f"{checkpoint / 'optimizer.safetensors'}: no RNG state (rng.torch)")
+    adapter = read_safetensors(checkpoint / "adapter" / WEIGHTS_NAME)
+    return SavedCheckpoint(checkpoint, meta["step"], meta, adapter, optimizer)
+
+
 def load_checkpoint(run: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restore the last checkpoint of `run` into model, optimizer, scheduler and RNG; returns its step."""
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is None:
+    """Restore the newest intact checkpoint of `run` into model, optimizer, scheduler and RNG; returns its
+    step. A checkpoint that cannot be read whole is skipped, saying so, for the one before it."""
+    found = sorted((run / "checkpoints").glob("step-*"), reverse=True)
+    if not found:
         print(f"--resume: no checkpoint in {run / 'checkpoints'} yet, starting at step 0")
         return 0
-    meta = read_json(checkpoint / "trainer_state.json", "checkpoint without trainer_state.json")
-    _load_adapter_weights(model, checkpoint / "adapter")
-    tensors = load_file(checkpoint / "optimizer.safetensors")
+    for checkpoint in found:
+        try:
+            saved = read_checkpoint(checkpoint)
+        except (ValueError, OSError) as error:
+            print(f"--resume: skipping {checkpoint.name}, which is unreadable ({error})")
+            continue
+        _restore(saved, model, optimizer, scheduler)
+        print(f"resumed from {checkpoint} (step {saved.step})")
+        return saved.step
+    raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run / 'checkpoints'} is intact")
+
+
+def _restore(saved: SavedCheckpoint, model: nn.Module, optimizer, scheduler) -> None:
+    if isinstance(model, ComoeModel):
+        assign_weights(model.adapter_state_dict(), saved.adapter, saved.path / "adapter" / WEIGHTS_NAME)
+    else:
+        set_peft_model_state_dict(model, saved.adapter)
+    tensors = dict(saved.optimizer)
     torch.set_rng_state(tensors.pop("rng.torch"))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     groups = optimizer.state_dict()["param_groups"]
-    for group, saved in zip(groups, meta["param_groups"], strict=True):
-        group.update(saved)
+    for group, previous in zip(groups, saved.meta["param_groups"], strict=True):
+        group.update(previous)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
-    print(f"resumed from {checkpoint} (step {meta['step']})")
-    return int(meta["step"])
-
-
-def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
-    if isinstance(model, ComoeModel):
-        model.load_adapter_weights(directory / WEIGHTS_NAME)
-        return
-    set_peft_model_state_dict(model, read_safetensors(directory / WEIGHTS_NAME))
+    scheduler.load_state_dict({**scheduler.state_dict(), **saved.meta["scheduler"]})

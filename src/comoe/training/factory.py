@@ -10,7 +10,6 @@ from torch import nn
 
 from comoe.adapter.lora import matched_lora_config
 from comoe.adapter.model import get_comoe_model
-from comoe.config import ComoeConfig
 from comoe.models.loading import load_base
 from comoe.training.settings import TrainArgs
 
@@ -19,9 +18,7 @@ def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     """Base model plus the method's adapter: a comoe preset, or PEFT LoRA matched to the comoe preset."""
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(args.model)
+    config = args.comoe_config()
     if args.preset == "lora":
-        reference = ComoeConfig.preset("comoe", **args.adapter_config)
-        model = get_peft_model(base, matched_lora_config(reference, base))
-    else:
-        model = get_comoe_model(base, ComoeConfig.preset(args.preset, **args.adapter_config))
-    return model, tokenizer
+        return get_peft_model(base, matched_lora_config(config, base)), tokenizer
+    return get_comoe_model(base, config), tokenizer

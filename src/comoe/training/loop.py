@@ -12,16 +12,17 @@ import torch
 
 from comoe.adapter.model import ComoeModel
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
-from comoe.data.collate import encode_examples
+from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
+from comoe.data.example import Example
 from comoe.data.tasks import load_examples, task_index
-from comoe.errors import NonFiniteLoss
+from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.moe.record import LayerRecord
 from comoe.training.batches import micro_batches
-from comoe.training.checkpoint import load_checkpoint, save_checkpoint
+from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from comoe.training.distributed import SINGLE, World
 from comoe.training.factory import build_model
 from comoe.training.loss import aux_components, response_loss, share
-from comoe.training.rundir import prepare_run, truncate_log
+from comoe.training.rundir import RunDirectory, truncate_log
 from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
 
@@ -33,10 +34,31 @@ def train(args: TrainArgs) -> Path:
     DistributedDataParallel; only the main process writes logs, checkpoints and the adapter.
     """
     world = World.from_env()
-    run = prepare_run(args, world)
+    with RunDirectory(args, world) as run_dir:
+        return _train(args, world, run_dir)
+
+
+def trainable_items(items: list[Tokenized], examples: list[Example], cutoff: int) -> list[int]:
+    """Indices of the examples that keep at least one response token within the cutoff; a clear error
+    when none does (nothing to learn), rather than a loss of 0/0 reported as divergence."""
+    kept = [i for i, item in enumerate(items) if any(label != IGNORE_INDEX for label in item.labels[1:])]
+    if not kept:
+        longest = max(len(item.input_ids) for item in items)
+        raise ValueError(
+            f"cutoff={cutoff} leaves no response token in any of the {len(items)} examples (prompts and "
+            f"responses run to {longest} tokens here): raise --cutoff"
+        )
+    return kept
+
+
+def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
+    run = run_dir.path
     model, tokenizer = build_model(args)
     examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     items, truncated = encode_examples(tokenizer, examples, args.cutoff)
+    kept = trainable_items(items, examples, args.cutoff)
+    empty = len(items) - len(kept)
+    items, examples = [items[i] for i in kept], [examples[i] for i in kept]
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
@@ -48,47 +70,58 @@ def train(args: TrainArgs) -> Path:
         lambda s: min(1.0, (s + 1) / max(1, warmup)) * min(1.0, (total - s) / max(1, total - warmup)),
     )
     step = load_checkpoint(run, model, optimizer, scheduler) if args.resume else 0
+    run_dir.record_settings()
     if world.is_main:
         truncate_log(run / "log.jsonl", step)
+        skipped_note = f"; {empty} skipped: no response token within the cutoff" if empty else ""
         print(
-            f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens), "
-            f"{total} steps, {world.size} process(es); run directory {run}"
+            f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens"
+            f"{skipped_note}), {total} steps, {world.size} process(es); run directory {run}"
         )
     task_names, task_ids = task_index(examples)
     batches = micro_batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
     checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
     log = RunLog(run, total, step, world.is_main)
     skipped, tokens, start = 0, 0, time.perf_counter()
-    while step < total:
-        watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
-        with model.record_routing() if watch else contextlib.nullcontext() as records:
-            parts, batch_tokens, last_batch = optimizer_step(
-                forward_model, batches, args, optimizer, params, run, step + 1, world
+    try:
+        while step < total:
+            watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+            with model.record_routing() if watch else contextlib.nullcontext() as records:
+                parts, batch_tokens, last_batch = optimizer_step(
+                    forward_model, batches, args, optimizer, params, run, step + 1, world
+                )
+            tokens += batch_tokens
+            if parts is None:
+                skipped += 1
+                if skipped > max(100, total):
+                    raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
+                continue
+            scheduler.step()
+            step += 1
+            if watch:
+                parts.update(routing_snapshot(model, records, last_batch, task_names))
+            elapsed = time.perf_counter() - start
+            log.write(
+                {
+                    "step": step,
+                    **parts,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / elapsed,
+                    "skipped": skipped,
+                }
             )
-        tokens += batch_tokens
-        if parts is None:
-            skipped += 1
-            if skipped > max(100, total):
-                raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
-            continue
-        scheduler.step()
-        step += 1
-        if watch:
-            parts.update(routing_snapshot(model, records, last_batch, task_names))
-        elapsed = time.perf_counter() - start
-        log.write(
-            {
-                "step": step,
-                **parts,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens / elapsed,
-                "skipped": skipped,
-            }
-        )
-        if checkpoints and step % checkpoints == 0 and step < total:
-            if world.is_main:
-                save_checkpoint(run, step, model, optimizer, scheduler)
-            world.barrier()
+            if checkpoints and step % checkpoints == 0 and step < total:
+                if world.is_main:
+                    save_checkpoint(run, step, model, optimizer, scheduler)
+                world.barrier()
+    except KeyboardInterrupt:
+        log.close()
+        checkpoint = latest_checkpoint(run)
+        raise Interrupted(
+            f"interrupted at step {step} of {total}; "
+            + (f"the last checkpoint is {checkpoint.name}" if checkpoint else "no checkpoint was written yet")
+            + f"; continue with the same command and --resume (--output {run})"
+        ) from None
     log.close()
     model.save_pretrained(run / "adapter", is_main_process=world.is_main)
     world.barrier()
@@ -119,9 +152,13 @@ def optimizer_step(
             if args.skip_nonfinite:
                 return None, tokens, batch
             values = ", ".join(f"{k}={v}" for k, v in named.items())
+            checkpoint = latest_checkpoint(run)
+            kept = (
+                f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+            )
             raise NonFiniteLoss(
-                f"step {step}: non-finite {', '.join(bad)} loss ({values}); the last good checkpoint "
-                f"is kept in {run / 'checkpoints'} (--skip-nonfinite skips such batches instead)"
+                f"step {step}: non-finite {', '.join(bad)} loss ({values}); {kept} "
+                "(--skip-nonfinite skips such batches instead)"
             )
         ((task + aux) / args.grad_accum).backward()
         parts += components / args.grad_accum

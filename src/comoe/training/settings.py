@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from comoe.config import PRESETS
-from comoe.settings import load_settings, setting
+from comoe.config import PRESETS, ComoeConfig
+from comoe.settings import check_field_types, load_settings, setting
+from comoe.validation import InvalidSetting, check_choice, check_int, check_number
 
 METHODS = [*PRESETS, "lora"]
 
@@ -42,20 +43,38 @@ class TrainArgs:
     fsdp: bool = setting(False, "with several processes, shard the base model with FSDP2 (comoe presets)")
 
     def __post_init__(self) -> None:
-        if self.preset not in METHODS:
-            raise ValueError(f"preset={self.preset!r} is invalid: expected one of {', '.join(METHODS)}")
+        check_field_types(self)
+        check_choice("preset", self.preset, METHODS)
         for name in ("batch_size", "grad_accum", "cutoff"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected an integer >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps!r} is invalid: expected an integer >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} is invalid: expected a number > 0")
+            check_int(name, getattr(self, name), low=1)
+        for name in ("warmup_steps", "save_steps", "stats_steps", "seed"):
+            check_int(name, getattr(self, name), low=0)
+        for name in ("max_steps", "train_limit"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), low=1)
+        check_number("epochs", self.epochs, low=0.0, low_open=True)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0)
+        self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
         if self.fsdp and (self.resume or self.preset == "lora"):
             raise ValueError(
                 "fsdp=True is invalid with resume or preset 'lora': FSDP runs save the final comoe adapter "
                 "only (no resumable checkpoints yet); use DDP (the default) for those"
             )
+
+    def comoe_config(self) -> ComoeConfig:
+        """The adapter this run trains: the preset plus adapter_config overrides (for 'lora', the comoe
+        preset whose trainable-parameter count the LoRA rank matches)."""
+        preset = "comoe" if self.preset == "lora" else self.preset
+        try:
+            return ComoeConfig.from_preset(preset, self.adapter_config, where="adapter_config")
+        except InvalidSetting as error:
+            raise InvalidSetting("adapter_config", f"adapter_config: {error}") from None
+        except TypeError as error:  # a field given with a wrong keyword shape
+            raise InvalidSetting("adapter_config", f"adapter_config: {error}") from None
+
+    # Settings that may differ when a run is resumed: where files go and how often it reports.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"output", "resume", "save_steps", "stats_steps"})
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainArgs:
