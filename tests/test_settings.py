@@ -103,3 +103,61 @@ def test_cli_reports_bad_settings_in_one_line_before_loading_a_model(capsys):
     assert err == [
         "comoe: error: --batch-size=0 is invalid: expected an integer >= 1 (run with --debug for the traceback)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [  # finding 8 of the reliability review: silent coercions, each now refused with the file's name
+        ("epochs: -1\n", r"epochs=-1 is invalid: expected a finite number > 0"),
+        ("epochs: 0\n", r"epochs=0 is invalid"),
+        ("epochs: .nan\n", r"epochs=nan is invalid"),
+        ("epochs: .inf\n", r"epochs=inf is invalid"),
+        ("train_limit: 0\n", r"train_limit=0 is invalid: expected an integer >= 1"),
+        ("resume: 'no'\n", r"resume='no' is invalid: expected true or false"),
+        ("max_steps: 2.5\n", r"max_steps=2.5 is invalid: expected an integer"),
+        ("batch_size: true\n", r"batch_size=True is invalid: expected an integer"),
+        ("save_steps: -1\n", r"save_steps=-1 is invalid: expected an integer >= 0"),
+        ("save_steps: '1'\n", r"save_steps='1' is invalid: expected an integer"),
+        ("stats_steps: -3\n", r"stats_steps=-3 is invalid"),
+        ("lr: .inf\n", r"lr=inf is invalid"),
+        ("tasks: boolq\n", r"tasks='boolq' is invalid: expected a list of strings or null"),
+        ("adapter_config: [1]\n", r"adapter_config=\[1\] is invalid: expected a mapping"),
+        ("adapter: {top_k: 9}\n", r"adapter_config: top_k=9 is invalid: expected 1 <= top_k <= num_experts"),
+        (
+            "adapter: {target_modules: '('}\n",
+            r"adapter_config: target_modules='\(' is invalid: .*not a valid regular expression",
+        ),
+        ("adapter: {lora_alpha: .inf}\n", r"adapter_config: lora_alpha=inf is invalid"),
+    ],
+)
+def test_train_yaml_values_are_checked_without_coercion(tmp_path, text, message):
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"train.yaml: {message}"):
+        load_settings(TrainArgs, path, {})
+
+
+def test_adapter_override_typos_are_blamed_on_adapter_config(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("adapter: {num_expert: 4}\n")
+    with pytest.raises(ValueError, match=r"^adapter_config: unknown fields \['num_expert'\]"):
+        load_settings(TrainArgs, path, {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [  # findings 3, 4, 5 and 8 at the command line: one line, exit 2, before any model is loaded
+        (["eval", "--batch-size", "-1"], "--batch-size=-1 is invalid: expected an integer >= 1"),
+        (["eval", "--limit", "0"], "--limit=0 is invalid"),
+        (["train", "--lr", "inf"], "--lr=inf is invalid: expected a finite number"),
+        (["train", "--epochs", "nan"], "--epochs=nan is invalid"),
+        (["train", "--epochs", "0"], "--epochs=0.0 is invalid: expected a finite number > 0"),
+        (["train", "--train-limit", "0", "--data-dir", "."], "--train-limit=0 is invalid"),
+        (["train", "--save-steps", "-1"], "--save-steps=-1 is invalid"),
+        (["train", "--stats-steps", "-3"], "--stats-steps=-3 is invalid"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_naming_the_flag(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"comoe: error: {message}"), err

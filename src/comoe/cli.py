@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # Interrupted (training) says where it stopped and how to go on
         if args.debug:
             raise
-        print(f"comoe: {error or 'interrupted'}", file=sys.stderr)
+        print(f"comoe: {str(error) or 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:

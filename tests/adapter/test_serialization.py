@@ -63,3 +63,31 @@ def test_adapter_kind_tells_peft_from_comoe_and_checks_both_files(tmp_path):
         adapter_kind(tmp_path)
     with pytest.raises(FileNotFoundError, match="no adapter config here"):
         adapter_kind(tmp_path / "missing")
+
+
+def test_non_finite_adapter_config_values_are_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**V1_CONFIG, "lora_alpha": float("inf")}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match="adapter_config.json: lora_alpha=inf is invalid: expected a finite number"
+    ):
+        adapter_kind(tmp_path)
+
+
+def test_shapes_are_checked_before_any_expert_is_allocated(tmp_path, monkeypatch):
+    """Finding 6: num_experts = 10**9 in the config must fail from the file's header, not in an allocation."""
+    save_file(
+        {"model.layers.0.self_attn.v_proj.lora_A": torch.zeros(2, 2, 64)},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**V1_CONFIG, "num_experts": 10**9, "top_k": 2}))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("an expert was allocated before the shapes were checked")
+
+    monkeypatch.setattr("comoe.adapter.model.ComoeLinear", no_allocation)
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch model.layers.0.self_attn.v_proj.lora_A: saved \(2, 2, 64\), model \(1000000000, 2, 64\)",
+    ):
+        ComoeModel.from_pretrained(tiny_llama(), tmp_path)

@@ -117,3 +117,45 @@ def test_task_registry_scores_every_known_task_and_accepts_new_ones():
         assert render_prompt(Example("boolq", "Is it?", "", "true", "true")).endswith("### Response:\n")
     finally:
         TASKS.pop("mine")
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [  # finding 4 of the reliability review: never trained on "None", "{'x': 1}", "5" or "nan"
+        (
+            {"instruction": "q", "output": None, "answer": "a"},
+            "field 'output' must be a string, got NoneType None",
+        ),
+        ({"instruction": "q", "output": "o", "answer": 5}, "field 'answer' must be a string, got int 5"),
+        (
+            {"instruction": {"x": 1}, "output": "o", "answer": "a"},
+            "field 'instruction' must be a string, got dict",
+        ),
+        (
+            {"instruction": "q", "input": float("nan"), "output": "o", "answer": "a"},
+            "field 'input' must be a string, got float nan",
+        ),
+    ],
+)
+def test_data_fields_must_be_strings(tmp_path, record, message):
+    folder = tmp_path / "dataset" / "boolq"
+    folder.mkdir(parents=True)
+    good = {"instruction": "q", "output": "o", "answer": "a"}
+    (folder / "train.json").write_text(json.dumps([good, good, record]))
+    with pytest.raises(ValueError, match=rf"boolq/train.json: example 2 {message}"):
+        load_task(tmp_path, "boolq", "train")
+
+
+def test_invalid_utf8_names_the_file(tmp_path):
+    folder = tmp_path / "dataset" / "boolq"
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_bytes(b'[{"instruction": "\xff\xfe"}]')
+    with pytest.raises(ValueError, match=r"boolq/train.json: not valid JSON"):
+        load_task(tmp_path, "boolq", "train")
+
+
+def test_training_only_tasks_are_refused_for_evaluation(tmp_path):
+    with pytest.raises(ValueError, match=r"'math_data' has no test split \(train only\)"):
+        load_examples(tmp_path, ["math_data"], "test", None)
+    with pytest.raises(ValueError, match=r"limit=0 is invalid"):
+        load_examples(None, ["syllogism"], "test", 0)

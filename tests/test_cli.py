@@ -1,0 +1,171 @@
+"""Every user error at the command line is one line and exit 2, Ctrl-C one line and exit 130 (findings 5
+and 7 of the reliability review); each case fails fast, before work that would be lost."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import comoe.training.loop as loop
+from comoe.cli import main
+from tests.helpers import tiny_config, tiny_llama, train_args
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no message"
+    message = err[-1]  # after any progress bars of the model loader
+    assert message.startswith("comoe:") and "Traceback" not in "\n".join(err), err
+    return message
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    message = one_line_error(capsys, ["train", "--model", "/nonexistent", "--output", str(tmp_path / "r")])
+    assert "model '/nonexistent': no such folder" in message
+
+
+def test_output_that_is_a_file(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "file").write_text("x")
+    message = one_line_error(
+        capsys, ["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "file")]
+    )
+    assert "is a file, not a folder" in message
+    message = one_line_error(
+        capsys, ["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "file" / "run")]
+    )
+    assert "Not a directory" in message or "not a folder" in message
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_evaluating(capsys, tmp_path):
+    message = one_line_error(capsys, ["eval", "--model", "/nonexistent", "--output", str(tmp_path)])
+    assert "is a folder; give the report's file name" in message  # checked before the model is looked for
+
+
+def test_broken_and_mistyped_yaml(capsys, tmp_path):
+    for text, expected in [
+        ("lr: [1\n", "not valid YAML"),
+        ("save_steps: '1'\n", "save_steps='1' is invalid"),
+        ("!!python/object:os.system {}\n", "not valid YAML"),
+        ("- 1\n", "expected a mapping of settings"),
+    ]:
+        (tmp_path / "c.yaml").write_text(text)
+        assert expected in one_line_error(capsys, ["train", "--config", str(tmp_path / "c.yaml")])
+
+
+def test_cutoff_that_leaves_no_response_token(capsys, tmp_path, tiny_model_dir):
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--cutoff",
+        "1",
+        "--train-limit",
+        "2",
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    message = one_line_error(capsys, argv)
+    assert "cutoff=1 leaves no response token in any of the 10 examples" in message
+    assert not (tmp_path / "r").exists()
+
+
+def test_invalid_target_pattern_in_an_adapter_config(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("adapter_config: {target_modules: '(q|k'}\n")
+    assert "not a valid regular expression" in one_line_error(
+        capsys, ["train", "--config", str(tmp_path / "c.yaml")]
+    )
+
+
+def test_peft_adapter_on_the_wrong_base(capsys, tmp_path, tiny_model_dir):
+    torch.manual_seed(0)
+    other = type(tiny_llama())(tiny_config(hidden_size=32, intermediate_size=48))
+    peft = get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "lora")
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(tmp_path / "lora"),
+        "--tasks",
+        "syllogism",
+        "--limit",
+        "1",
+    ]
+    message = one_line_error(capsys, argv)
+    assert "this PEFT adapter does not fit the base model" in message and "size mismatch" in message
+
+
+def test_comoe_adapter_mismatch_is_one_line(capsys, tmp_path, tiny_model_dir):
+    run = loop.train(train_args(tiny_model_dir, tmp_path / "run", max_steps=1))
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    config["num_experts"] = 10**9  # would be a 256 GB allocation if shapes were not checked first
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(run / "adapter"),
+        "--tasks",
+        "syllogism",
+        "--limit",
+        "1",
+    ]
+    message = one_line_error(capsys, argv)
+    assert (
+        "does not fit this base model; shape mismatch" in message and "model (1000000000, 4, 64)" in message
+    )
+
+
+def test_ctrl_c_during_training_says_where_it_stopped(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    calls = {"n": 0}
+    original = loop.optimizer_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", interrupted)
+    (tmp_path / "a.yaml").write_text("adapter_config: {r: 4, num_experts: 4}\n")
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--train-limit",
+        "4",
+        "--batch-size",
+        "4",
+        "--cutoff",
+        "96",
+    ]
+    argv += [
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--config",
+        str(tmp_path / "a.yaml"),
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    message = one_line_error(capsys, argv, code=130)
+    assert message == (
+        f"comoe: interrupted at step 2 of 4; the last checkpoint is step-000002; continue with the same command "
+        f"and --resume (--output {tmp_path / 'r'})"
+    )
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch, command):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("comoe.evaluation.runner.load_for_eval", stop)
+    argv = [command, "--adapter", "x", "--output", "y"] if command == "analyze" else [command]
+    monkeypatch.setattr("comoe.analysis.pipeline.load_for_eval", stop)
+    assert one_line_error(capsys, argv, code=130) == "comoe: interrupted"
