@@ -150,12 +150,18 @@ def test_missing_gguf_package_says_how_to_install(tmp_path: Path, monkeypatch: p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_name_names_the_id_and_offline_options(tmp_path: Path) -> None:
-    missing = str(tmp_path / "no-such-model")
+def test_unknown_name_names_the_id_and_offline_options() -> None:
+    name = "no such model!"  # not a path, not an alias: tried as a hub id (refused before any download)
     with pytest.raises(OSError, match="Offline, only local folders and the built-in aliases work") as info:
-        load_base(missing)
-    assert repr(missing) in str(info.value)
+        load_base(name)
+    assert repr(name) in str(info.value) and "\n" not in str(info.value)
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_a_missing_local_path_is_not_tried_on_the_hub(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match=f"model {missing!r}: no such folder"):
+        load_base(missing)
 
 
 def _fake_conversion(tiny_folder: Path):
