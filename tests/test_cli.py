@@ -1,15 +1,13 @@
 """Every user error at the command line is one line and exit 2, Ctrl-C one line and exit 130 (findings 5
 and 7 of the reliability review); each case fails fast, before work that would be lost."""
 
-import json
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import comoe.training.loop as loop
 from comoe.cli import main
-from tests.helpers import tiny_config, tiny_llama, train_args
+from tests.helpers import tiny_config, tiny_llama
 
 
 def one_line_error(capsys, argv, code=2) -> str:
@@ -96,28 +94,6 @@ def test_peft_adapter_on_the_wrong_base(capsys, tmp_path, tiny_model_dir):
     ]
     message = one_line_error(capsys, argv)
     assert "this PEFT adapter does not fit the base model" in message and "size mismatch" in message
-
-
-def test_comoe_adapter_mismatch_is_one_line(capsys, tmp_path, tiny_model_dir):
-    run = loop.train(train_args(tiny_model_dir, tmp_path / "run", max_steps=1))
-    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    config["num_experts"] = 10**9  # would be a 256 GB allocation if shapes were not checked first
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    argv = [
-        "eval",
-        "--model",
-        str(tiny_model_dir),
-        "--adapter",
-        str(run / "adapter"),
-        "--tasks",
-        "syllogism",
-        "--limit",
-        "1",
-    ]
-    message = one_line_error(capsys, argv)
-    assert (
-        "does not fit this base model; shape mismatch" in message and "model (1000000000, 4, 64)" in message
-    )
 
 
 def test_ctrl_c_during_training_says_where_it_stopped(capsys, tmp_path, tiny_model_dir, monkeypatch):

@@ -105,6 +105,11 @@ def test_nonfinite_loss_stops_with_step_and_component(tiny_model_dir, tmp_path, 
         (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter weights not found"),
         (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x01\x02"), "truncated or corrupted"),
         (lambda d: _edit_config(d, lambda c: c.update(num_expertz=4)), "unknown fields \\['num_expertz'\\]"),
+        # shapes are read from the file's header first: no 256 GB allocation for num_experts = 10**9
+        (
+            lambda d: _edit_config(d, lambda c: c.update(num_experts=10**9)),
+            r"does not fit this base model; shape mismatch .*model \(1000000000, 4, 64\)",
+        ),
         (lambda d: _edit_config(d, lambda c: c.update(top_k=9)), "top_k=9 is invalid"),
         (
             lambda d: _edit_config(d, lambda c: c.update(format_version=99)),
