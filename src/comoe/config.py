@@ -75,6 +75,11 @@ class ComoeConfig:
     num_negatives: int | None = _field(
         None, "CoMoE: sample this many inactive experts as negatives per token (None: all of them)."
     )
+    contrastive_norm_floor: float = _field(
+        1e-3,
+        "Contrastive cosines treat an expert output shorter than this fraction of the base layer's output "
+        "(per token) as having no direction, which bounds the gradient at B = 0; 0: the plain cosine.",
+    )
     contrastive_max_tokens: int = _field(
         128, "MoELoRA: at most this many tokens per layer and step enter the contrastive loss (>= 1)."
     )
@@ -103,6 +108,7 @@ class ComoeConfig:
         check_number("balance_weight", self.balance_weight, low=0.0)
         check_number("contrastive_weight", self.contrastive_weight, low=0.0)
         check_number("temperature", self.temperature, low=0.0, low_open=True)
+        check_number("contrastive_norm_floor", self.contrastive_norm_floor, low=0.0)
         check_choice("routing", self.routing, ROUTINGS)
         check_choice("balance_scope", self.balance_scope, ("local", "global"))
         check_choice("contrastive", self.contrastive, CONTRASTIVES)

@@ -10,7 +10,7 @@ from comoe.objectives.auxiliary import contrastive_loss
 from comoe.objectives.reference import comoe_loss, moelora_loss
 
 
-def layer_and_step(n, k, dtype, contrastive, mask, seed=0, **config_fields):
+def layer_and_step(n, k, dtype, contrastive, mask, seed=0, zero_experts=(), **config_fields):
     torch.manual_seed(seed)
     context = ComoeContext()
     config = ComoeConfig(
@@ -19,6 +19,7 @@ def layer_and_step(n, k, dtype, contrastive, mask, seed=0, **config_fields):
     layer = ComoeLinear(nn.Linear(24, 32).to(dtype), config, context)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.3)
+        layer.lora_B[list(zero_experts)] = 0  # experts still at their initialisation: no output
     x = torch.randn(40, 24, dtype=dtype, requires_grad=True)
     context.keep_records, context.token_mask = True, mask
     layer(x)
@@ -27,6 +28,12 @@ def layer_and_step(n, k, dtype, contrastive, mask, seed=0, **config_fields):
 
 def materialised(layer):
     return torch.einsum("tnr,nro->tno", layer.record.z.float(), layer.lora_B.float()) * layer.scaling
+
+
+def output_floor(layer, x, config):
+    """The reference's per-token floor, computed independently: a fraction of |W0 x|."""
+    with torch.no_grad():
+        return config.contrastive_norm_floor * layer.base_layer(x).float().norm(dim=-1)
 
 
 def assert_same_value_and_gradients(fast, reference, inputs, rtol, atol):
@@ -47,15 +54,17 @@ def padding_mask(seed=3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(2, 2), (4, 2), (4, 3), (8, 2), (8, 3)])
 @pytest.mark.parametrize("anchor", ["all", "random"])
-def test_comoe_gram_path_equals_reference(n, k, dtype, anchor):
+@pytest.mark.parametrize("zero_experts", [(), (0,)])
+def test_comoe_gram_path_equals_reference(n, k, dtype, anchor, zero_experts):
     mask = padding_mask()
-    layer, config, x = layer_and_step(n, k, dtype, "comoe", mask, anchor=anchor)
+    layer, config, x = layer_and_step(n, k, dtype, "comoe", mask, anchor=anchor, zero_experts=zero_experts)
     inputs = [x, layer.lora_A, layer.lora_B]
     torch.manual_seed(11)
     fast = contrastive_loss(layer.record, config)
     torch.manual_seed(11)
+    floor = output_floor(layer, x, config)
     reference = comoe_loss(
-        materialised(layer), layer.record.routing.indices, config.temperature, anchor, mask
+        materialised(layer), layer.record.routing.indices, config.temperature, anchor, mask, norm_floor=floor
     )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_value_and_gradients(fast, reference, inputs, tol, tol)
@@ -68,21 +77,34 @@ def test_comoe_sampled_negatives_equal_reference():
     fast = contrastive_loss(layer.record, config)
     torch.manual_seed(5)
     reference = comoe_loss(
-        materialised(layer), layer.record.routing.indices, config.temperature, mask=mask, num_negatives=3
+        materialised(layer),
+        layer.record.routing.indices,
+        config.temperature,
+        mask=mask,
+        num_negatives=3,
+        norm_floor=output_floor(layer, x, config),
     )
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k", "max_tokens"), [(2, 2, 256), (4, 2, 16), (8, 3, 256), (8, 2, 10)])
-def test_moelora_gram_path_equals_reference(n, k, max_tokens, dtype):
+@pytest.mark.parametrize("zero_experts", [(), (0, 1)])
+def test_moelora_gram_path_equals_reference(n, k, max_tokens, dtype, zero_experts):
     mask = padding_mask()
-    layer, config, x = layer_and_step(n, k, dtype, "moelora", mask, contrastive_max_tokens=max_tokens)
+    layer, config, x = layer_and_step(
+        n, k, dtype, "moelora", mask, contrastive_max_tokens=max_tokens, zero_experts=zero_experts
+    )
     torch.manual_seed(7)
     fast = contrastive_loss(layer.record, config)
     torch.manual_seed(7)
     reference = moelora_loss(
-        materialised(layer), layer.record.routing.indices, config.temperature, mask, max_tokens=max_tokens
+        materialised(layer),
+        layer.record.routing.indices,
+        config.temperature,
+        mask,
+        max_tokens=max_tokens,
+        norm_floor=output_floor(layer, x, config),
     )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], tol, tol)
@@ -96,3 +118,16 @@ def test_router_gets_no_gradient_from_contrastive_losses(contrastive):
     assert torch.autograd.grad(fast, layer.router.weight, allow_unused=True)[0] is None
     reference = comoe_loss(materialised(layer), layer.record.routing.indices, config.temperature)
     assert torch.autograd.grad(reference, layer.router.weight, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("contrastive", ["comoe", "moelora"])
+def test_a_zero_floor_is_the_plain_cosine(contrastive):
+    """contrastive_norm_floor = 0 reproduces the unfloored objective (the paper's cosine) exactly."""
+    layer, config, x = layer_and_step(4, 2, torch.float32, contrastive, None, contrastive_norm_floor=0.0)
+    assert layer.record.norm_floor is None
+    torch.manual_seed(3)
+    fast = contrastive_loss(layer.record, config)
+    torch.manual_seed(3)
+    loss = comoe_loss if contrastive == "comoe" else moelora_loss
+    reference = loss(materialised(layer), layer.record.routing.indices, config.temperature)
+    assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], 1e-5, 1e-5)

@@ -122,3 +122,50 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["train", "--output", str(tmp_path / "busy")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_gradient_norms_router_change_and_the_clipping_warning_are_logged(tiny_model_dir, tmp_path, capsys):
+    run = train(train_args(tiny_model_dir, tmp_path / "run", max_steps=4, stats_steps=2, max_grad_norm=1e-3))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(row["grad_norm"] > 0 for row in log)  # every step, before clipping
+    watched = [row for row in log if "grad_norm_task" in row]
+    assert [row["step"] for row in watched] == [2, 4]
+    for row in watched:
+        assert (
+            row["grad_norm_task"] > 0
+            and row["grad_norm_contrastive"] >= 0
+            and row["grad_norm_balance"] == 0.0
+        )
+        assert row["router_change"] > 0
+    assert watched[1]["router_change"] > watched[0]["router_change"]
+    out = capsys.readouterr().out
+    assert out.count("was clipped to 0.001") == 1  # said once, though every step was clipped
+
+
+def test_router_lr_ratio_moves_the_routers_faster_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    fields = dict(max_steps=4, stats_steps=4, lr=1e-3)
+    plain = train(train_args(tiny_model_dir, tmp_path / "plain", **fields))
+    fast = train(train_args(tiny_model_dir, tmp_path / "fast", router_lr_ratio=10.0, **fields))
+    change = [
+        json.loads((r / "log.jsonl").read_text().splitlines()[-1])["router_change"] for r in (plain, fast)
+    ]
+    assert change[1] > 3 * change[0]
+
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return optimizer_step(*args, **kwargs)
+
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(tiny_model_dir, tmp_path / "resumed", router_lr_ratio=10.0, **fields))
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", optimizer_step)
+    resumed = train(
+        train_args(tiny_model_dir, tmp_path / "resumed", router_lr_ratio=10.0, resume=True, **fields)
+    )
+    a = load_file(fast / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -43,6 +43,7 @@ class ComoeLinear(nn.Module):
         self.soft = config.routing == "soft"
         self.expert_compute = config.expert_compute
         self.needs_gram = config.contrastive != "none" and config.contrastive_weight > 0
+        self.norm_floor = config.contrastive_norm_floor
         self.context = context
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         self.router = Router(self.in_features, self.num_experts).to(**factory)
@@ -66,8 +67,13 @@ class ComoeLinear(nn.Module):
         if self.context.keep_records:
             mask = self.context.token_mask
             mask = mask if mask is not None and mask.numel() == flat.shape[0] else None
-            gram = expert_gram(self.lora_B) if self.needs_gram else None
-            self.record = LayerRecord(routing, z, mask, self.lora_B, gram)
+            gram, floor = None, None
+            if self.needs_gram:
+                gram = expert_gram(self.lora_B)
+                if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
+                    base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
+                    floor = base_norm * (self.norm_floor / self.scaling)
+            self.record = LayerRecord(routing, z, mask, self.lora_B, gram, floor)
         return result + delta.view(result.shape).to(result.dtype)
 
     @property

@@ -44,6 +44,7 @@ class ComoeModel(nn.Module):
         # The weighted auxiliary loss of the last forward with auxiliary losses, for callers that compute
         # the task loss themselves (the trainer runs the LM head on response tokens only).
         self.weighted_aux_loss: torch.Tensor = torch.zeros(())
+        self.weighted_aux_parts: dict[str, torch.Tensor] = {}  # the same, per objective (for gradient norms)
         for param in model.parameters():
             param.requires_grad_(False)
         layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
@@ -81,9 +82,11 @@ class ComoeModel(nn.Module):
         records = [layer.record for layer in self._layers.values() if layer.record is not None]
         aux = auxiliary_losses(records, self.comoe_config)
         config = self.comoe_config
-        self.weighted_aux_loss = (
-            config.balance_weight * aux["balance"] + config.contrastive_weight * aux["contrastive"]
-        )
+        self.weighted_aux_parts = {
+            "balance": config.balance_weight * aux["balance"],
+            "contrastive": config.contrastive_weight * aux["contrastive"],
+        }
+        self.weighted_aux_loss = self.weighted_aux_parts["balance"] + self.weighted_aux_parts["contrastive"]
         self._last_aux = {name: value.detach() for name, value in aux.items()}
         task = getattr(output, "loss", None)
         if task is not None:

@@ -19,3 +19,5 @@ class LayerRecord:
     mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens
     lora_B: torch.Tensor  # [n, r, d_out] the experts' up-projections (the parameter itself)
     gram: torch.Tensor | None = None  # [n*r, n*r] B B^T, taken in the forward where B is whole under FSDP
+    # [T] per-token floor of |B_i z_i| in the contrastive cosines (contrastive_norm_floor * |W0 x| / scaling)
+    norm_floor: torch.Tensor | None = None

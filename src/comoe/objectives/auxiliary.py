@@ -32,7 +32,7 @@ def _gram(record: LayerRecord) -> torch.Tensor:
 def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
     """CoMoE InfoNCE: activated experts are each other's positives, inactive ones the negatives."""
     indices = record.routing.indices
-    rows = anchor_cosines(record.z, indices, _gram(record))
+    rows = anchor_cosines(record.z, indices, _gram(record), record.norm_floor)
     return comoe_loss_from_anchor_cosines(
         rows, indices, config.temperature, config.anchor, record.mask, num_negatives=config.num_negatives
     )
@@ -43,8 +43,10 @@ def moelora_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
     indices = record.routing.indices
     tokens, topk = sample_contrastive_tokens(indices, record.mask, config.contrastive_max_tokens, None)
     experts = topk.flatten()
-    z_items = record.z[tokens.repeat_interleave(topk.shape[1]), experts]
-    return supcon_loss(item_cosines(z_items, experts, _gram(record)), experts, config.temperature)
+    item_tokens = tokens.repeat_interleave(topk.shape[1])
+    floor = None if record.norm_floor is None else record.norm_floor[item_tokens]
+    cosines = item_cosines(record.z[item_tokens, experts], experts, _gram(record), floor)
+    return supcon_loss(cosines, experts, config.temperature)
 
 
 Objective = Callable[[LayerRecord, ComoeConfig], torch.Tensor]

@@ -13,19 +13,28 @@ import torch
 from comoe.objectives.reference import NORMALIZE_EPS
 
 
-def cosines_from_dots(dots: torch.Tensor) -> torch.Tensor:
-    """Cosines from a matrix of dot products, normalising as F.normalize does: x / max(|x|, eps)."""
-    norms = dots.diagonal(dim1=-2, dim2=-1).clamp_min(NORMALIZE_EPS**2).sqrt()
+def floored_norms(squared: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """max(|x|, eps, floor) from squared norms, as normalize_with_floor takes it (floor broadcasts)."""
+    norms = squared.clamp_min(NORMALIZE_EPS**2).sqrt()
+    return norms if floor is None else torch.maximum(norms, floor.to(norms.dtype))
+
+
+def cosines_from_dots(dots: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosines from a matrix of dot products, normalising as normalize_with_floor does."""
+    norms = floored_norms(dots.diagonal(dim1=-2, dim2=-1), floor)
     return dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
 
 
-def anchor_cosines(z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def anchor_cosines(
+    z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor, floor: torch.Tensor | None = None
+) -> torch.Tensor:
     """[T, k, n] cosines between each token's active experts (rows) and all n experts (columns).
 
     Only the k anchor rows of each token's n x n cosine matrix are needed. The anchor's z is placed in
     its expert's r-block of an n*r vector (zeros elsewhere), so all k rows of dot products come from one
     dense [T*k, n*r] x [n*r, n*r] matmul with the Gram matrix and an r-wide reduction: no sort, gather
-    or scatter, which cost more than the extra FLOPs on the zero blocks.
+    or scatter, which cost more than the extra FLOPs on the zero blocks. `floor` [T]: per-token norm floor
+    in z-space (output-space floor / scaling), see normalize_with_floor.
     """
     num_tokens, n, r = z.shape
     k = indices.shape[1]
@@ -33,7 +42,7 @@ def anchor_cosines(z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor) -
     anchor_blocks = torch.nn.functional.one_hot(indices, n).to(z.dtype).unsqueeze(-1)  # [T, k, n, 1]
     placed = (anchor_blocks * z.unsqueeze(1)).view(num_tokens * k, n * r)
     dots = ((placed @ gram).view(num_tokens, k, n, r) * z.unsqueeze(1)).sum(-1)  # [T, k, n]
-    norms = _block_self_dots(z, gram).clamp_min(NORMALIZE_EPS**2).sqrt()  # [T, n]
+    norms = floored_norms(_block_self_dots(z, gram), None if floor is None else floor.unsqueeze(-1))  # [T, n]
     anchor_norms = norms.gather(1, indices)  # [T, k]
     return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(1))
 
@@ -46,7 +55,9 @@ def _block_self_dots(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(zt, diagonal) * zt).sum(-1).t()
 
 
-def item_cosines(z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def item_cosines(
+    z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tensor, floor: torch.Tensor | None = None
+) -> torch.Tensor:
     """[N, N] cosines between N (token, expert) outputs given their z rows [N, r] and expert ids [N].
 
     Each item is placed in its expert's block of an n*r vector, so all dot products are Zhat G Zhat^T.
@@ -56,4 +67,4 @@ def item_cosines(z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tenso
         -1
     ) * z_items.float().unsqueeze(1)
     placed = placed.reshape(z_items.shape[0], -1)
-    return cosines_from_dots(placed @ gram @ placed.t())
+    return cosines_from_dots(placed @ gram @ placed.t(), floor)

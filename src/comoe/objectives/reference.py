@@ -26,6 +26,7 @@ __all__ = [
     "load_balance_loss",
     "comoe_loss_from_anchor_cosines",
     "moelora_loss",
+    "normalize_with_floor",
     "sample_contrastive_tokens",
     "supcon_loss",
 ]
@@ -34,15 +35,33 @@ NORMALIZE_EPS = 1e-8
 """Denominator floor for L2 normalisation (``F.normalize`` eps) in every cosine similarity here."""
 
 
-def cosine_similarity_matrix(x: Tensor, y: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
+def cosine_similarity_matrix(
+    x: Tensor, y: Tensor | None = None, eps: float = NORMALIZE_EPS, floor: Tensor | None = None
+) -> Tensor:
     """Pairwise cosine similarities ``[..., M, N]`` between rows of ``x [..., M, d]`` and ``y [..., N, d]``.
 
     ``y=None`` means ``y = x``.  Rows are normalised with ``F.normalize(eps=eps)`` so zero rows give 0
-    rather than NaN.
+    rather than NaN.  ``floor`` (``[...]``, one value per leading index, e.g. per token) raises the
+    denominator to ``max(||x||, floor)`` (broadcastable to ``x.shape[:-1]``): see ``normalize_with_floor``.
     """
-    xn = F.normalize(x, dim=-1, eps=eps)
-    yn = xn if y is None else F.normalize(y, dim=-1, eps=eps)
+    xn = normalize_with_floor(x, eps, floor)
+    yn = xn if y is None else normalize_with_floor(y, eps, floor)
     return xn @ yn.transpose(-1, -2)
+
+
+def normalize_with_floor(x: Tensor, eps: float = NORMALIZE_EPS, floor: Tensor | None = None) -> Tensor:
+    """``x / max(||x||, eps, floor)`` along the last dimension; ``floor`` broadcasts to ``x.shape[:-1]``.
+
+    Why a floor: the gradient of ``x / ||x||`` has norm ``1 / ||x||``, so an expert whose output is (near)
+    zero -- every expert at initialisation (B = 0), and experts no token was routed to yet -- gives the
+    cosines a gradient of up to ``1 / eps = 1e8``. With a floor, a row shorter than it has no direction of
+    its own (its "cosines" shrink linearly to 0) and the gradient is at most ``1 / floor``; rows at least as
+    long as the floor are normalised exactly as before, so the objective is unchanged there.
+    """
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    if floor is not None:  # broadcastable to x.shape[:-1], e.g. [T, 1] for [T, n, d] outputs
+        norms = torch.maximum(norms, floor.to(norms.dtype).unsqueeze(-1))
+    return x / norms
 
 
 def _compute_dtype(x: Tensor) -> Tensor:
@@ -115,6 +134,7 @@ def comoe_loss(
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     num_negatives: int | None = None,
+    norm_floor: Tensor | None = None,
 ) -> Tensor:
     """CoMoE contrastive loss (arXiv 2505.17553, Algorithm 1): pull activated experts together, push the
     non-activated ones away, so experts specialise.
@@ -132,12 +152,16 @@ def comoe_loss(
     2. ``num_negatives=m`` with ``m < n - k``: ``keys = torch.rand((T, n - k))``; token ``t`` keeps the
        non-activated experts (listed in ascending expert id) at positions ``keys[t].argsort()[:m]`` -- a
        uniform sample without replacement.  ``m >= n - k`` keeps all negatives and draws nothing.
+
+    ``norm_floor`` (``[T]``): per-token floor of the output norms in the cosines (``normalize_with_floor``);
+    ``None`` is the paper's plain cosine.
     """
     if expert_outputs.dim() != 3:
         raise ValueError(f"expert_outputs must have shape (T, n, d), got {tuple(expert_outputs.shape)}")
     num_tokens, num_experts, _ = expert_outputs.shape
     _check_topk(topk_indices, num_tokens, num_experts)
-    cosines = cosine_similarity_matrix(_compute_dtype(expert_outputs))  # [T, n, n]
+    floor = None if norm_floor is None else norm_floor.unsqueeze(-1)  # [T, 1]: one floor per token
+    cosines = cosine_similarity_matrix(_compute_dtype(expert_outputs), floor=floor)  # [T, n, n]
     rows = topk_indices.to(cosines.device).clamp(0, num_experts - 1)  # padding rows may hold any index
     anchor_cosines = cosines.gather(1, rows.unsqueeze(-1).expand(-1, -1, num_experts))  # [T, k, n]
     return comoe_loss_from_anchor_cosines(
@@ -218,6 +242,7 @@ def moelora_loss(
     mask: Tensor | None = None,
     max_tokens: int | None = None,
     generator: torch.Generator | None = None,
+    norm_floor: Tensor | None = None,
 ) -> Tensor:
     """Supervised-contrastive (SupCon, Khosla et al. 2020) loss over activated (token, expert) outputs with
     the expert id as label -- our reading of MoELoRA (arXiv 2402.12851): one expert's outputs on different
@@ -231,6 +256,7 @@ def moelora_loss(
     ``max_tokens=m``: if more than ``m`` tokens are valid, keep the valid tokens (listed in ascending
     position) at ``torch.randperm(num_valid, generator=generator)[:m]`` (drawn on ``generator.device``,
     else on ``expert_outputs.device``); nothing is drawn otherwise.  This bounds the quadratic item matrix.
+    ``norm_floor`` (``[T]``): per-token floor of the output norms, as in ``comoe_loss``.
     """
     if expert_outputs.dim() != 3:
         raise ValueError(f"expert_outputs must have shape (T, n, d), got {tuple(expert_outputs.shape)}")
@@ -247,7 +273,8 @@ def moelora_loss(
     items = outputs.gather(1, topk.unsqueeze(-1).expand(-1, -1, outputs.shape[-1])).flatten(0, 1)  # [N, d]
     if items.shape[0] == 0:
         return _zero_with_grad(expert_outputs)
-    return supcon_loss(cosine_similarity_matrix(items), topk.flatten(), temperature)
+    floor = None if norm_floor is None else norm_floor[tokens].repeat_interleave(topk.shape[1])  # [N]
+    return supcon_loss(cosine_similarity_matrix(items, floor=floor), topk.flatten(), temperature)
 
 
 def sample_contrastive_tokens(

@@ -7,15 +7,19 @@ import contextlib
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from comoe.adapter.model import ComoeModel
+from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
 from comoe.data.example import Example
 from comoe.data.tasks import load_examples, task_index
 from comoe.errors import Interrupted, NonFiniteLoss
+from comoe.models.head import unwrap_model
 from comoe.moe.record import LayerRecord
 from comoe.training.batches import micro_batches
 from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -54,6 +58,7 @@ def trainable_items(items: list[Tokenized], examples: list[Example], cutoff: int
 def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     run = run_dir.path
     model, tokenizer = build_model(args)
+    initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
     examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     items, truncated = encode_examples(tokenizer, examples, args.cutoff)
     kept = trainable_items(items, examples, args.cutoff)
@@ -63,7 +68,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=0.0)
     warmup = min(args.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -82,13 +87,21 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     batches = micro_batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
     checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
     log = RunLog(run, total, step, world.is_main)
-    skipped, tokens, start = 0, 0, time.perf_counter()
+    skipped, tokens, start, warned_clipping = 0, 0, time.perf_counter(), False
     try:
         while step < total:
             watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
             with model.record_routing() if watch else contextlib.nullcontext() as records:
                 parts, batch_tokens, last_batch = optimizer_step(
-                    forward_model, batches, args, optimizer, params, run, step + 1, world
+                    forward_model,
+                    batches,
+                    args,
+                    optimizer,
+                    params,
+                    run,
+                    step + 1,
+                    world,
+                    component_norms=watch,
                 )
             tokens += batch_tokens
             if parts is None:
@@ -100,6 +113,20 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
             step += 1
             if watch:
                 parts.update(routing_snapshot(model, records, last_batch, task_names))
+                parts["router_change"] = router_change(model, initial_routers)
+            if (
+                not warned_clipping
+                and args.max_grad_norm > 0
+                and parts["grad_norm"] > 10 * args.max_grad_norm
+            ):
+                warned_clipping = True
+                if world.is_main:
+                    scale = parts["grad_norm"] / args.max_grad_norm
+                    print(
+                        f"warning: step {step}: the gradient norm {parts['grad_norm']:.3g} was clipped to "
+                        f"{args.max_grad_norm:g}, a {scale:.0f}x smaller step (said once; grad_norm per step "
+                        "and grad_norm_<component> every --stats-steps are in log.jsonl)"
+                    )
             elapsed = time.perf_counter() - start
             log.write(
                 {
@@ -130,15 +157,25 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
 
 
 def optimizer_step(
-    model, batches, args: TrainArgs, optimizer, params, run: Path, step: int, world: World = SINGLE
+    model,
+    batches,
+    args: TrainArgs,
+    optimizer,
+    params,
+    run: Path,
+    step: int,
+    world: World = SINGLE,
+    component_norms: bool = False,
 ) -> tuple[dict | None, int, dict]:
-    """One optimizer step over grad_accum micro-batches: (loss components averaged over the global batch,
-    tokens, last micro-batch), or None for the components when a non-finite loss was skipped (with
-    --skip-nonfinite; otherwise training stops). All processes see the same components, so they decide
-    alike."""
+    """One optimizer step over grad_accum micro-batches: (loss components averaged over the global batch
+    and the gradient norm before clipping, tokens, last micro-batch), or None for the components when a
+    non-finite loss was skipped (with --skip-nonfinite; otherwise training stops). All processes see the
+    same components, so they decide alike. With component_norms (one process), the gradient norm of each
+    loss component on the first micro-batch is added: grad_norm_task, grad_norm_balance, ..."""
     parts = torch.zeros(3, dtype=torch.float64)
     tokens = 0
-    for _ in range(args.grad_accum):
+    extra: dict[str, float] = {}
+    for micro in range(args.grad_accum):
         batch = next(batches)
         tokens += int(world.sum(batch["attention_mask"].sum()))
         task, aux = response_loss(model, batch, world)
@@ -160,13 +197,35 @@ def optimizer_step(
                 f"step {step}: non-finite {', '.join(bad)} loss ({values}); {kept} "
                 "(--skip-nonfinite skips such batches instead)"
             )
+        if component_norms and micro == 0 and world.size == 1:
+            extra = component_grad_norms(model, task, params)
         ((task + aux) / args.grad_accum).backward()
         parts += components / args.grad_accum
-    if args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    limit = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit)))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(zip(("task", "balance", "contrastive"), parts.tolist(), strict=True)), tokens, batch
+    named = dict(zip(("task", "balance", "contrastive"), parts.tolist(), strict=True))
+    return {**named, "grad_norm": grad_norm, **extra}, tokens, batch
+
+
+def component_grad_norms(
+    model: nn.Module, task: torch.Tensor, params: list[torch.Tensor]
+) -> dict[str, float]:
+    """Gradient norm of the task loss and of each weighted auxiliary loss, separately (one micro-batch):
+    the figure that shows whether one objective swamps the others before clipping mixes them."""
+    inner = unwrap_model(model)
+    parts = {"task": task, **getattr(inner, "weighted_aux_parts", {})}
+    norms = {}
+    for name, loss in parts.items():
+        if not loss.requires_grad:
+            norms[f"grad_norm_{name}"] = 0.0
+            continue
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[f"grad_norm_{name}"] = float(
+            torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+        )
+    return norms
 
 
 def routing_snapshot(
@@ -182,3 +241,32 @@ def routing_snapshot(
         "load_entropy_bits": sum(v["load_entropy_bits"] for v in layers) / max(1, len(layers)),
         "load_cv": summary["mean_load_cv"],
     }
+
+
+def router_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every router's weight (empty for a PEFT model)."""
+    if not isinstance(model, ComoeModel):
+        return {}
+    return {
+        name: full_tensor(layer.router.weight).detach().clone()
+        for name, layer in model.comoe_layers().items()
+    }
+
+
+def router_change(model: nn.Module, initial: dict[str, torch.Tensor]) -> float:
+    """Mean over layers of |W_g - W_g(init)| / |W_g(init)|: how far the routers have moved in training."""
+    current = router_weights(model)
+    changes = [float((current[n] - w0).norm() / w0.norm().clamp_min(1e-12)) for n, w0 in initial.items()]
+    return sum(changes) / max(1, len(changes))
+
+
+def param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
+    """One AdamW group, or with router_lr_ratio != 1 two: experts at lr, routers at lr * router_lr_ratio."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if args.router_lr_ratio == 1.0 or not isinstance(model, ComoeModel):
+        return [{"params": [p for _, p in trainable]}]
+    routers = [p for name, p in trainable if ".router." in name]
+    return [
+        {"params": [p for name, p in trainable if ".router." not in name]},
+        {"params": routers, "lr": args.lr * args.router_lr_ratio},
+    ]

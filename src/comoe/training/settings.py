@@ -29,6 +29,9 @@ class TrainArgs:
     max_steps: int | None = setting(None, "optimizer steps (overrides epochs)")
     epochs: float = setting(1.0, "passes over the training mixture")
     lr: float = setting(2e-4, "peak learning rate (AdamW)")
+    router_lr_ratio: float = setting(
+        1.0, "the routers' learning rate as a multiple of lr (as LoRA+ scales B's); comoe presets only"
+    )
     warmup_steps: int = setting(10, "linear warmup steps, then linear decay to 0")
     batch_size: int = setting(8, "examples per micro-batch")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
@@ -54,6 +57,7 @@ class TrainArgs:
                 check_int(name, getattr(self, name), low=1)
         check_number("epochs", self.epochs, low=0.0, low_open=True)
         check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("router_lr_ratio", self.router_lr_ratio, low=0.0, low_open=True)
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
         if self.fsdp and (self.resume or self.preset == "lora"):
