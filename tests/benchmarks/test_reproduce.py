@@ -54,7 +54,15 @@ def test_committed_config_variants_resolve_and_bad_ones_are_named():
     math = reproduce.load_config(config_path, "math")
     assert math["train_tasks"] == ["math_data"] and math["eval_mode"] == "generate"
     assert "gsm8k" in math["eval_tasks"] and math["lr"] == full["lr"]
-    with pytest.raises(ValueError, match="--variant 'nope'.*valid: math, quick"):
+    for name, factor in (("builtin", 1), ("builtin_long", 4)):
+        builtin = reproduce.load_config(config_path, name)
+        assert builtin["data_dir"] is None and builtin["eval_mode"] == "generate"
+        assert builtin["eval_limit"] >= 500 and builtin["train_limit"] == 200 * factor
+        assert (
+            reproduce.questions_to_detect(0.35, effect=0.02)
+            <= builtin["eval_limit"] * len(builtin["eval_tasks"]) * 3
+        )
+    with pytest.raises(ValueError, match="--variant 'nope'.*valid: builtin, builtin_long, math, quick"):
         reproduce.load_config(config_path, "nope")
 
 
@@ -75,13 +83,25 @@ MATH = {
 }
 
 
-@needs_data
+BUILTIN = {
+    "data_dir": None,
+    "train_tasks": ["chain_sum", "syllogism"],
+    "eval_tasks": ["chain_sum", "syllogism"],
+    "eval_mode": "generate",
+    "max_new_tokens": 4,
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", [COMMONSENSE, MATH], ids=["commonsense", "math"])
+@pytest.mark.parametrize(
+    "setting",
+    [pytest.param(COMMONSENSE, marks=needs_data), pytest.param(MATH, marks=needs_data), BUILTIN],
+    ids=["commonsense", "math", "builtin"],
+)
 def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, tiny_model_dir, monkeypatch):
     config = {
         "model": str(tiny_model_dir),
-        "data_dir": str(DATA_DIR),
+        "data_dir": str(DATA_DIR) if DATA_DIR.is_dir() else None,
         "train_limit": 2,
         "epochs": 1,
         "lr": 0.001,
