@@ -16,7 +16,6 @@ from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
-from comoe.data.example import Example
 from comoe.data.tasks import load_examples, task_index
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.models.head import unwrap_model
@@ -42,7 +41,7 @@ def train(args: TrainArgs) -> Path:
         return _train(args, world, run_dir)
 
 
-def trainable_items(items: list[Tokenized], examples: list[Example], cutoff: int) -> list[int]:
+def trainable_items(items: list[Tokenized], cutoff: int) -> list[int]:
     """Indices of the examples that keep at least one response token within the cutoff; a clear error
     when none does (nothing to learn), rather than a loss of 0/0 reported as divergence."""
     kept = [i for i, item in enumerate(items) if any(label != IGNORE_INDEX for label in item.labels[1:])]
@@ -61,7 +60,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
     examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     items, truncated = encode_examples(tokenizer, examples, args.cutoff)
-    kept = trainable_items(items, examples, args.cutoff)
+    kept = trainable_items(items, args.cutoff)
     empty = len(items) - len(kept)
     items, examples = [items[i] for i in kept], [examples[i] for i in kept]
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
