@@ -41,10 +41,8 @@ class ComoeModel(nn.Module):
         self._context = ComoeContext()
         self._last_aux: dict[str, torch.Tensor] = {}
         self._recorded: dict[str, LayerRecord] | None = None
-        # The weighted auxiliary loss of the last forward with auxiliary losses, for callers that compute
-        # the task loss themselves (the trainer runs the LM head on response tokens only).
-        self.weighted_aux_loss: torch.Tensor = torch.zeros(())
-        self.weighted_aux_parts: dict[str, torch.Tensor] = {}  # the same, per objective (for gradient norms)
+        # Each weighted auxiliary loss of the last forward (weighted_aux_loss sums them).
+        self.weighted_aux_parts: dict[str, torch.Tensor] = {}
         for param in model.parameters():
             param.requires_grad_(False)
         layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
@@ -59,6 +57,13 @@ class ComoeModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    @property
+    def weighted_aux_loss(self) -> torch.Tensor:
+        """The weighted auxiliary loss of the last forward with auxiliary losses (the sum of
+        `weighted_aux_parts`), for callers that compute the task loss themselves (the trainer runs the LM
+        head on response tokens only)."""
+        return sum(self.weighted_aux_parts.values(), torch.zeros(()))
 
     def comoe_layers(self) -> dict[str, ComoeLinear]:
         return dict(self._layers)
@@ -86,7 +91,6 @@ class ComoeModel(nn.Module):
             "balance": config.balance_weight * aux["balance"],
             "contrastive": config.contrastive_weight * aux["contrastive"],
         }
-        self.weighted_aux_loss = self.weighted_aux_parts["balance"] + self.weighted_aux_parts["contrastive"]
         self._last_aux = {name: value.detach() for name, value in aux.items()}
         task = getattr(output, "loss", None)
         if task is not None:

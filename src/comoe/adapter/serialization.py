@@ -8,8 +8,10 @@ error that names the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,11 @@ def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_config(directory: str | os.PathLike) -> ComoeConfig:
     """The ComoeConfig of a comoe adapter folder, every field validated."""
-    path = Path(directory) / CONFIG_NAME
-    values = read_config_json(directory)
+    return _config_from_json(read_config_json(directory), Path(directory) / CONFIG_NAME)
+
+
+def _config_from_json(values: dict[str, Any], path: Path) -> ComoeConfig:
+    values = dict(values)
     if values.pop("adapter_type", None) != ADAPTER_TYPE:
         raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
     version = values.pop("format_version", None)
@@ -65,7 +70,7 @@ def adapter_kind(directory: str | os.PathLike) -> str:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: adapter weights not found")
     if values.get("adapter_type") == ADAPTER_TYPE:
-        load_config(directory)
+        _config_from_json(values, Path(directory) / CONFIG_NAME)  # validates every field
         return "comoe"
     return "peft"
 
@@ -79,29 +84,29 @@ def save_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike)
     atomic_save_safetensors(Path(directory) / WEIGHTS_NAME, tensors, {"format": "pt"})
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, with one clear error for a missing, truncated or corrupt file."""
+@contextlib.contextmanager
+def _reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
+    """One clear error for a missing, truncated or corrupt safetensors file, whatever reads it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: adapter weights not found")
     try:
-        return load_file(path)
+        yield
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {error}"
         ) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file."""
+    with _reading_safetensors(path):
+        return load_file(path)
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a safetensors file from its header, without reading (or allocating) tensors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: adapter weights not found")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
-            f"{path}: not a readable safetensors file (truncated or corrupted?): {error}"
-        ) from None
+    with _reading_safetensors(path), safe_open(path, framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
 
 
 def check_fits(
