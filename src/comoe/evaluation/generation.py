@@ -23,17 +23,13 @@ def generate_responses(
     prompts = [ids[-room:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        batch = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
+        width = batch["input_ids"].shape[1]
         generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
@@ -42,3 +38,14 @@ def generate_responses(
         for row, i in enumerate(chunk):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     return outputs, truncated
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Token rows left-padded to one width, as generation needs (every row's next token at the end)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

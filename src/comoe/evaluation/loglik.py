@@ -1,31 +1,188 @@
-"""Multiple choice by log-likelihood: the summed log-probability of each option's response."""
+"""Multiple choice by log-likelihood: the summed log-probability of each option's response.
+
+Every option of a question shares the question's prompt, which is most of the tokens (an ARC question's
+prompt is ~100 tokens, each option's response ~10). The default path therefore encodes each prompt once and
+scores every option as a continuation from the prompt's KV cache; the plain path, which runs prompt + option
+once per option (as lm-evaluation-harness does), is kept as the reference it is tested against and for the
+questions the cached path cannot take (a prompt cut to fit the window, a sliding-window model whose window
+the question exceeds).
+"""
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import GenerationMixin
 
 from comoe.data.collate import IGNORE_INDEX, pad_batch, tokenize_example
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
 from comoe.evaluation.scoring import choice_options, choice_response
-from comoe.models.head import response_logits
+from comoe.models.head import head_logits, response_logits
+
+# The keyword a model's forward takes its KV cache by: renamed from past_key_values to cache in
+# transformers 5.2x (the old name warns there); both releases are supported.
+CACHE_KEYWORD = (
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
 
 
-@torch.no_grad()
+@dataclass
+class Question:
+    """One multiple-choice question in tokens: the shared prompt and each option's response (+ eos)."""
+
+    index: int  # position in the caller's example list
+    prompt: list[int]
+    responses: list[list[int]]
+
+
 def option_loglikelihoods(
-    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, window: int | None = None
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int,
+    window: int | None = None,
+    prompt_cache: bool = True,
 ) -> tuple[list[list[float]], list[bool]]:
-    """Sum of log-probabilities of each option's response given the prompt, batched over all options; and
-    per example whether its prompt had to be shortened to fit.
+    """Sum of log-probabilities of each option's response given the prompt; and per example whether its
+    prompt had to be shortened to fit.
 
     The sequences are exactly the training format (prompt + response + eos), so a fine-tuned model is
     scored on what it learnt to write; only response positions go through the LM head. Every option is
     scored whole: a sequence longer than `window` (default: the model's context length) loses tokens from
-    the start of its prompt, and the example is reported as truncated.
+    the start of its prompt, and the example is reported as truncated. `batch_size` bounds the options
+    (sequences) per forward on both paths.
     """
     window = window or context_length(model)
+    scores: list[list[float]] = [[] for _ in examples]
+    truncated = [False] * len(examples)
+    plain: list[int] = []
+    cached: list[Question] = []
+    limit = min(window, sliding_window(model) or window)
+    for index, example in enumerate(examples):
+        question = tokenize_question(tokenizer, example, index)
+        longest = len(question.prompt) + max(len(r) for r in question.responses)
+        if prompt_cache and longest <= limit and question.prompt:
+            cached.append(question)
+        else:
+            plain.append(index)
+    for question, question_scores in zip(cached, cached_scores(model, cached, batch_size), strict=True):
+        scores[question.index] = question_scores
+    if plain:
+        chosen = [examples[i] for i in plain]
+        for index, (question_scores, cut) in zip(
+            plain, zip(*plain_scores(model, tokenizer, chosen, batch_size, window), strict=True), strict=True
+        ):
+            scores[index], truncated[index] = question_scores, cut
+    return scores, truncated
+
+
+def tokenize_question(tokenizer, example: Example, index: int) -> Question:
+    """The prompt tokenised on its own (the training format's exact boundary) and every option's response."""
+    prompt = tokenizer(render_prompt(example), add_special_tokens=False)["input_ids"]
+    responses = [
+        tokenizer(choice_response(option), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for option in choice_options(example)
+    ]
+    return Question(index, prompt, responses)
+
+
+@torch.no_grad()
+def cached_scores(model: nn.Module, questions: list[Question], batch_size: int) -> list[list[float]]:
+    """Per-option scores of each question, the prompt encoded once per question.
+
+    Questions are sorted by prompt length and grouped so that a group's options fit `batch_size`. The
+    prompts go through the model right-padded (a real token never attends to padding, so no row is fully
+    masked); the cache is then repeated once per option and the options run as one continuation batch whose
+    attention mask hides each prompt's padding and whose position ids continue each prompt's own length.
+    """
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt))
+    groups, group, options = [], [], 0
+    for i in order:
+        count = len(questions[i].responses)
+        if group and options + count > batch_size:
+            groups.append(group)
+            group, options = [], 0
+        group.append(i)
+        options += count
+    if group:
+        groups.append(group)
+    results: list[list[float]] = [[] for _ in questions]
+    for group in tqdm(groups, desc="score options", unit="batch", leave=False):
+        for i, question_scores in zip(group, score_group(model, [questions[i] for i in group]), strict=True):
+            results[i] = question_scores
+    return results
+
+
+def score_group(model: nn.Module, questions: list[Question]) -> list[list[float]]:
+    """One prompt pass and one continuation pass for a group of questions (see cached_scores)."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(q.prompt) for q in questions], device=device)
+    prompt_ids = right_pad([q.prompt for q in questions], device)
+    prompt_mask = (torch.arange(prompt_ids.shape[1], device=device) < lengths[:, None]).long()
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=True,
+    )
+    last = out.hidden_states[-1][torch.arange(len(questions), device=device), lengths - 1]
+    first_logprobs = torch.log_softmax(
+        head_logits(model, last), dim=-1
+    )  # [questions, V]: first response token
+
+    owners = [row for row, q in enumerate(questions) for _ in q.responses]
+    responses = [r for q in questions for r in q.responses]
+    owner = torch.tensor(owners, device=device)
+    cache = out[CACHE_KEYWORD]
+    cache.reorder_cache(owner)  # one copy of its prompt's cache per option
+    widths = torch.tensor([len(r) for r in responses], device=device)
+    continuation = right_pad(responses, device)
+    steps = torch.arange(continuation.shape[1], device=device)
+    out = model(
+        input_ids=continuation,
+        attention_mask=torch.cat([prompt_mask[owner], (steps < widths[:, None]).long()], dim=1),
+        position_ids=lengths[owner, None] + steps,
+        use_cache=True,
+        **{CACHE_KEYWORD: cache},
+        logits_to_keep=1,
+        output_hidden_states=True,
+    )
+    predicts = steps[:-1] < (widths[:, None] - 1)  # position j predicts response token j + 1
+    logprobs = torch.log_softmax(head_logits(model, out.hidden_states[-1][:, :-1][predicts]), dim=-1)
+    targets = continuation[:, 1:][predicts]
+    rows = predicts.nonzero()[:, 0]
+    per_option = torch.zeros(len(responses), device=device, dtype=torch.float32)
+    per_option.index_add_(0, rows, logprobs.gather(1, targets[:, None]).squeeze(1))
+    per_option += first_logprobs[owner].gather(1, continuation[:, :1]).squeeze(1)
+    values = per_option.tolist()
+    grouped: list[list[float]] = [[] for _ in questions]
+    for row, value in zip(owners, values, strict=True):
+        grouped[row].append(value)
+    return grouped
+
+
+def right_pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Token rows right-padded with 0 (the padding is masked, its id never matters)."""
+    ids = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids.to(device)
+
+
+@torch.no_grad()
+def plain_scores(
+    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, window: int
+) -> tuple[list[list[float]], list[bool]]:
+    """The reference: prompt + option run once per option, batched over all options."""
+    device = next(model.parameters()).device
     items, owners = [], []
     for index, example in enumerate(examples):
         prompt = render_prompt(example)
@@ -39,13 +196,14 @@ def option_loglikelihoods(
     for start in tqdm(range(0, len(order), batch_size), desc="score options", unit="batch", leave=False):
         chunk = order[start : start + batch_size]
         batch = pad_batch([items[i] for i in chunk], tokenizer.pad_token_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
         logits, targets = response_logits(model, batch)
         logprobs = torch.log_softmax(logits, dim=-1)
         token_scores = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
-        per_row = torch.zeros(len(chunk)).index_add_(0, rows, token_scores)
-        for position, item in enumerate(chunk):
-            scores[item] = float(per_row[position])
+        per_row = torch.zeros(len(chunk), device=device).index_add_(0, rows, token_scores)
+        for position, item in enumerate(per_row.tolist()):
+            scores[chunk[position]] = item
     grouped: list[list[float]] = [[] for _ in examples]
     truncated = [False] * len(examples)
     for owner, score, item in zip(owners, scores, items, strict=True):
@@ -58,3 +216,15 @@ def context_length(model: nn.Module, default: int = 2048) -> int:
     """The number of positions the model was trained for (config.max_position_embeddings)."""
     config = getattr(model, "config", None)
     return int(getattr(config, "max_position_embeddings", None) or default)
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral), else None.
+
+    A sliding-window cache keeps only the last `window` positions, so a question longer than that is
+    scored on the plain path, where the model sees it exactly as in training.
+    """
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "sliding_window", None)
+    return int(value) if value else None

@@ -12,6 +12,16 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own logits (float32) for final hidden states: the output embedding, then the logit
+    soft-capping that some families apply (Gemma 2: tanh(x / c) * c), as their forward does."""
+    inner = unwrap_model(model)
+    logits = inner.get_output_embeddings()(hidden).float()
+    config = getattr(inner, "config", None)
+    cap = getattr(getattr(config, "text_config", None) or config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def response_logits(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +38,4 @@ def response_logits(
     )
     targets = batch["labels"][:, 1:]
     labelled = targets != IGNORE_INDEX
-    hidden = out.hidden_states[-1][:, :-1][labelled]
-    head = unwrap_model(model).get_output_embeddings()
-    return head(hidden).float(), targets[labelled]
+    return head_logits(model, out.hidden_states[-1][:, :-1][labelled]), targets[labelled]

@@ -1,0 +1,153 @@
+"""The prompt-cached option scoring against the plain per-option path, on the model families whose
+caches and heads differ: Llama, Gemma 3 (sliding-window layers), Gemma 2 (logit soft-capping), and a
+comoe-adapted model (routing per token must not depend on the cache)."""
+
+import random
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+from comoe.adapter.model import get_comoe_model
+from comoe.config import ComoeConfig
+from comoe.data import Example
+from comoe.evaluation.loglik import option_loglikelihoods, plain_scores, sliding_window, tokenize_question
+from tests.helpers import tiny_llama
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "why",
+    "how",
+    "which",
+    "blue",
+    "red",
+    "green",
+    "runs",
+    "jumps",
+    "over",
+    "under",
+    "quickly",
+]
+
+
+def questions(count: int, seed: int = 0) -> list[Example]:
+    """Multiple-choice examples with 2-5 options and prompts of 3-40 words (different lengths in a batch)."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        options = [f"answer{i + 1}" for i in range(rng.randint(2, 5))]
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
+        instruction = f"{words}?\n\nAnswer format: {'/'.join(options)}"
+        examples.append(Example("ARC-Easy", instruction, "", "", rng.choice(options)))
+    return examples
+
+
+def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_gemma2(vocab: int) -> Gemma2ForCausalLM:
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=0.5,  # small, so capping changes every score
+        max_position_embeddings=256,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def adapted_llama(vocab: int):
+    model = get_comoe_model(tiny_llama(vocab=vocab), ComoeConfig.preset("comoe", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "router" in name:
+                parameter.normal_(0, 0.3)  # experts that change the output, routers that differ per token
+    return model.eval()
+
+
+MODELS = {
+    "llama": lambda vocab: tiny_llama(vocab=vocab),
+    "gemma3": lambda vocab: tiny_gemma3(vocab, window=96),
+    "gemma2": tiny_gemma2,
+    "comoe-llama": adapted_llama,
+}
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_cached_scores_equal_the_plain_path(smol_tokenizer, family, batch_size):
+    model = MODELS[family](len(smol_tokenizer))
+    examples = questions(12)
+    cached, cut = option_loglikelihoods(model, smol_tokenizer, examples, batch_size)
+    plain, plain_cut = plain_scores(model, smol_tokenizer, examples, 4, window=256)
+    assert cut == plain_cut == [False] * len(examples)
+    for got, want, example in zip(cached, plain, examples, strict=True):
+        assert len(got) == len(want) == example.instruction.count("answer")
+        assert got == pytest.approx(want, abs=2e-4)
+        assert max(got) < 0  # a real log-probability, not a zero left by a skipped option
+
+
+def test_gemma2_scores_include_the_logit_soft_cap(smol_tokenizer):
+    """With a cap of 0.5 every logit lies in (-0.5, 0.5), so an option of ~9 tokens scores near
+    9 * -log(vocab); uncapped logits of the same model score far lower."""
+    model = tiny_gemma2(len(smol_tokenizer))
+    scores, _ = option_loglikelihoods(model, smol_tokenizer, questions(3), 8)
+    uniform = torch.log(torch.tensor(float(len(smol_tokenizer))))
+    for question in scores:
+        for score in question:
+            assert -11 * (uniform + 1.0) < score < -7 * (uniform - 1.0)
+
+
+def test_questions_longer_than_the_sliding_window_take_the_plain_path(smol_tokenizer, monkeypatch):
+    model = tiny_gemma3(len(smol_tokenizer), window=80)
+    assert sliding_window(model) == 80
+    examples = questions(12)
+    seen: list[int] = []
+    real = plain_scores
+
+    def counting(model, tokenizer, chosen, batch_size, window):
+        seen.extend(len(e.instruction) for e in chosen)
+        return real(model, tokenizer, chosen, batch_size, window)
+
+    monkeypatch.setattr("comoe.evaluation.loglik.plain_scores", counting)
+    option_loglikelihoods(model, smol_tokenizer, examples, 8)
+    # prompts of 53-87 tokens, responses of ~8: both paths are taken
+    long = []
+    for index, example in enumerate(examples):
+        question = tokenize_question(smol_tokenizer, example, index)
+        if len(question.prompt) + max(map(len, question.responses)) > 80:
+            long.append(len(example.instruction))
+    assert 0 < len(long) < len(examples) and sorted(seen) == sorted(long)
+
+
+def test_prompt_cache_off_is_the_plain_path(smol_tokenizer):
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    examples = questions(5)
+    off, _ = option_loglikelihoods(model, smol_tokenizer, examples, 4, prompt_cache=False)
+    plain, _ = plain_scores(model, smol_tokenizer, examples, 4, window=128)
+    assert off == plain
