@@ -1,6 +1,7 @@
 """Layer-level speed: one adapted linear, forward + backward over T tokens, against the usual alternatives.
 
-Compared in the same run, interleaved, median of repeats (fp32, this machine's threads):
+Compared in the same run, interleaved, median of repeats (fp32 on the CPU by default; --device cuda
+--dtype bfloat16 on a GPU):
 - comoe (auto), comoe blocks, comoe grouped: comoe's layer with each expert strategy;
 - lora: PEFT LoRA of rank k*r (the same useful arithmetic: the floor for k active rank-r experts);
 - loop: a per-expert Python loop with index_select / index_add (how existing MoE-LoRA code computes);
@@ -17,7 +18,7 @@ import copy
 from collections.abc import Callable
 
 import torch
-from common import interleaved_medians, save_results
+from common import DTYPES, interleaved_medians, save_results
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -71,13 +72,13 @@ def dense_forward(layer: ComoeLinear) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def candidates(
-    d_in: int, d_out: int, n: int, k: int, r: int
+    d_in: int, d_out: int, n: int, k: int, r: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)
-    base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+    base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False).to(device, dtype)
     holder = nn.ModuleDict({"proj": copy.deepcopy(base)})
     lora_config = LoraConfig(r=k * r, lora_alpha=2 * k * r, lora_dropout=0.0, target_modules=["proj"])
-    lora = get_peft_model(holder, lora_config).base_model.model["proj"]
+    lora = get_peft_model(holder, lora_config).base_model.model["proj"].to(device, dtype)
     with torch.no_grad():
         lora.lora_B["default"].weight.normal_(0, 0.01)
     comoe = make_comoe(base, n, k, r, "auto")
@@ -92,14 +93,17 @@ def candidates(
     }
 
 
-def bench(d_in: int, d_out: int, n: int, k: int, r: int, tokens: int, repeats: int) -> dict[str, float]:
-    x = torch.randn(tokens, d_in, requires_grad=True)
-    grad = torch.randn(tokens, d_out)
+def bench(
+    d_in: int, d_out: int, n: int, k: int, r: int, tokens: int, repeats: int, device: str, dtype: torch.dtype
+) -> dict[str, float]:
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
 
     def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         return lambda: fn(x).backward(grad)
 
-    runs = {name: forward_backward(fn) for name, fn in candidates(d_in, d_out, n, k, r).items()}
+    made = candidates(d_in, d_out, n, k, r, device, dtype)
+    runs = {name: forward_backward(fn) for name, fn in made.items()}
     return interleaved_medians(runs, repeats)
 
 
@@ -112,7 +116,10 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     shapes = SHAPES[:1] if args.quick else SHAPES
     experts = [4, 8] if args.quick else [4, 8, 16]
     rows = []
@@ -123,8 +130,8 @@ def main() -> None:
     )
     for d_in, d_out in shapes:
         for n in experts:
-            repeats = 3 if args.quick or d_in * d_out > 4e6 else 9
-            medians = bench(d_in, d_out, n, 2, 16, args.tokens, repeats)
+            repeats = 3 if args.quick or (d_in * d_out > 4e6 and args.device == "cpu") else 9
+            medians = bench(d_in, d_out, n, 2, 16, args.tokens, repeats, args.device, dtype)
             ratio = medians["comoe"] / medians["lora"]
             rows.append(
                 {
@@ -140,7 +147,8 @@ def main() -> None:
             )
             cells = " ".join(f"{1e3 * t:13.1f}" for t in medians.values())
             print(f"{d_in:>5}->{d_out:<5} {n:>3} {cells}  {ratio:10.2f}")
-    save_results(args.json, {"unit": "ms, forward + backward", "rows": rows})
+    settings = {"device": args.device, "dtype": args.dtype, "tokens": args.tokens}
+    save_results(args.json, {"unit": "ms, forward + backward", "settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

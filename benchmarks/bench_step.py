@@ -19,7 +19,12 @@ import subprocess
 import sys
 import time
 
-from common import save_results
+import torch
+from common import add_device_flags, load_model, save_results, synchronize
+from peft import LoraConfig, get_peft_model
+
+from comoe import ComoeConfig, get_comoe_model
+from comoe.training.loss import response_loss
 
 METHODS = {
     "lora": None,
@@ -33,16 +38,9 @@ METHODS = {
 }
 
 
-def run_one(method: str, batch: int, seq: int, repeats: int) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from comoe import ComoeConfig, get_comoe_model
-    from comoe.models import load_base
-    from comoe.training.loss import response_loss
-
+def run_one(method: str, batch: int, seq: int, repeats: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    base, tokenizer = load_base("smollm2-135m")
+    base, tokenizer = load_model(args.model, args.dtype, args.device, args.random_init)
     if METHODS[method] is None:
         config = LoraConfig(
             r=32, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -53,11 +51,16 @@ def run_one(method: str, batch: int, seq: int, repeats: int) -> dict:
         model = get_comoe_model(base, ComoeConfig.preset(fields.pop("preset"), lora_dropout=0.0, **fields))
     model.train()
     ids = torch.randint(0, tokenizer.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
     labels = ids.clone()
     labels[:, : seq // 4] = -100
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        baseline_kb = torch.cuda.memory_allocated() / 1024
     times = []
     for rep in range(repeats + 1):
         start = time.perf_counter()
@@ -65,9 +68,12 @@ def run_one(method: str, batch: int, seq: int, repeats: int) -> dict:
         (task + aux).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize()
         if rep:  # the first step warms up (allocations, optimizer state)
             times.append(time.perf_counter() - start)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if on_gpu:
+        peak_kb = torch.cuda.max_memory_allocated() / 1024
     median = statistics.median(times)
     return {
         "method": method,
@@ -89,18 +95,26 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", help="comma list (default: all; --quick: lora,moe4,comoe,moe8,moelora)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default 8; --quick 2)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default 256; --quick 64)")
+    add_device_flags(parser)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per method (default 3)")
     args = parser.parse_args()
     batch, seq = (2, 64) if args.quick else (8, 256)
+    batch, seq = args.batch or batch, args.seq or seq
     if args.one:
-        print(json.dumps(run_one(args.one, batch, seq, repeats=1 if args.quick else 2)))
+        print(json.dumps(run_one(args.one, batch, seq, 1 if args.quick else 2, args)))
         return
     rounds = args.rounds or (1 if args.quick else 3)
     methods = ["lora", "moe4", "comoe", "moe8", "moelora"] if args.quick else list(METHODS)
+    methods = args.methods.split(",") if args.methods else methods
     results: dict[str, list[dict]] = {m: [] for m in methods}
+    passed = sys.argv[1:]  # the same settings for every method's process (--json is written here only)
     for _ in range(rounds):  # interleave methods across rounds: drift on a shared machine hits all alike
         for method in methods:
-            command = [sys.executable, __file__, "--one", method] + (["--quick"] if args.quick else [])
+            command = [sys.executable, __file__, "--one", method, *passed]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[method].append(json.loads(out.strip().splitlines()[-1]))
     lora = statistics.median(t for r in results["lora"] for t in r["times_s"])
@@ -119,7 +133,7 @@ def main() -> None:
         )
     medians = {r["method"]: r["median_s"] for r in rows}
     lora_memory = next(r["peak_extra_mb"] for r in rows if r["method"] == "lora")
-    print(f"batch {batch} x {seq} tokens, SmolLM2-135M, fp32, {rounds} rounds")
+    print(f"batch {batch} x {seq} tokens, {args.model}, {args.dtype} on {args.device}, {rounds} rounds")
     for row in rows:
         versus = {"comoe": "moe4", "comoe8": "moe8", "comoe16": "moe16", "moelora": "moe8"}.get(row["method"])
         extra = f"  x{row['median_s'] / medians[versus]:.2f} of {versus}" if versus in medians else ""
@@ -128,7 +142,13 @@ def main() -> None:
             f"x{row['over_lora']:.2f} of lora  mem +{row['peak_extra_mb']:.0f} MB "
             f"(x{row['peak_extra_mb'] / max(lora_memory, 1):.2f}){extra}"
         )
-    save_results(args.json, {"batch": batch, "seq": seq, "rows": rows})
+    settings = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "random_init": args.random_init,
+    }
+    save_results(args.json, {"batch": batch, "seq": seq, "settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

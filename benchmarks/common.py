@@ -11,8 +11,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from comoe.files import atomic_write_text
+from comoe.models.gguf import alias_cache, cache_root
+from comoe.models.loading import load_base
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_device_flags(parser) -> None:
+    """--device, --dtype and --random-init, shared by the benchmarks that run a whole model."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="base model and activations")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights for the model's config: --model may then be a folder with only config.json "
+        "and the tokenizer (speed depends on the architecture, not on the weights)",
+    )
+
+
+def load_model(name: str, dtype: str, device: str, random_init: bool = False):
+    """The base model (eval mode) on `device` in `dtype`, and its tokenizer."""
+    if random_init:
+        folder = Path(name) if Path(name).is_dir() else alias_cache(name, cache_root(None))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+    else:
+        model, tokenizer = load_base(name, dtype=getattr(torch, dtype))
+    return model.to(device), tokenizer
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer stopped after it measures the work (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -21,8 +58,10 @@ def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) 
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(repeats + 1):
         for name, run in candidates.items():
+            synchronize()
             start = time.perf_counter()
             run()
+            synchronize()
             if round_index:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -19,6 +19,7 @@ def test_config_choices_are_the_registered_strategies():
 def test_auto_picks_blocks_up_to_a_ratio_of_four(n, k, expected):
     assert choose_strategy("auto", n, k) == expected
     assert choose_strategy("grouped", n, k) == "grouped"
+    assert choose_strategy("auto", n, k, "cuda") == "blocks"  # fastest at every measured GPU shape
 
 
 @pytest.mark.parametrize(("k_dim", "n_dim"), [(16, 8), (5, 3)])  # 16-byte aligned rows (grouped_mm) and not

@@ -56,8 +56,8 @@ def option_loglikelihoods(
     The sequences are exactly the training format (prompt + response + eos), so a fine-tuned model is
     scored on what it learnt to write; only response positions go through the LM head. Every option is
     scored whole: a sequence longer than `window` (default: the model's context length) loses tokens from
-    the start of its prompt, and the example is reported as truncated. `batch_size` bounds the options
-    (sequences) per forward on both paths.
+    the start of its prompt, and the example is reported as truncated. `batch_size`: questions per
+    forward on the cached path, sequences per forward on the plain one.
     """
     window = window or context_length(model)
     scores: list[list[float]] = [[] for _ in examples]
@@ -97,22 +97,15 @@ def tokenize_question(tokenizer, example: Example, index: int) -> Question:
 def cached_scores(model: nn.Module, questions: list[Question], batch_size: int) -> list[list[float]]:
     """Per-option scores of each question, the prompt encoded once per question.
 
-    Questions are sorted by prompt length and grouped so that a group's options fit `batch_size`. The
-    prompts go through the model right-padded (a real token never attends to padding, so no row is fully
-    masked); the cache is then repeated once per option and the options run as one continuation batch whose
-    attention mask hides each prompt's padding and whose position ids continue each prompt's own length.
+    Questions are sorted by prompt length and taken `batch_size` at a time; their options (2-5 each) form
+    the continuation batch. That is two forwards per group, against one per `batch_size` options on the
+    plain path, which matters where a forward's fixed cost dominates, as on a GPU. The prompts go through
+    the model right-padded (a real token never attends to padding, so no row is fully masked); the cache
+    is then repeated once per option and the options run as one continuation batch whose attention mask
+    hides each prompt's padding and whose position ids continue each prompt's own length.
     """
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt))
-    groups, group, options = [], [], 0
-    for i in order:
-        count = len(questions[i].responses)
-        if group and options + count > batch_size:
-            groups.append(group)
-            group, options = [], 0
-        group.append(i)
-        options += count
-    if group:
-        groups.append(group)
+    groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[list[float]] = [[] for _ in questions]
     for group in tqdm(groups, desc="score options", unit="batch", leave=False):
         for i, question_scores in zip(group, score_group(model, [questions[i] for i in group]), strict=True):

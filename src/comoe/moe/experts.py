@@ -22,7 +22,9 @@ import torch
 from comoe.moe.kernels import grouped_matmul
 from comoe.moe.routing import Routing, sort_by_expert
 
-# With n/k at most this, the dense blocks matmul is cheaper than gather + grouped matmul + scatter.
+# On CPU, with n/k at most this, the dense blocks matmul is cheaper than gather + grouped matmul + scatter.
+# On a GPU blocks won at every measured shape up to n = 16 (H100, bf16, docs/performance.md): the GEMMs
+# are too small to be compute-bound, and the sort/gather/scatter kernels cost more than the saved FLOPs.
 BLOCKS_MAX_EXPERT_RATIO = 4
 
 
@@ -60,10 +62,13 @@ MixStrategy = Callable[[torch.Tensor, Routing, torch.Tensor, float], torch.Tenso
 STRATEGIES: dict[str, MixStrategy] = {"blocks": mix_blocks, "grouped": mix_grouped}
 
 
-def choose_strategy(strategy: str, num_experts: int, active: int) -> str:
-    """'auto' resolved: blocks while n/k <= BLOCKS_MAX_EXPERT_RATIO, grouped beyond."""
+def choose_strategy(strategy: str, num_experts: int, active: int, device_type: str = "cpu") -> str:
+    """'auto' resolved: on CPU blocks while n/k <= BLOCKS_MAX_EXPERT_RATIO, grouped beyond; on CUDA
+    blocks."""
     if strategy != "auto":
         return strategy
+    if device_type == "cuda":
+        return "blocks"
     return "blocks" if num_experts / active <= BLOCKS_MAX_EXPERT_RATIO else "grouped"
 
 
@@ -71,5 +76,5 @@ def mix(
     z: torch.Tensor, routing: Routing, lora_B: torch.Tensor, scaling: float, strategy: str = "auto"
 ) -> torch.Tensor:
     """sum over active experts of gate * scaling * B_i z_i per token ([T, n, r] -> [T, d_out])."""
-    name = choose_strategy(strategy, lora_B.shape[0], routing.indices.shape[1])
+    name = choose_strategy(strategy, lora_B.shape[0], routing.indices.shape[1], z.device.type)
     return STRATEGIES[name](z, routing, lora_B, scaling)

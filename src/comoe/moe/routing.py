@@ -56,7 +56,10 @@ class ExpertSort:
 def sort_by_expert(indices: torch.Tensor, num_experts: int) -> ExpertSort:
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount, which reads the largest index on the host (a GPU sync)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
     return ExpertSort(
         order=order,
         tokens=order // indices.shape[1],

@@ -86,13 +86,14 @@ def _check_topk(topk_indices: Tensor, num_tokens: int, num_experts: int) -> int:
     return k
 
 
-def _activation_mask(topk_indices: Tensor, num_experts: int) -> Tensor:
-    """``[T, n]`` bool, True where the expert is in the token's top-k; rejects out-of-range/duplicates."""
-    if topk_indices.numel() and (topk_indices.min() < 0 or topk_indices.max() >= num_experts):
+def _activation_mask(topk_indices: Tensor, num_experts: int, check: bool = True) -> Tensor:
+    """``[T, n]`` bool, True where the expert is in the token's top-k; rejects out-of-range/duplicates
+    (``check``, which synchronises with the device)."""
+    if check and topk_indices.numel() and (topk_indices.min() < 0 or topk_indices.max() >= num_experts):
         raise ValueError(f"topk_indices must lie in [0, {num_experts})")
     active = torch.zeros(topk_indices.shape[0], num_experts, dtype=torch.bool, device=topk_indices.device)
     active.scatter_(1, topk_indices, True)
-    if (active.sum(dim=1) != topk_indices.shape[1]).any():
+    if check and (active.sum(dim=1) != topk_indices.shape[1]).any():
         raise ValueError("topk_indices must not repeat an expert within a token")
     return active
 
@@ -115,14 +116,17 @@ def load_balance_loss(
         raise ValueError(f"router_probs must have shape (T, n), got {tuple(router_probs.shape)}")
     num_tokens, num_experts = router_probs.shape
     k = _check_topk(topk_indices, num_tokens, num_experts)
-    valid = _valid_mask(mask, num_tokens, router_probs.device)
-    probs = _compute_dtype(router_probs)[valid]
-    topk = topk_indices.to(router_probs.device)[valid]
-    if probs.shape[0] == 0 or k == 0:
+    # Invalid tokens are weighted out rather than indexed out: no host synchronisation on a GPU.
+    probs = _compute_dtype(router_probs)
+    weights = _valid_mask(mask, num_tokens, router_probs.device).to(probs.dtype)
+    count = weights.sum()
+    if k == 0:
         return _zero_with_grad(probs)
     if fraction is None:
-        fraction = F.one_hot(topk, num_experts).sum(dim=(0, 1)).to(probs.dtype) / (probs.shape[0] * k)
-    mean_prob = probs.mean(dim=0)
+        topk = topk_indices.to(router_probs.device).clamp(0, num_experts - 1)  # padding may hold any index
+        assigned = (F.one_hot(topk, num_experts).to(probs.dtype) * weights[:, None, None]).sum(dim=(0, 1))
+        fraction = assigned / (count * k).clamp_min(1)
+    mean_prob = (probs * weights.unsqueeze(1)).sum(dim=0) / count.clamp_min(1)
     return num_experts * (fraction * mean_prob).sum()
 
 
@@ -177,12 +181,14 @@ def comoe_loss_from_anchor_cosines(
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     num_negatives: int | None = None,
+    check: bool = True,
 ) -> Tensor:
     """``comoe_loss`` given ``anchor_cosines[t, s, j]``: the cosine between the output of the expert in
     top-k slot ``s`` of token ``t`` and expert ``j``'s output, ``[T, k, n]``.
 
     Shared by the reference (cosines of materialised outputs) and the layer's fast path (only these k rows,
-    from the experts' Gram matrices), so both apply the same InfoNCE, draws and reduction.
+    from the experts' Gram matrices), so both apply the same InfoNCE, draws and reduction. ``check=False``
+    skips validating the indices (which reads them on the host): for indices that come from ``topk``.
     """
     num_tokens, _, num_experts = anchor_cosines.shape
     k = _check_topk(topk_indices, num_tokens, num_experts)
@@ -206,33 +212,36 @@ def comoe_loss_from_anchor_cosines(
         negative_keys = torch.rand((num_tokens, num_inactive), generator=generator, device=draw_device)
         negative_keys = negative_keys.to(device)
 
+    # Every token is computed and the invalid ones are weighted out at the end: no boolean indexing, so
+    # no host synchronisation (a GPU stall per layer per step otherwise). Invalid rows may hold any index
+    # (padding); they are replaced by a well-formed row before use.
     valid = _valid_mask(mask, num_tokens, device)
-    rows = anchor_cosines[valid]  # [V, k, n]
-    topk = topk_indices.to(device)[valid]  # [V, k]
-    if rows.shape[0] == 0:
-        return _zero_with_grad(anchor_cosines)
-    active = _activation_mask(topk, num_experts)  # [V, n]
+    topk = topk_indices.to(device)
+    if check:
+        _activation_mask(topk[valid], num_experts)  # range and distinctness of the tokens that count
+    topk = torch.where(valid.unsqueeze(1), topk, torch.arange(k, device=device))
+    active = _activation_mask(topk, num_experts, check=False)  # [T, n]
 
     negatives = ~active
     if negative_keys is not None:
         # Non-activated expert ids in ascending order, then keep the sampled positions among them.
         inactive_ids = torch.argsort(active.to(torch.int8), dim=1, stable=True)[:, :num_inactive]
-        chosen_pos = negative_keys[valid].argsort(dim=1)[:, :num_negatives]
+        chosen_pos = negative_keys.argsort(dim=1)[:, :num_negatives]
         chosen_ids = inactive_ids.gather(1, chosen_pos)
         negatives = torch.zeros_like(active).scatter_(1, chosen_ids, True)
 
-    anchors, anchor_sim = topk, rows / temperature  # [V, A], [V, A, n]
+    anchors, anchor_sim = topk, anchor_cosines / temperature  # [T, A], [T, A, n]
     if anchor_slots is not None:
-        slots = anchor_slots[valid].unsqueeze(1)
+        slots = anchor_slots.unsqueeze(1)
         anchors = topk.gather(1, slots)
         anchor_sim = anchor_sim.gather(1, slots.unsqueeze(-1).expand(-1, -1, num_experts))
     expert_ids = torch.arange(num_experts, device=device)
-    positive = active.unsqueeze(1) & (expert_ids != anchors.unsqueeze(-1))  # [V, A, n]
+    positive = active.unsqueeze(1) & (expert_ids != anchors.unsqueeze(-1))  # [T, A, n]
     candidate = positive | negatives.unsqueeze(1)
     log_num = anchor_sim.masked_fill(~positive, float("-inf")).logsumexp(dim=-1)
     log_den = anchor_sim.masked_fill(~candidate, float("-inf")).logsumexp(dim=-1)
-    per_anchor = log_den - log_num  # [V, A]
-    return per_anchor.mean(dim=1).mean()
+    per_token = (log_den - log_num).mean(dim=1)  # [T]
+    return torch.where(valid, per_token, 0).sum() / valid.sum().clamp_min(1)
 
 
 def moelora_loss(

@@ -90,6 +90,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     try:
         while step < total:
             watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+            step_start = time.perf_counter()
             with model.record_routing() if watch else contextlib.nullcontext() as records:
                 parts, batch_tokens, last_batch = optimizer_step(
                     forward_model,
@@ -133,6 +134,8 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
                     **parts,
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens / elapsed,
+                    "step_s": time.perf_counter() - step_start,
+                    "batch_tokens": batch_tokens,
                     "skipped": skipped,
                 }
             )
