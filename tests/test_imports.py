@@ -19,7 +19,7 @@ LAYERS = [
     ["comoe.adapter", "comoe.losses"],
     ["comoe.models", "comoe.data"],
     ["comoe.analysis.metrics"],
-    ["comoe.training", "comoe.evaluation"],
+    ["comoe.training", "comoe.evaluation", "comoe.integrations"],
     ["comoe.analysis"],
     ["comoe.recipes"],
     ["comoe.cli", "comoe"],

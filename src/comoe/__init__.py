@@ -19,11 +19,21 @@ _EXPORTS = {
     "ComoeConfig": "comoe.config",
     "ComoeModel": "comoe.adapter.model",
     "get_comoe_model": "comoe.adapter.model",
+    "AutoComoeModelForCausalLM": "comoe.models.auto",
+    "ComoeTrainer": "comoe.integrations.trainer",
     "matched_lora_config": "comoe.adapter.lora",
     "load_base": "comoe.models.loading",
 }
 
-__all__ = ["ComoeConfig", "ComoeModel", "get_comoe_model", "load_base", "matched_lora_config"]
+__all__ = [
+    "AutoComoeModelForCausalLM",
+    "ComoeConfig",
+    "ComoeModel",
+    "ComoeTrainer",
+    "get_comoe_model",
+    "load_base",
+    "matched_lora_config",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -119,7 +119,11 @@ def test_save_and_load_restore_bit_identical_outputs(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["adapter_type"] == "comoe" and saved["format_version"] == 1 and saved["num_experts"] == 4
     loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path)

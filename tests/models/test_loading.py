@@ -65,6 +65,7 @@ def test_alias_is_smollm2_135m(smollm: SimpleNamespace) -> None:
     assert sum(p.numel() for p in smollm.model.parameters()) == 134_515_008
     assert not smollm.model.training
     assert all(p.dtype == torch.float32 for p in smollm.model.parameters())
+    assert config._name_or_path == ALIAS  # what adapter folders record: the alias, not this cache's path
 
 
 def test_cache_reload_is_bit_identical_to_gguf(smollm: SimpleNamespace) -> None:

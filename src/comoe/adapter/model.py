@@ -6,13 +6,17 @@ adapter_model.safetensors). A small injector of our own rather than PEFT's BaseT
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from torch import nn
 
+from comoe.adapter.card import write_model_card
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.adapter.serialization import (
     WEIGHTS_NAME,
@@ -29,6 +33,41 @@ from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
 from comoe.objectives.auxiliary import auxiliary_losses
 
+# Adapter management of PEFT / transformers that a ComoeModel (one adapter, always active) does not have.
+# Without this list, __getattr__ would hand them to the wrapped transformers model, whose own PEFT
+# integration then acts on a model it knows nothing about (misleading errors, or a save without experts).
+UNSUPPORTED = {
+    "add_adapter": "a ComoeModel holds one adapter; wrap another copy of the base model for a second",
+    "set_adapter": "a ComoeModel holds one adapter, always active (disable_adapters() turns it off)",
+    "delete_adapter": "a ComoeModel holds one adapter; unload() returns the base model without it",
+    "load_adapter": "use ComoeModel.from_pretrained(base_model, folder) or load_adapter_weights(path)",
+    "active_adapters": "a ComoeModel holds one adapter, always active",
+    "active_adapter": "a ComoeModel holds one adapter, always active",
+    "enable_adapters": "the adapter is on unless inside disable_adapters()",
+    "get_adapter_state_dict": "use adapter_state_dict()",
+    "add_weighted_adapter": "mixtures of experts cannot be combined linearly",
+    "merge_adapter": "a mixture of experts cannot be merged into the base weights (see merge_and_unload)",
+}
+
+
+class UnsupportedOperation(AttributeError):
+    """An adapter-management name of PEFT / transformers that comoe does not implement (an AttributeError,
+    so hasattr() is False and libraries that probe for these names take their non-PEFT path)."""
+
+
+class _ForwardWithWrappedSignature:
+    """ComoeModel.forward: on an instance, a callable carrying the wrapped model's signature
+    (inspect.signature follows __wrapped__), because transformers Trainer keeps only the dataset columns
+    named in the model's forward signature; with a bare (*args, **kwargs) it would drop every column. On
+    the class (where Trainer looks for label names), a causal LM's usual signature. Built per access:
+    nothing bound is stored on the instance, so copies and pickles of the model stay independent."""
+
+    def __get__(self, instance: ComoeModel | None, owner: type) -> Callable[..., Any]:
+        if instance is None:
+            return owner._class_forward
+        call = functools.partial(owner._forward, instance)
+        return functools.wraps(instance.base_model.forward)(call)
+
 
 class ComoeModel(nn.Module):
     """A base model whose targeted linears are mixtures of LoRA experts; everything else is frozen."""
@@ -43,6 +82,8 @@ class ComoeModel(nn.Module):
         self._recorded: dict[str, LayerRecord] | None = None
         # Each weighted auxiliary loss of the last forward (weighted_aux_loss sums them).
         self.weighted_aux_parts: dict[str, torch.Tensor] = {}
+        # Free-form lines for the model card (training data, evaluation results), set by whoever knows them.
+        self.card_notes: dict[str, str] = {}
         for param in model.parameters():
             param.requires_grad_(False)
         layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
@@ -56,6 +97,8 @@ class ComoeModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in UNSUPPORTED:
+                raise UnsupportedOperation(f"ComoeModel.{name}: not supported: {UNSUPPORTED[name]}") from None
             return getattr(self.base_model, name)
 
     @property
@@ -69,7 +112,14 @@ class ComoeModel(nn.Module):
         return dict(self._layers)
 
     # ---- forward and losses -------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    forward = _ForwardWithWrappedSignature()
+
+    def _class_forward(
+        self, input_ids: Any = None, attention_mask: Any = None, labels: Any = None, **kwargs: Any
+    ) -> Any:
+        return self._forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; with labels (or in training) the loss includes the auxiliary losses."""
         want_aux = self._context.adapters_enabled and (self.training or kwargs.get("labels") is not None)
         mask = kwargs.get("attention_mask")
@@ -175,15 +225,62 @@ class ComoeModel(nn.Module):
         return state
 
     # ---- save and load ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, is_main_process: bool = True) -> None:
-        """Write the adapter. Under FSDP every process must call this (sharded experts are gathered);
-        only the one with is_main_process writes, as in PEFT."""
-        state = {name: full_tensor(tensor) for name, tensor in self.adapter_state_dict().items()}
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        safe_serialization: bool = True,
+        **ignored: Any,
+    ) -> None:
+        """Write the adapter folder: adapter_config.json (with the base model's name and comoe's version),
+        adapter_model.safetensors (experts and routers only) and a README.md model card.
+
+        Takes the keywords transformers passes: `state_dict` (a state dict of this whole model, as Trainer
+        gathers it: the adapter's entries are taken from it), `safe_serialization` (only True: comoe
+        writes safetensors, never pickles), and ignores the rest (`max_shard_size`, `push_to_hub`, ...: an
+        adapter is a few MB in one file). Under FSDP every process must call this (sharded experts are
+        gathered); only the one with is_main_process writes, as in PEFT.
+        """
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): comoe writes safetensors only")
+        if state_dict is not None:
+            state = {name: state_dict[f"base_model.{name}"] for name in self.adapter_state_dict()}
+        else:
+            state = self.adapter_state_dict()
+        state = {name: full_tensor(tensor) for name, tensor in state.items()}
         if not is_main_process:
             return
         os.makedirs(directory, exist_ok=True)
         save_weights(state, directory)
-        save_config(self.comoe_config, directory)
+        save_config(self.comoe_config, directory, base_model_name_or_path=self.base_model_name_or_path)
+        write_model_card(directory, self.comoe_config, self.base_model_name_or_path, self.card_notes)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        """What the wrapped model was loaded from (its config's name_or_path), recorded in the adapter
+        folder so that AutoComoeModelForCausalLM can load base and adapter from the folder alone."""
+        config = getattr(self.base_model, "config", None)
+        return getattr(config, "_name_or_path", None) or None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload comoe adapter",
+        **ignored: Any,
+    ) -> str:
+        """Upload the adapter folder (never the base model) to a Hub model repository, creating it if
+        needed; returns the commit URL."""
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, repo_type="model"
+            )
+        return str(commit)
 
     @classmethod
     def from_pretrained(

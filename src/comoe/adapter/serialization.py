@@ -9,6 +9,7 @@ error that names the file.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
@@ -28,8 +29,16 @@ FORMAT_VERSION = 1
 ADAPTER_TYPE = "comoe"
 
 
-def save_config(config: ComoeConfig, directory: str | os.PathLike) -> None:
-    payload = {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **config.to_dict()}
+# Keys of adapter_config.json that describe the folder rather than configure the adapter.
+PROVENANCE_KEYS = ("base_model_name_or_path", "comoe_version")
+
+
+def save_config(
+    config: ComoeConfig, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> None:
+    provenance = {"base_model_name_or_path": base_model_name_or_path, "comoe_version": comoe_version()}
+    payload = {"adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, **provenance}
+    payload.update(config.to_dict())
     atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
 
@@ -51,6 +60,8 @@ def _config_from_json(values: dict[str, Any], path: Path) -> ComoeConfig:
     values = dict(values)
     if values.pop("adapter_type", None) != ADAPTER_TYPE:
         raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
+    for key in PROVENANCE_KEYS:
+        values.pop(key, None)
     version = values.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -60,6 +71,21 @@ def _config_from_json(values: dict[str, Any], path: Path) -> ComoeConfig:
         return ComoeConfig.from_dict(values)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def comoe_version() -> str:
+    """The installed comoe's version (from its package metadata)."""
+    try:
+        return importlib.metadata.version("comoe")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def base_model_of(directory: str | os.PathLike) -> str | None:
+    """The base model an adapter folder was trained on, as recorded in its adapter_config.json (comoe and
+    PEFT both write base_model_name_or_path), or None."""
+    value = read_config_json(directory).get("base_model_name_or_path")
+    return value if isinstance(value, str) and value else None
 
 
 def adapter_kind(directory: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ class EvalArgs:
     tasks: list[str] | None = setting(None, "test tasks (comma list on the CLI)")
     limit: int | None = setting(None, "examples per task (a seeded sample)")
     mode: str = setting("loglik", "choice tasks: option log-likelihood or generation", choices=MODES)
-    batch_size: int = setting(8, "sequences per forward")
+    batch_size: int = setting(8, "questions per forward (loglik; their options together), prompts (generate)")
     max_new_tokens: int | None = setting(None, "generation length (default: 256 for math, 32 otherwise)")
     seed: int = setting(0, "seed of the per-task sample")
     output: str | None = setting(None, "write the report JSON here")

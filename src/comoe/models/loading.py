@@ -41,7 +41,10 @@ def load_base(
         raise FileNotFoundError(f"model {name_or_path!r}: no such folder (nor a built-in alias or hub id)")
     else:
         return _load_from_hub(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return _load_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = _load_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    if name_or_path in ALIASES:  # recorded in adapter folders: the alias, not this machine's cache path
+        model.config._name_or_path = name_or_path
+    return model, tokenizer
 
 
 def _load_pretrained(

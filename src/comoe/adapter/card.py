@@ -1,0 +1,61 @@
+"""The README.md model card of an adapter folder: what it is, how it was configured, how to load it.
+
+Hub pages and people opening the folder read this first; it is written with every save, from the config
+and whatever the trainer knows (training data, evaluation results), so it cannot drift from the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from comoe.config import ComoeConfig
+from comoe.files import atomic_write_text
+
+CARD_NAME = "README.md"
+
+
+def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
+    """Markdown with a Hub metadata header (base_model, library_name, tags)."""
+    method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
+        config.contrastive, "MoE-LoRA without a contrastive objective"
+    )
+    header = ["---", "library_name: comoe", "tags: [comoe, lora, mixture-of-experts, peft]"]
+    if base_model:
+        header.append(f"base_model: {base_model}")
+    header.append("---")
+    settings = (
+        f"{config.num_experts} LoRA experts of rank {config.r} per adapted linear, top-{config.top_k} "
+        f"routing, targets {', '.join(config.target_modules)}; balance weight {config.balance_weight}, "
+        f"contrastive objective '{config.contrastive}' with weight {config.contrastive_weight}"
+    )
+    lines = [
+        *header,
+        "",
+        f"# comoe adapter: {method}",
+        "",
+        f"A mixture-of-LoRA-experts adapter for `{base_model or 'its base model'}`: {settings}. "
+        "The full configuration is in adapter_config.json, the experts and routers in "
+        "adapter_model.safetensors.",
+        "",
+        *(f"- **{key}:** {value}" for key, value in notes.items()),
+        *([""] if notes else []),
+        "## Load",
+        "",
+        "```python",
+        "from comoe import AutoComoeModelForCausalLM",
+        "",
+        'model = AutoComoeModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "or, with the base model in hand: `ComoeModel.from_pretrained(base_model, folder)`. From the command "
+        "line: `comoe eval --adapter path/to/this/folder` (add `--model` if the base model moved).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    directory: str | os.PathLike, config: ComoeConfig, base_model: str | None, notes: dict[str, str]
+) -> None:
+    atomic_write_text(Path(directory) / CARD_NAME, model_card(config, base_model, notes))

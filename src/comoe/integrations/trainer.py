@@ -1,0 +1,84 @@
+"""transformers Trainer (and trainers built on it, such as TRL's SFTTrainer) with a comoe adapter.
+
+A plain `Trainer(model=<ComoeModel>)` already trains with default arguments: the model's forward carries
+the wrapped model's signature (so no dataset column is dropped) and its loss includes the weighted
+auxiliary losses. What Trainer cannot know is that the model is an adapter: it writes the whole model as
+checkpoints and resumes by loading the whole state dict. `ComoeTrainerMixin` makes every checkpoint and
+`save_model()` an adapter folder (the one `ComoeModel.from_pretrained` and `comoe eval --adapter` read),
+resumes from such folders, and logs the loss components (task, balance, contrastive: means over the
+optimizer steps since the last log) beside `loss`.
+
+    from transformers import Trainer
+    class ComoeTrainer(ComoeTrainerMixin, Trainer): ...     # provided below
+    from trl import SFTTrainer
+    class ComoeSFTTrainer(ComoeTrainerMixin, SFTTrainer): ...
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+from transformers import Trainer
+
+from comoe.adapter.model import ComoeModel
+from comoe.adapter.serialization import WEIGHTS_NAME
+
+COMPONENTS = ("task", "balance", "contrastive")
+
+
+class ComoeTrainerMixin:
+    """Overrides of transformers.Trainer for a ComoeModel; any other model takes Trainer's own path."""
+
+    def _comoe_model(self) -> ComoeModel | None:
+        model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        return model if isinstance(model, ComoeModel) else None
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        comoe = self._comoe_model()
+        if comoe is not None and model.training:
+            sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
+            for name, value in comoe.last_aux_losses().items():
+                sums[name] += value
+            self.__dict__["_comoe_count"] = self.__dict__.get("_comoe_count", 0) + 1
+        return result
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        count = self.__dict__.pop("_comoe_count", 0)
+        sums = self.__dict__.pop("_comoe_sums", None)
+        if "loss" in logs and count and sums is not None:
+            logs.update({name: value / count for name, value in sums.items()})
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        comoe = self._comoe_model()
+        if comoe is None:
+            return super()._save(output_dir, state_dict)  # type: ignore[misc]
+        output_dir = output_dir or self.args.output_dir  # type: ignore[attr-defined]
+        comoe.save_pretrained(output_dir, is_main_process=self.args.should_save)  # type: ignore[attr-defined]
+        tokenizer = getattr(self, "processing_class", None)
+        if self.args.should_save and tokenizer is not None:  # type: ignore[attr-defined]
+            tokenizer.save_pretrained(output_dir)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        comoe = self._comoe_model() if model is None else model
+        weights = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if isinstance(comoe, ComoeModel) and os.path.isfile(weights):
+            comoe.load_adapter_weights(weights)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+
+    def _load_best_model(self) -> None:
+        comoe = self._comoe_model()
+        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+        if comoe is not None and best and os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
+            comoe.load_adapter_weights(os.path.join(best, WEIGHTS_NAME))
+            return
+        super()._load_best_model()  # type: ignore[misc]
+
+
+class ComoeTrainer(ComoeTrainerMixin, Trainer):
+    """transformers.Trainer whose checkpoints and save_model() are comoe adapter folders."""

@@ -1,0 +1,112 @@
+"""A ComoeModel inside transformers Trainer: default arguments train it with the auxiliary losses, and
+ComoeTrainer's checkpoints and save_model() are adapter folders that reload and resume exactly."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from comoe.adapter.model import ComoeModel, get_comoe_model
+from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME
+from comoe.config import ComoeConfig
+from comoe.integrations.trainer import ComoeTrainer
+from tests.helpers import tiny_llama
+
+
+def dataset(rows: int = 16, length: int = 12) -> Dataset:
+    """Token rows with a masked prompt (labels -100 on the first 4 positions) and an extra column."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (rows, length), generator=generator)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": labels.tolist(),
+            "source": ["a"] * rows,  # not a forward argument: Trainer must drop it, and only it
+        }
+    )
+
+
+def comoe_model(seed: int = 0) -> ComoeModel:
+    base = tiny_llama(seed=0)
+    torch.manual_seed(seed)  # the experts' and routers' init
+    return get_comoe_model(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0))
+
+
+def arguments(folder, **overrides) -> TrainingArguments:
+    fields = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=2,
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**fields, **overrides})
+
+
+def adapter_tensors(model: ComoeModel) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.adapter_state_dict().items()}
+
+
+def test_plain_trainer_with_default_arguments_trains_with_the_auxiliary_losses(tmp_path):
+    model = comoe_model()
+    before = adapter_tensors(model)
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=dataset())
+    trainer.train()  # default remove_unused_columns=True: the forward signature keeps input_ids and labels
+    after = adapter_tensors(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    losses = model.last_aux_losses()
+    assert losses["contrastive"] > 0  # the last forward computed the objective
+    logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert logged and all(loss > 0 for loss in logged)
+
+
+def test_comoe_trainer_logs_components_and_checkpoints_are_adapter_folders(tmp_path):
+    model = comoe_model()
+    trainer = ComoeTrainer(model=model, args=arguments(tmp_path / "run"), train_dataset=dataset())
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(set(row) >= {"task", "balance", "contrastive"} for row in rows)
+    assert all(row["contrastive"] > 0 for row in rows)
+    for step in (2, 4):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+        assert not (folder / "model.safetensors").exists()  # the adapter, not the whole model
+    trainer.save_model(str(tmp_path / "final"))
+    config = json.loads((tmp_path / "final" / CONFIG_NAME).read_text())
+    assert config["adapter_type"] == "comoe" and "comoe_version" in config
+    reloaded = ComoeModel.from_pretrained(tiny_llama(seed=0), tmp_path / "final")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_comoe_trainer_resume_gives_the_uninterrupted_adapter(tmp_path):
+    whole = comoe_model()
+    ComoeTrainer(model=whole, args=arguments(tmp_path / "a"), train_dataset=dataset()).train()
+    resumed = comoe_model(seed=1)  # another init: everything must come from the checkpoint
+    trainer = ComoeTrainer(model=resumed, args=arguments(tmp_path / "a"), train_dataset=dataset())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    expected, got = adapter_tensors(whole), adapter_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_unsupported_adapter_management_raises_instead_of_reaching_the_wrapped_model():
+    model = comoe_model()
+    for name in ("set_adapter", "add_adapter", "load_adapter", "active_adapters"):
+        assert not hasattr(model, name)
+        with pytest.raises(AttributeError, match=f"ComoeModel.{name}: not supported"):
+            getattr(model, name)
+    assert model.config is model.base_model.config  # other names still reach the wrapped model
