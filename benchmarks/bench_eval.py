@@ -22,14 +22,12 @@ score) unless --adapter names a trained folder.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from common import add_device_flags, interleaved_medians, load_model, save_results, synchronize
 from lm_eval import evaluator
 from lm_eval.models.huggingface import HFLM
@@ -43,7 +41,8 @@ from comoe.config import ComoeConfig
 from comoe.data.tasks import load_examples, render_prompt
 from comoe.evaluation.generation import left_pad
 from comoe.evaluation.loglik import option_loglikelihoods
-from comoe.evaluation.scoring import choice_options, choice_response
+from comoe.evaluation.scoring import choice_options
+from comoe.integrations.lm_eval import write_choice_task
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 TASKS = ["ARC-Challenge", "boolq"]  # 4-5 options and 2 options
@@ -63,38 +62,10 @@ def build_models(args: argparse.Namespace):
     return model.eval(), tokenizer
 
 
-def lm_eval_task(folder: Path, name: str, examples, tokenizer) -> None:
-    """A local lm-eval task over exactly comoe's prompts and responses (+ eos, as comoe scores them)."""
-    records = folder / f"{name}.jsonl"
-    with records.open("w") as handle:
-        for example in examples:
-            options = choice_options(example)
-            choices = [choice_response(o) + tokenizer.eos_token for o in options]
-            row = {
-                "prompt": render_prompt(example),
-                "choices": choices,
-                "label": options.index(example.answer),
-            }
-            handle.write(json.dumps(row) + "\n")
-    task = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(records)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "prompt",
-        "doc_to_choice": "choices",
-        "doc_to_target": "label",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc"}],
-    }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task))
-
-
 def bench_loglik(model, tokenizer, task: str, args: argparse.Namespace, folder: Path) -> dict:
     examples = load_examples(args.data_dir, [task], "test", args.limit, 0)
     name = "comoe_bench_" + task.lower().replace("-", "_")
-    lm_eval_task(folder, name, examples, tokenizer)
+    write_choice_task(folder, name, examples, tokenizer.eos_token)
     manager = TaskManager(include_path=str(folder))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=2048)
     outputs: dict[str, object] = {}

@@ -4,6 +4,7 @@ Fixtures live in conftest.py; plain functions and constants live here, so no tes
 """
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import ComoeConfig
+from comoe.data import Example
 from comoe.training.settings import TrainArgs
 
 
@@ -98,3 +100,37 @@ def train_args(model_dir, out, **fields):
         lr=1e-3,
     )
     return TrainArgs(**{**base, **fields})
+
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "why",
+    "how",
+    "which",
+    "blue",
+    "red",
+    "green",
+    "runs",
+    "jumps",
+    "over",
+    "under",
+    "quickly",
+]
+
+
+def questions(count: int, seed: int = 0) -> list[Example]:
+    """Multiple-choice examples with 2-5 options and prompts of 3-40 words (different lengths in a batch)."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        options = [f"answer{i + 1}" for i in range(rng.randint(2, 5))]
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
+        instruction = f"{words}?\n\nAnswer format: {'/'.join(options)}"
+        examples.append(Example("ARC-Easy", instruction, "", "", rng.choice(options)))
+    return examples

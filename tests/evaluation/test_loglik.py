@@ -2,50 +2,14 @@
 caches and heads differ: Llama, Gemma 3 (sliding-window layers), Gemma 2 (logit soft-capping), and a
 comoe-adapted model (routing per token must not depend on the cache)."""
 
-import random
-
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
-from comoe.data import Example
 from comoe.evaluation.loglik import option_loglikelihoods, plain_scores, sliding_window, tokenize_question
-from tests.helpers import tiny_llama
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "on",
-    "mat",
-    "why",
-    "how",
-    "which",
-    "blue",
-    "red",
-    "green",
-    "runs",
-    "jumps",
-    "over",
-    "under",
-    "quickly",
-]
-
-
-def questions(count: int, seed: int = 0) -> list[Example]:
-    """Multiple-choice examples with 2-5 options and prompts of 3-40 words (different lengths in a batch)."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        options = [f"answer{i + 1}" for i in range(rng.randint(2, 5))]
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
-        instruction = f"{words}?\n\nAnswer format: {'/'.join(options)}"
-        examples.append(Example("ARC-Easy", instruction, "", "", rng.choice(options)))
-    return examples
+from tests.helpers import questions, tiny_llama
 
 
 def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:

@@ -1,0 +1,90 @@
+"""lm-evaluation-harness with a comoe adapter: a registered model `comoe`, and comoe tasks as lm-eval tasks.
+
+Python:
+
+    import lm_eval
+    from comoe.integrations.lm_eval import ComoeLM
+    lm_eval.simple_evaluate(model=ComoeLM(adapter="runs/demo/adapter"), tasks=["arc_easy"])
+
+Command line (lm-eval's own CLI, with the `comoe` model registered first):
+
+    python -m comoe.integrations.lm_eval run --model comoe --model_args adapter=runs/demo/adapter \
+        --tasks arc_easy
+
+`ComoeLM` is lm-eval's HFLM on the adapted model, so every lm-eval task and option works as for a plain
+Hugging Face model; the base model comes from the adapter folder (or `pretrained=` to override it) and is
+loaded as comoe loads it (built-in alias, local folder or hub id). Needs `pip install lm-eval`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lm_eval.__main__ import cli_evaluate
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from comoe.adapter.auto import load_adapter
+from comoe.adapter.serialization import adapter_kind, base_model_of
+from comoe.data.example import Example
+from comoe.data.tasks import render_prompt
+from comoe.evaluation.scoring import choice_options, choice_response
+from comoe.models.loading import load_base
+
+
+@register_model("comoe")
+class ComoeLM(HFLM):
+    """lm-eval's Hugging Face model with a comoe (or PEFT) adapter folder applied."""
+
+    def __init__(self, adapter: str, pretrained: str | None = None, **kwargs: Any) -> None:
+        adapter_kind(adapter)  # a bad folder fails before the base model is loaded
+        name = pretrained or base_model_of(adapter)
+        if name is None:
+            raise ValueError(f"{adapter}: the adapter does not record its base model; pass pretrained=...")
+        base, tokenizer = load_base(name)
+        super().__init__(pretrained=load_adapter(base, adapter), tokenizer=tokenizer, **kwargs)
+
+
+def write_choice_task(folder: str | Path, name: str, examples: list[Example], eos_token: str) -> Path:
+    """comoe's multiple-choice examples as a local lm-eval task (`name`.yaml + `name`.jsonl in `folder`):
+    the same prompts and option responses (+ eos) that `comoe eval` scores, `acc` = argmax of summed
+    log-likelihoods. Evaluate with `TaskManager(include_path=folder)`. lm-eval moves the prompt's trailing
+    newline into each continuation and scores it too: a constant per question, so accuracies agree."""
+    folder = Path(folder)
+    records = folder / f"{name}.jsonl"
+    with records.open("w") as handle:
+        for example in examples:
+            options = choice_options(example)
+            row = {
+                "prompt": render_prompt(example),
+                "choices": [choice_response(o) + eos_token for o in options],
+                "label": options.index(example.answer),
+            }
+            handle.write(json.dumps(row) + "\n")
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(records)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "prompt",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task))
+    return path
+
+
+def main() -> None:
+    """lm-eval's command line with the `comoe` model registered (importing this module registers it)."""
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
