@@ -28,7 +28,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import add_device_flags, interleaved_medians, load_model, save_results, synchronize
+from common import (
+    add_device_flags,
+    benchmark_parser,
+    interleaved_medians,
+    load_model,
+    save_results,
+    synchronize,
+)
 from lm_eval import evaluator
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager, get_task_dict
@@ -157,11 +164,7 @@ def bench_generate(model, tokenizer, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="6 questions a task, 1 repeat (~1 min)")
-    parser.add_argument("--json", help="write the results here")
+    parser = benchmark_parser(__doc__, "6 questions a task, 1 repeat (~1 min)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--adapter", help="a trained comoe adapter folder (default: a random comoe preset)")
     parser.add_argument("--data-dir", default=str(DATA_DIR))

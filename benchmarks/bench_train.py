@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import save_results
+from common import benchmark_parser, save_results
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -138,11 +138,7 @@ def run_one(candidate: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="6 steps of batch 2, one round (< 1 minute)")
-    parser.add_argument("--json", help="write the results here")
+    parser = benchmark_parser(__doc__, "6 steps of batch 2, one round (< 1 minute)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)

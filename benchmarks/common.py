@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -18,6 +19,14 @@ from comoe.models.gguf import alias_cache, cache_root
 from comoe.models.loading import load_base
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def benchmark_parser(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The flags every benchmark has: --quick (what it shrinks to) and --json (where results go)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--json", help="write the results here")
+    return parser
 
 
 def add_device_flags(parser) -> None:

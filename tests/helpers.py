@@ -17,19 +17,21 @@ from comoe.config import ComoeConfig
 from comoe.data import Example
 from comoe.training.settings import TrainArgs
 
+# The sizes of every tiny test model (milliseconds per step); families add their own fields.
+TINY_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+)
+
 
 def tiny_config(**overrides) -> LlamaConfig:
     """A small LLaMA configuration: same module names and code paths as SmolLM2, milliseconds per step."""
-    fields = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-    )
-    return LlamaConfig(**{**fields, **overrides})
+    return LlamaConfig(**{**TINY_SIZES, **overrides})
 
 
 def tiny_llama(seed: int = 0, vocab: int = 128) -> LlamaForCausalLM:

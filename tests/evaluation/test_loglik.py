@@ -9,18 +9,13 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gem
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
 from comoe.evaluation.loglik import option_loglikelihoods, plain_scores, sliding_window, tokenize_question
-from tests.helpers import questions, tiny_llama
+from tests.helpers import TINY_SIZES, questions, tiny_llama
 
 
 def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:
     torch.manual_seed(0)
     config = Gemma3TextConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
+        **{**TINY_SIZES, "vocab_size": vocab, "num_hidden_layers": 3, "num_key_value_heads": 1},
         head_dim=16,
         sliding_window=window,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
@@ -32,12 +27,7 @@ def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:
 def tiny_gemma2(vocab: int) -> Gemma2ForCausalLM:
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **{**TINY_SIZES, "vocab_size": vocab},
         head_dim=16,
         final_logit_softcapping=0.5,  # small, so capping changes every score
         max_position_embeddings=256,

@@ -4,6 +4,7 @@ PEFT LoRA baseline, with auxiliary losses logged per step, atomic checkpoints an
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -154,6 +155,10 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     log.close()
     model.save_pretrained(run / "adapter", is_main_process=world.is_main)
     world.barrier()
+    # The DistributedDataParallel wrapper's reducer must go before its process group: destroyed after it
+    # (at this function's return), gloo's destructor can deadlock on a lock the group already took down.
+    del forward_model, batches
+    gc.collect()
     world.close()
     return run
 
