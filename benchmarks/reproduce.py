@@ -111,14 +111,17 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
     return result
 
 
-def paired_difference(a: list[dict], b: list[dict], samples: int = 2000) -> dict[str, float]:
+def paired_difference(
+    a: list[dict], b: list[dict], samples: int = 2000, b_untrained: bool = False
+) -> dict[str, float]:
     """Mean accuracy difference a - b over the same seeds and examples, with a 95% paired bootstrap CI
     (examples resampled within each seed; all tasks pooled, each task weighted by its examples).
-    A method with a single run (the untrained base) is paired with every seed of the other."""
+    An untrained b (the base model: one deterministic run) is paired with every seed of a; a trained one
+    only seed by seed, so a half-finished reproduction never pairs one method's seed 1 with another's 0."""
     by_seed = {r["seed"]: r for r in b}
     diffs = []
     for run in a:
-        other = b[0] if len(b) == 1 else by_seed.get(run["seed"])
+        other = b[0] if b_untrained and b else by_seed.get(run["seed"])
         if other is None:
             continue
         diffs.append(
@@ -194,7 +197,8 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
         )
     lines += ["", *header("comparison", "points", "95% CI", "per seed", "differ", "questions for ±1 point")]
     for a, b in config["comparisons"]:
-        diff = paired_difference(by_method.get(a, []), by_method.get(b, []))
+        untrained = config["methods"].get(b, {}) is None
+        diff = paired_difference(by_method.get(a, []), by_method.get(b, []), b_untrained=untrained)
         if diff:
             low, high = diff["ci95"]
             per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])

@@ -41,7 +41,9 @@ def test_questions_to_detect_follows_the_paired_power_formula():
 def test_paired_difference_pairs_a_single_base_run_with_every_seed():
     a = [run("a", 0, {"t": [True, False]}), run("a", 1, {"t": [True, True]})]
     base = [run("base", 0, {"t": [False, False]})]
-    assert reproduce.paired_difference(a, base)["mean"] == pytest.approx(3 / 4)
+    assert reproduce.paired_difference(a, base, b_untrained=True)["mean"] == pytest.approx(3 / 4)
+    # a trained method with one seed so far pairs only with that seed, not with every seed of a
+    assert reproduce.paired_difference(a, base)["per_seed"] == [pytest.approx(1 / 2)]
     two_seeds = [run("b", 0, {"t": [True, True]}), run("b", 5, {"t": [False, False]})]
     assert reproduce.paired_difference(a, two_seeds)["mean"] == pytest.approx(-1 / 2)  # only seed 0 pairs
     assert reproduce.paired_difference(a, []) == {}
