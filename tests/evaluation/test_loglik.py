@@ -19,7 +19,6 @@ def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:
         head_dim=16,
         sliding_window=window,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=256,
     )
     return Gemma3ForCausalLM(config).eval()
 
@@ -30,7 +29,6 @@ def tiny_gemma2(vocab: int) -> Gemma2ForCausalLM:
         **{**TINY_SIZES, "vocab_size": vocab},
         head_dim=16,
         final_logit_softcapping=0.5,  # small, so capping changes every score
-        max_position_embeddings=256,
     )
     return Gemma2ForCausalLM(config).eval()
 
