@@ -62,7 +62,7 @@ def test_save_pretrained_takes_the_keywords_transformers_passes(tiny_model_dir, 
     model.save_pretrained(tmp_path, state_dict=whole, safe_serialization=True, max_shard_size="5GB")
     written = read_safetensors(tmp_path / WEIGHTS_NAME)
     for name, tensor in written.items():
-        assert torch.equal(tensor, whole[f"base_model.{name}"])
+        assert torch.equal(tensor, whole[f"wrapped_model.{name}"])
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
 

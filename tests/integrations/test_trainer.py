@@ -109,4 +109,5 @@ def test_unsupported_adapter_management_raises_instead_of_reaching_the_wrapped_m
         assert not hasattr(model, name)
         with pytest.raises(AttributeError, match=f"ComoeModel.{name}: not supported"):
             getattr(model, name)
-    assert model.config is model.base_model.config  # other names still reach the wrapped model
+    assert model.config is model.wrapped_model.config  # other names still reach the wrapped model
+    assert model.base_model is model.wrapped_model.model  # transformers: base_model is the backbone

@@ -32,7 +32,7 @@ def test_response_loss_equals_full_head_loss(smol_tokenizer):
     model.eval()
     with torch.no_grad():
         task, _ = response_loss(model, batch)
-        full = model.base_model(**batch).loss
+        full = model.wrapped_model(**batch).loss
     assert float(task) == pytest.approx(float(full), rel=1e-5)
 
 

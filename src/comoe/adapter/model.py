@@ -66,16 +66,21 @@ class _ForwardWithWrappedSignature:
         if instance is None:
             return owner._class_forward
         call = functools.partial(owner._forward, instance)
-        return functools.wraps(instance.base_model.forward)(call)
+        return functools.wraps(instance.wrapped_model.forward)(call)
 
 
 class ComoeModel(nn.Module):
-    """A base model whose targeted linears are mixtures of LoRA experts; everything else is frozen."""
+    """A base model whose targeted linears are mixtures of LoRA experts; everything else is frozen.
+
+    Names follow transformers and PEFT: `wrapped_model` (also `get_base_model()`) is the model that was
+    adapted, e.g. a LlamaForCausalLM; `base_model` is its backbone (LlamaModel), as `model.base_model` is
+    on any transformers model. Other attributes reach the wrapped model.
+    """
 
     def __init__(self, model: nn.Module, config: ComoeConfig) -> None:
         super().__init__()
         targets = find_target_linears(model, config)
-        self.base_model = model
+        self.wrapped_model = model
         self.comoe_config = config
         self._context = ComoeContext()
         self._last_aux: dict[str, torch.Tensor] = {}
@@ -90,16 +95,59 @@ class ComoeModel(nn.Module):
         for name, layer in layers.items():
             set_submodule(model, name, layer)
         self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
+        self._inside_forward = False
+        self._pending_aux = False
+        backbone = self.base_model
+        if backbone is not model:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
+            backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True)
+            backbone.register_forward_hook(self._backbone_hook)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped model's backbone (transformers' `base_model`), or the wrapped model itself."""
+        return getattr(self.wrapped_model, "base_model", self.wrapped_model)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (PEFT's name for it)."""
+        return self.wrapped_model
+
+    def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
+        and the head itself): in training, keep the records the auxiliary losses need."""
+        if self._inside_forward or not (self.training and self._context.adapters_enabled):
+            return
+        mask = kwargs.get("attention_mask")
+        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
+        self._context.keep_records = True
+
+    def _backbone_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a direct backbone call in training: compute the weighted auxiliary losses and leave them
+        pending (`take_pending_aux_loss`), since the caller computes the task loss without this model."""
+        if self._inside_forward or not self._context.keep_records:
+            return
+        try:
+            self._compute_auxiliary_losses()
+            self._pending_aux = True
+        finally:
+            self._end_forward()
+
+    def take_pending_aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary loss of a direct backbone call not yet added to any loss (then cleared),
+        or None: for trainers whose loss bypasses this model's forward (comoe.integrations)."""
+        if not self._pending_aux:
+            return None
+        self._pending_aux = False
+        return self.weighted_aux_loss
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "wrapped_model":
                 raise
             if name in UNSUPPORTED:
                 raise UnsupportedOperation(f"ComoeModel.{name}: not supported: {UNSUPPORTED[name]}") from None
-            return getattr(self.base_model, name)
+            return getattr(self.wrapped_model, name)
 
     @property
     def weighted_aux_loss(self) -> torch.Tensor:
@@ -125,15 +173,25 @@ class ComoeModel(nn.Module):
         mask = kwargs.get("attention_mask")
         self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
         self._context.keep_records = want_aux or self._recorded is not None
+        self._inside_forward = True
         try:
-            output = self.base_model(*args, **kwargs)
+            output = self.wrapped_model(*args, **kwargs)
             if want_aux:
                 self._add_auxiliary_losses(output)
         finally:
+            self._inside_forward = False
             self._end_forward()
         return output
 
     def _add_auxiliary_losses(self, output: Any) -> None:
+        self._compute_auxiliary_losses()
+        task = getattr(output, "loss", None)
+        if task is not None:
+            self._last_aux["task"] = task.detach()
+            output.loss = task + self.weighted_aux_loss
+
+    def _compute_auxiliary_losses(self) -> None:
+        """weighted_aux_parts (and the unweighted values for logging) from this forward's layer records."""
         records = [layer.record for layer in self._layers.values() if layer.record is not None]
         aux = auxiliary_losses(records, self.comoe_config)
         config = self.comoe_config
@@ -142,10 +200,6 @@ class ComoeModel(nn.Module):
             "contrastive": config.contrastive_weight * aux["contrastive"],
         }
         self._last_aux = {name: value.detach() for name, value in aux.items()}
-        task = getattr(output, "loss", None)
-        if task is not None:
-            self._last_aux["task"] = task.detach()
-            output.loss = task + self.weighted_aux_loss
 
     def _end_forward(self) -> None:
         """Drop the per-layer tensors of this forward (or hand them to record_routing)."""
@@ -175,7 +229,7 @@ class ComoeModel(nn.Module):
             self._recorded = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self.wrapped_model.generate(*args, **kwargs)
 
     # ---- adapters on and off ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -193,8 +247,8 @@ class ComoeModel(nn.Module):
     def unload(self) -> nn.Module:
         """Put the original nn.Linear modules back and return the untouched base model."""
         for name, layer in self.comoe_layers().items():
-            set_submodule(self.base_model, name, layer.base_layer)
-        return self.base_model
+            set_submodule(self.wrapped_model, name, layer.base_layer)
+        return self.wrapped_model
 
     def merge_and_unload(self) -> nn.Module:
         raise NotImplementedError(
@@ -245,7 +299,7 @@ class ComoeModel(nn.Module):
         if not safe_serialization:
             raise ValueError("save_pretrained(safe_serialization=False): comoe writes safetensors only")
         if state_dict is not None:
-            state = {name: state_dict[f"base_model.{name}"] for name in self.adapter_state_dict()}
+            state = {name: state_dict[f"wrapped_model.{name}"] for name in self.adapter_state_dict()}
         else:
             state = self.adapter_state_dict()
         state = {name: full_tensor(tensor) for name, tensor in state.items()}
@@ -260,7 +314,7 @@ class ComoeModel(nn.Module):
     def base_model_name_or_path(self) -> str | None:
         """What the wrapped model was loaded from (its config's name_or_path), recorded in the adapter
         folder so that AutoComoeModelForCausalLM can load base and adapter from the folder alone."""
-        config = getattr(self.base_model, "config", None)
+        config = getattr(self.wrapped_model, "config", None)
         return getattr(config, "_name_or_path", None) or None
 
     def push_to_hub(

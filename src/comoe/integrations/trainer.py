@@ -10,8 +10,7 @@ optimizer steps since the last log) beside `loss`.
 
     from transformers import Trainer
     class ComoeTrainer(ComoeTrainerMixin, Trainer): ...     # provided below
-    from trl import SFTTrainer
-    class ComoeSFTTrainer(ComoeTrainerMixin, SFTTrainer): ...
+    from comoe.integrations.trl import ComoeSFTTrainer     # TRL's SFTTrainer with the mixin
 """
 
 from __future__ import annotations
@@ -38,6 +37,12 @@ class ComoeTrainerMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         result = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
         comoe = self._comoe_model()
+        pending = comoe.take_pending_aux_loss() if comoe is not None else None
+        if pending is not None:  # the loss bypassed the model's forward (TRL's fused LM head): add them here
+            if isinstance(result, tuple):
+                result = (result[0] + pending.to(result[0].device), *result[1:])
+            else:
+                result = result + pending.to(result.device)
         if comoe is not None and model.training:
             sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
             for name, value in comoe.last_aux_losses().items():

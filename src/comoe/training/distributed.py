@@ -49,7 +49,7 @@ class World:
         if self.size == 1:
             return model
         if fsdp:
-            shard(getattr(model, "base_model", model))
+            shard(getattr(model, "wrapped_model", model))
             return model
         return DistributedDataParallel(model)
 

@@ -1,0 +1,115 @@
+"""TRL's SFTTrainer with a comoe adapter: on prompt/completion and on conversational data the auxiliary
+losses are in the loss (non-zero, and they reach the experts' gradients), checkpoints are adapter folders,
+and resuming gives the uninterrupted adapter."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+pytest.importorskip("trl", reason="TRL is an optional extra (pip install -e '.[integrations]')")
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from comoe.adapter.model import ComoeModel, get_comoe_model  # noqa: E402
+from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from comoe.config import ComoeConfig  # noqa: E402
+from comoe.integrations.trl import ComoeSFTTrainer  # noqa: E402
+from tests.helpers import tiny_llama  # noqa: E402
+
+PROMPT_COMPLETION = Dataset.from_dict(
+    {
+        "prompt": ["What is 2+2?", "Name a colour.", "Spell cat backward.", "3 x 3?"] * 2,
+        "completion": [" 4", " Blue", " tac", " 9"] * 2,
+    }
+)
+MESSAGES = Dataset.from_dict(
+    {
+        "messages": [
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            for q, a in [("Hi?", "Hello."), ("2+2?", "4"), ("Sky?", "Blue."), ("Cat?", "Meow.")] * 2
+        ]
+    }
+)
+
+
+def comoe_model(vocab: int, seed: int = 0) -> ComoeModel:
+    base = tiny_llama(vocab=vocab)
+    torch.manual_seed(seed)
+    return get_comoe_model(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0))
+
+
+def config(folder, **overrides) -> SFTConfig:
+    fields = dict(
+        output_dir=str(folder),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=2,
+        save_steps=2,
+        seed=0,
+        disable_tqdm=True,
+        # TRL turns gradient checkpointing on by default; comoe's contrastive presets do not support it yet
+        gradient_checkpointing=False,
+    )
+    return SFTConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("data", [PROMPT_COMPLETION, MESSAGES], ids=["prompt-completion", "messages"])
+def test_sft_trainer_adds_the_auxiliary_losses_and_saves_adapter_folders(smol_tokenizer, tmp_path, data):
+    model = comoe_model(len(smol_tokenizer))
+    trainer = ComoeSFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=data, processing_class=smol_tokenizer
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["contrastive"] > 0 for row in rows)
+    folder = tmp_path / "checkpoint-2"
+    assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+    # The auxiliary loss reaches the gradients: SFTTrainer's loss with and without it differ in gradient.
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    grads = []
+    for with_aux in (True, False):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        if not with_aux:
+            loss = loss - model.weighted_aux_loss  # what a plain SFTTrainer would have trained on
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_plain_sft_trainer_would_train_without_them(smol_tokenizer, tmp_path):
+    """Why ComoeSFTTrainer exists: SFTTrainer's fused head bypasses the model's forward."""
+    model = comoe_model(len(smol_tokenizer))
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=PROMPT_COMPLETION,
+        processing_class=smol_tokenizer,
+    )
+    trainer.train()
+    assert model.take_pending_aux_loss() is not None  # computed on the backbone call, added by nobody
+
+
+def test_sft_resume_gives_the_uninterrupted_adapter(smol_tokenizer, tmp_path):
+    whole = comoe_model(len(smol_tokenizer))
+    ComoeSFTTrainer(
+        model=whole,
+        args=config(tmp_path / "a"),
+        train_dataset=PROMPT_COMPLETION,
+        processing_class=smol_tokenizer,
+    ).train()
+    resumed = comoe_model(len(smol_tokenizer), seed=1)
+    ComoeSFTTrainer(
+        model=resumed,
+        args=config(tmp_path / "a"),
+        train_dataset=PROMPT_COMPLETION,
+        processing_class=smol_tokenizer,
+    ).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    expected, got = whole.adapter_state_dict(), resumed.adapter_state_dict()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
