@@ -136,3 +136,20 @@ def questions(count: int, seed: int = 0) -> list[Example]:
         instruction = f"{words}?\n\nAnswer format: {'/'.join(options)}"
         examples.append(Example("ARC-Easy", instruction, "", "", rng.choice(options)))
     return examples
+
+
+def trainer_fields(folder, **overrides) -> dict:
+    """TrainingArguments / SFTConfig fields for a few CPU steps of a tiny model, checkpoint every 2."""
+    fields = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=2,
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return {**fields, **overrides}

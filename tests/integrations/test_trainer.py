@@ -12,7 +12,7 @@ from comoe.adapter.model import ComoeModel, get_comoe_model
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME
 from comoe.config import ComoeConfig
 from comoe.integrations.trainer import ComoeTrainer
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, trainer_fields
 
 
 def dataset(rows: int = 16, length: int = 12) -> Dataset:
@@ -38,19 +38,7 @@ def comoe_model(seed: int = 0) -> ComoeModel:
 
 
 def arguments(folder, **overrides) -> TrainingArguments:
-    fields = dict(
-        output_dir=str(folder),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        report_to=[],
-        logging_steps=2,
-        save_steps=2,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return TrainingArguments(**{**fields, **overrides})
+    return TrainingArguments(**trainer_fields(folder, **overrides))
 
 
 def adapter_tensors(model: ComoeModel) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from comoe.adapter.model import ComoeModel, get_comoe_model  # noqa: E402
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from comoe.config import ComoeConfig  # noqa: E402
 from comoe.integrations.trl import ComoeSFTTrainer  # noqa: E402
-from tests.helpers import tiny_llama  # noqa: E402
+from tests.helpers import tiny_llama, trainer_fields  # noqa: E402
 
 PROMPT_COMPLETION = Dataset.from_dict(
     {
@@ -39,21 +39,9 @@ def comoe_model(vocab: int, seed: int = 0) -> ComoeModel:
 
 
 def config(folder, **overrides) -> SFTConfig:
-    fields = dict(
-        output_dir=str(folder),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=2,
-        save_steps=2,
-        seed=0,
-        disable_tqdm=True,
-        # TRL turns gradient checkpointing on by default; comoe's contrastive presets do not support it yet
-        gradient_checkpointing=False,
-    )
-    return SFTConfig(**{**fields, **overrides})
+    # TRL turns gradient checkpointing on by default; comoe's contrastive presets do not support it yet
+    fields = {"per_device_train_batch_size": 2, "gradient_checkpointing": False, **overrides}
+    return SFTConfig(**trainer_fields(folder, **fields))
 
 
 @pytest.mark.parametrize("data", [PROMPT_COMPLETION, MESSAGES], ids=["prompt-completion", "messages"])
