@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,6 +98,7 @@ class ComoeModel(nn.Module):
         self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
         self._inside_forward = False
         self._pending_aux = False
+        self._warned_pending = False
         backbone = self.base_model
         if backbone is not model:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
             backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True)
@@ -125,6 +127,15 @@ class ComoeModel(nn.Module):
         pending (`take_pending_aux_loss`), since the caller computes the task loss without this model."""
         if self._inside_forward or not self._context.keep_records:
             return
+        if self._pending_aux and not self._warned_pending:
+            self._warned_pending = True
+            warnings.warn(
+                "comoe: the auxiliary (balance/contrastive) losses of a direct backbone call were never "
+                "added to a loss: this trainer computes its loss without the model's forward (TRL's "
+                "SFTTrainer does). Use comoe.integrations.trl.ComoeSFTTrainer, or add "
+                "model.take_pending_aux_loss().",
+                stacklevel=2,
+            )
         try:
             self._compute_auxiliary_losses()
             self._pending_aux = True
