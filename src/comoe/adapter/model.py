@@ -118,8 +118,7 @@ class ComoeModel(nn.Module):
         and the head itself): in training, keep the records the auxiliary losses need."""
         if self._inside_forward or not (self.training and self._context.adapters_enabled):
             return
-        mask = kwargs.get("attention_mask")
-        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
+        self._set_token_mask(kwargs.get("attention_mask"))
         self._context.keep_records = True
 
     def _backbone_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -141,6 +140,10 @@ class ComoeModel(nn.Module):
             self._pending_aux = True
         finally:
             self._end_forward()
+
+    def _set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Which tokens the auxiliary losses count (the attention mask, flattened; None: all)."""
+        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
 
     def take_pending_aux_loss(self) -> torch.Tensor | None:
         """The weighted auxiliary loss of a direct backbone call not yet added to any loss (then cleared),
@@ -181,8 +184,7 @@ class ComoeModel(nn.Module):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; with labels (or in training) the loss includes the auxiliary losses."""
         want_aux = self._context.adapters_enabled and (self.training or kwargs.get("labels") is not None)
-        mask = kwargs.get("attention_mask")
-        self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
+        self._set_token_mask(kwargs.get("attention_mask"))
         self._context.keep_records = want_aux or self._recorded is not None
         self._inside_forward = True
         try:
