@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from comoe.validation import InvalidSetting, check_type, reject_unknown
+from comoe.validation import InvalidSetting, check_choice, check_type, reject_unknown
 
 S = TypeVar("S")
 
@@ -88,13 +89,25 @@ def _comma_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _pairs(text: str) -> dict[str, str]:
+    """'a=x,b=y' -> {'a': 'x', 'b': 'y'} (a mapping given on the command line)."""
+    pairs = {}
+    for item in _comma_list(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not name=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 # Field annotation (as written, postponed) -> argparse type; bools become store_true flags.
-_FLAG_TYPES = {"str": str, "int": int, "float": float, "list[str]": _comma_list}
+_FLAG_TYPES = {"str": str, "int": int, "float": float, "list[str]": _comma_list, "dict[str, str]": _pairs}
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a settings dataclass, defaulting to None so that unset flags do not
-    override the YAML file; fields with metadata flag=False are YAML-only (e.g. nested mappings)."""
+    override the YAML file; fields with metadata flag=False are YAML-only (e.g. nested mappings), and
+    list fields with repeat=True take one value per flag (--data a.jsonl --data b.jsonl)."""
     for spec in dataclasses.fields(cls):
         if not spec.metadata.get("flag", True):
             continue
@@ -107,6 +120,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if annotation == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
+        if spec.metadata.get("repeat"):
+            parser.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")
+            continue
         parser.add_argument(
             flag,
             type=_FLAG_TYPES[annotation],
@@ -114,3 +130,36 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             default=None,
             help=help_text,
         )
+
+
+# ---- a settings group shared by `comoe train` and `comoe eval` --------------------------------------------
+FORMAT_CHOICES = ("auto", "instruction", "prompt_completion", "messages")
+TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")
+
+
+@dataclass
+class DataArgs:
+    """Your own data: files or datasets folders, their record format, template and column names."""
+
+    data: list[str] | None = setting(
+        None,
+        "your data: [name=]path to .json, .jsonl, .parquet, .csv or a save_to_disk folder (instead of "
+        "--data-dir/--tasks; the task is 'name', else a record's task field, else the file's stem)",
+        repeat=True,
+    )
+    format: str = setting("auto", "record format of --data (auto: detected per file)", choices=FORMAT_CHOICES)
+    template: str = setting(
+        "auto",
+        "prompt template (auto: chat for messages, alpaca for instruction records, none for "
+        "prompt/completion)",
+        choices=TEMPLATE_CHOICES,
+    )
+    columns: dict[str, str] = setting(
+        {}, "rename the data's columns to comoe's names, e.g. instruction=question,output=response"
+    )
+
+    def check_data(self) -> None:
+        check_choice("format", self.format, FORMAT_CHOICES)
+        check_choice("template", self.template, TEMPLATE_CHOICES)
+        if self.data is not None and not self.data:
+            raise ValueError("data: give at least one [name=]path")

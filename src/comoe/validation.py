@@ -64,6 +64,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "bool": ((bool,), "true or false"),
     "list[str]": ((list,), "a list of strings"),
     "dict[str, Any]": ((dict,), "a mapping"),
+    "dict[str, str]": ((dict,), "a mapping of strings to strings"),
 }
 
 
@@ -85,5 +86,7 @@ def check_type(name: str, value: Any, annotation: str) -> None:
         ok = all(isinstance(item, str) for item in value)
     if ok and base == "dict[str, Any]":
         ok = all(isinstance(key, str) for key in value)
+    if ok and base == "dict[str, str]":
+        ok = all(isinstance(key, str) and isinstance(item, str) for key, item in value.items())
     if not ok:
         fail(name, value, wording + (" or null" if optional else ""))

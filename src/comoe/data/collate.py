@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from comoe.data.chat import Segments
 from comoe.data.example import Example
-from comoe.data.tasks import render_prompt
+from comoe.data.tasks import training_segments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,11 +44,36 @@ def tokenize_example(
     return Tokenized(ids[:cutoff], labels[:cutoff], truncated=truncated)
 
 
+def tokenize_segments(
+    tokenizer: PreTrainedTokenizerBase, segments: Segments, cutoff: int, eos: bool
+) -> Tokenized:
+    """Token ids of (text, learned) spans, labels on the learned ones only; eos (learned) at the end if asked.
+
+    Each span is tokenised on its own, so a label boundary is exactly a span boundary even where the
+    tokenizer would merge characters across it (as torchtune tokenises each message separately); it is
+    also how the prompt is tokenised at inference, alone. Cut to `cutoff` tokens from the end, flagged.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learned in segments:
+        part = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += part
+        labels += part if learned else [IGNORE_INDEX] * len(part)
+    if eos:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Tokenized(ids[:cutoff], labels[:cutoff], truncated=len(ids) > cutoff)
+
+
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase, examples: list[Example], cutoff: int
 ) -> tuple[list[Tokenized], int]:
-    """Every example as prompt (in its task's template) + reference response; and how many were cut."""
-    items = [tokenize_example(tokenizer, render_prompt(e), e.output, cutoff) for e in examples]
+    """Every example as its task's template renders it for training (prompt + reference response, or a
+    conversation with its assistant turns learned); and how many were cut."""
+    items = []
+    for example in examples:
+        segments, eos = training_segments(example, tokenizer)
+        items.append(tokenize_segments(tokenizer, segments, cutoff, eos=eos))
     return items, sum(item.truncated for item in items)
 
 

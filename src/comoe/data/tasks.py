@@ -7,12 +7,17 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from comoe.data.builtin import BUILTIN_TASKS, builtin_examples
+from comoe.data.chat import Segments, chat_prompt, chat_segments
 from comoe.data.example import Example
 from comoe.data.llm_adapters import COMMONSENSE_TASKS, MATH_TASKS, MATH_TRAIN, load_task
-from comoe.data.templates import TEMPLATES
+from comoe.data.templates import TEMPLATE_NAMES, TEMPLATES
 from comoe.validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SCORINGS = ("choice", "number", "letter", "exact")
 
@@ -23,14 +28,14 @@ class Task:
     'number' (the last number, |error| <= 1e-3), 'letter' (A-E) or 'exact' (the first line, case-folded)."""
 
     name: str
-    source: str  # "builtin" (reasoning-gym) or "llm-adapters" (a --data-dir task folder)
+    source: str  # "builtin" (reasoning-gym), "llm-adapters" (a --data-dir task folder) or "file" (--data)
     scoring: str = "exact"
     template: str = "alpaca"
     splits: tuple[str, ...] = ("train", "test")
 
     def __post_init__(self) -> None:
         check_choice(f"task {self.name!r} scoring", self.scoring, SCORINGS)
-        check_choice(f"task {self.name!r} template", self.template, TEMPLATES)
+        check_choice(f"task {self.name!r} template", self.template, TEMPLATE_NAMES)
 
 
 TASKS: dict[str, Task] = {}
@@ -61,9 +66,23 @@ def answer_kind(task: str) -> str:
     return get_task(task).scoring
 
 
-def render_prompt(example: Example) -> str:
-    """The prompt text of an example, in its task's template."""
-    return TEMPLATES[get_task(example.task).template](example.instruction, example.input)
+def render_prompt(example: Example, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """The prompt text of an example, in its task's template (the 'chat' template needs the tokenizer)."""
+    template = get_task(example.task).template
+    if template == "chat":
+        if tokenizer is None:
+            raise ValueError(f"task {example.task!r} uses the chat template: its prompts need the tokenizer")
+        return chat_prompt(tokenizer, example.messages)
+    return TEMPLATES[template](example.instruction, example.input)
+
+
+def training_segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[Segments, bool]:
+    """What an example trains on, as (text, learned) spans, and whether eos follows (text templates: the
+    prompt, then the output; conversations: every assistant turn learned, ending with the template's own
+    end-of-turn marker, so no eos is added)."""
+    if get_task(example.task).template == "chat":
+        return chat_segments(tokenizer, example.messages), False
+    return [(render_prompt(example), False), (example.output, True)], True
 
 
 def load_examples(

@@ -1,4 +1,5 @@
-"""Prompt templates by name: how an example's instruction and input become the text the model continues."""
+"""Prompt templates by name: how an example's instruction and input become the text the model continues
+(conversations use the tokenizer's chat template instead: comoe.data.chat)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,6 @@ def plain_prompt(instruction: str, input: str = "") -> str:
 
 
 TEMPLATES: dict[str, Callable[[str, str], str]] = {"alpaca": format_prompt, "none": plain_prompt}
+# Every template a task may use: the text templates above, and 'chat' (the tokenizer's own chat template,
+# applied to an example's messages: comoe.data.chat).
+TEMPLATE_NAMES = (*TEMPLATES, "chat")

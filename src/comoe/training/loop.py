@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,29 +19,38 @@ from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
-from comoe.data.tasks import load_examples, task_index
+from comoe.data.example import Example
+from comoe.data.record import write_data_record
+from comoe.data.tasks import task_index
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.models.head import unwrap_model
 from comoe.moe.record import LayerRecord
 from comoe.training.batches import micro_batches
 from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from comoe.training.data import training_data
 from comoe.training.distributed import SINGLE, World
 from comoe.training.factory import build_model
 from comoe.training.loss import aux_components, response_loss, share
 from comoe.training.rundir import RunDirectory, truncate_log
 from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
+from comoe.training.validation import validation_loss
+
+BEST_ADAPTER = "best-adapter"  # in the run directory, with --save-best
+BEST_RECORD = "validation.json"  # in best-adapter/: the step and validation loss it was saved at
 
 
-def train(args: TrainArgs) -> Path:
+def train(args: TrainArgs, dataset: Any = None) -> Path:
     """Train, checkpoint and save the adapter into args.output; returns the run directory.
 
+    The data is `dataset` when given (a datasets.Dataset or DatasetDict, or a list of records, in any
+    format --data reads), else what args name (--data files, LLM-Adapters tasks or the built-in tasks).
     Under torchrun / accelerate launch, each process trains on its slice of every global micro-batch with
     DistributedDataParallel; only the main process writes logs, checkpoints and the adapter.
     """
     world = World.from_env()
     with RunDirectory(args, world) as run_dir:
-        return _train(args, world, run_dir)
+        return _train(args, world, run_dir, dataset)
 
 
 def trainable_items(items: list[Tokenized], cutoff: int) -> list[int]:
@@ -55,15 +66,19 @@ def trainable_items(items: list[Tokenized], cutoff: int) -> list[int]:
     return kept
 
 
-def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
+def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -> Path:
     run = run_dir.path
+    examples, validation = training_data(args, dataset)  # data errors before the model is loaded
     model, tokenizer = build_model(args)
     initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
-    examples = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     items, truncated = encode_examples(tokenizer, examples, args.cutoff)
     kept = trainable_items(items, args.cutoff)
     empty = len(items) - len(kept)
     items, examples = [items[i] for i in kept], [examples[i] for i in kept]
+    val_items, val_cut = encode_examples(tokenizer, validation, args.cutoff)
+    val_kept = trainable_items(val_items, args.cutoff) if validation else []
+    val_items, validation = [val_items[i] for i in val_kept], [validation[i] for i in val_kept]
+    val_names, val_ids = task_index(validation)
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
@@ -79,15 +94,18 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     if world.is_main:
         truncate_log(run / "log.jsonl", step)
         skipped_note = f"; {empty} skipped: no response token within the cutoff" if empty else ""
+        val_note = f", validating on {len(val_items)} ({val_cut} cut)" if val_items else ""
         print(
             f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens"
-            f"{skipped_note}), {total} steps, {world.size} process(es); run directory {run}"
+            f"{skipped_note}){val_note}, {total} steps, {world.size} process(es); run directory {run}"
         )
     task_names, task_ids = task_index(examples)
-    batches = micro_batches(items, task_ids, args, tokenizer.pad_token_id, step * args.grad_accum, world)
+    pad_id = tokenizer.pad_token_id
+    batches = micro_batches(items, task_ids, args, pad_id, step * args.grad_accum, world)
     checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
     log = RunLog(run, total, step, world.is_main)
     skipped, tokens, start, warned_clipping = 0, 0, time.perf_counter(), False
+    best = best_validation(run) if args.resume else math.inf
     try:
         while step < total:
             watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
@@ -128,6 +146,11 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
                         f"{args.max_grad_norm:g}, a {scale:.0f}x smaller step (said once; grad_norm per step "
                         "and grad_norm_<component> every --stats-steps are in log.jsonl)"
                     )
+            if val_items and (step == total or (args.eval_steps and step % args.eval_steps == 0)):
+                parts.update(validation_loss(model, val_items, val_ids, val_names, args.batch_size, pad_id))
+                if args.save_best and parts["val_loss"] < best:
+                    best = parts["val_loss"]
+                    save_best(model, run, step, best, examples, world)
             elapsed = time.perf_counter() - start
             log.write(
                 {
@@ -154,6 +177,8 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
         ) from None
     log.close()
     model.save_pretrained(run / "adapter", is_main_process=world.is_main)
+    if world.is_main:
+        write_data_record(run / "adapter", examples)
     world.barrier()
     # The DistributedDataParallel wrapper's reducer must go before its process group: destroyed after it
     # (at this function's return), gloo's destructor can deadlock on a lock the group already took down.
@@ -161,6 +186,34 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory) -> Path:
     gc.collect()
     world.close()
     return run
+
+
+def save_best(
+    model: nn.Module, run: Path, step: int, loss: float, examples: list[Example], world: World
+) -> None:
+    """Replace best-adapter/ with the current adapter (written beside it, then swapped in, so a crash
+    leaves the previous best whole), recording the step and validation loss it was saved at."""
+    fresh, old, best = run / f".{BEST_ADAPTER}.new", run / f".{BEST_ADAPTER}.old", run / BEST_ADAPTER
+    if world.is_main:
+        shutil.rmtree(fresh, ignore_errors=True)
+    model.save_pretrained(fresh, is_main_process=world.is_main)  # every process: FSDP gathers experts
+    if world.is_main:
+        write_data_record(fresh, examples)
+        (fresh / BEST_RECORD).write_text(json.dumps({"step": step, "val_loss": loss}) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            best.rename(old)
+        fresh.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+
+
+def best_validation(run: Path) -> float:
+    """The validation loss of the run's best adapter so far (inf if none was saved)."""
+    record = run / BEST_ADAPTER / BEST_RECORD
+    if not record.is_file():
+        return math.inf
+    return float(json.loads(record.read_text(encoding="utf-8"))["val_loss"])
 
 
 def optimizer_step(

@@ -27,8 +27,9 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for name, value in record.items():
-            if name != "step":
-                self.writer.add_scalar(f"train/{name}", value, record["step"])
+            if name != "step":  # val_loss, val_loss/<task> -> validation/loss, validation/loss/<task>
+                tag = f"validation/{name[4:]}" if name.startswith("val_") else f"train/{name}"
+                self.writer.add_scalar(tag, value, record["step"])
         self.progress.update(1)
         self.progress.set_postfix(task=f"{record['task']:.3f}", con=f"{record['contrastive']:.3f}")
 

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from comoe.config import PRESETS, ComoeConfig
-from comoe.settings import check_field_types, load_settings, setting
+from comoe.settings import DataArgs, check_field_types, load_settings, setting
 from comoe.validation import InvalidSetting, check_choice, check_int, check_number
 
 METHODS = [*PRESETS, "lora"]
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(DataArgs):
     """Settings of `comoe train`; the same keys are accepted in a YAML file given with --config."""
 
     renamed_keys: ClassVar[dict[str, str]] = {"adapter": "adapter_config"}  # older YAML files and runs
@@ -40,6 +40,12 @@ class TrainArgs:
     seed: int = setting(0, "seed for the adapter init, data order and dropout")
     save_steps: int = setting(50, "checkpoint every N steps (0: only at the end)")
     stats_steps: int = setting(10, "log routing statistics (load, I(task; expert)) every N steps (0: never)")
+    eval_data: list[str] | None = setting(
+        None, "validation data, [name=]path as --data (its loss is logged every --eval-steps)", repeat=True
+    )
+    val_fraction: float = setting(0.0, "hold out this fraction of each training task for validation (seeded)")
+    eval_steps: int = setting(50, "validation loss every N steps and at the end (0: only at the end)")
+    save_best: bool = setting(False, "keep the adapter with the lowest validation loss in best-adapter/")
     output: str = setting("runs/train", "run directory")
     resume: bool = setting(False, "continue from the run directory's last checkpoint")
     skip_nonfinite: bool = setting(False, "skip batches with a non-finite loss")
@@ -47,10 +53,11 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        self.check_data()
         check_choice("preset", self.preset, METHODS)
         for name in ("batch_size", "grad_accum", "cutoff"):
             check_int(name, getattr(self, name), low=1)
-        for name in ("warmup_steps", "save_steps", "stats_steps", "seed"):
+        for name in ("warmup_steps", "save_steps", "stats_steps", "seed", "eval_steps"):
             check_int(name, getattr(self, name), low=0)
         for name in ("max_steps", "train_limit"):
             if getattr(self, name) is not None:
@@ -58,6 +65,16 @@ class TrainArgs:
         check_number("epochs", self.epochs, low=0.0, low_open=True)
         check_number("lr", self.lr, low=0.0, low_open=True)
         check_number("router_lr_ratio", self.router_lr_ratio, low=0.0, low_open=True)
+        check_number("val_fraction", self.val_fraction, low=0.0, high=1.0)
+        if self.eval_data and self.val_fraction:
+            raise ValueError("eval_data and val_fraction are exclusive: give one source of validation data")
+        if self.save_best and not (self.eval_data or self.val_fraction):
+            raise ValueError("save_best needs validation data: give --eval-data or --val-fraction")
+        if self.data and (self.data_dir or self.tasks):
+            raise ValueError(
+                "data is exclusive with data_dir/tasks: --data names your files; --data-dir/--tasks the "
+                "LLM-Adapters tasks"
+            )
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
         if self.fsdp and (self.resume or self.preset == "lora"):
@@ -78,7 +95,9 @@ class TrainArgs:
             raise InvalidSetting("adapter_config", f"adapter_config: {error}") from None
 
     # Settings that may differ when a run is resumed: where files go and how often it reports.
-    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"output", "resume", "save_steps", "stats_steps"})
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
+        {"output", "resume", "save_steps", "stats_steps", "eval_steps"}
+    )
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainArgs:

@@ -1,0 +1,180 @@
+"""User data from files: `--data [name=]path` specs read with the `datasets` library, checked record by
+record, turned into Examples and registered as tasks (so evaluation scores them and analysis groups by
+them).
+
+Files: .json (a list of records), .jsonl, .parquet, .csv, or a folder written by `Dataset.save_to_disk`
+(a DatasetDict's split is chosen by the caller: train for training, test or validation for evaluation).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from comoe.data.example import Example
+from comoe.data.formats import (
+    DEFAULT_TEMPLATE,
+    FORMATS,
+    record_format,
+    record_task,
+    rename_columns,
+    to_example,
+)
+from comoe.data.tasks import Task, register_task
+from comoe.data.templates import TEMPLATE_NAMES
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NUMBER = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*$")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One --data value: a file or datasets folder, and the task name its records get (None: their `task`
+    field, else the file's stem)."""
+
+    path: Path
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DataSpec:
+        """'path' or 'name=path' (a name is letters, digits, '_', '-', '.'; a path may contain '=')."""
+        name, sep, path = text.partition("=")
+        if sep and _NAME.match(name) and path:
+            return cls(Path(path), name)
+        return cls(Path(text))
+
+    @property
+    def default_task(self) -> str:
+        return self.name or (self.path.name if self.path.is_dir() else self.path.stem)
+
+
+def read_records(path: Path, split: str = "train", flag: str = "--data") -> list[dict[str, Any]]:
+    """The records of one file or datasets folder, as dicts (the `datasets` library reads them).
+
+    For a DatasetDict folder, `split` is taken (for evaluation, 'test' then 'validation')."""
+    import datasets  # ~1 s to import: only when user data is read
+
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise ValueError(
+                f"{flag} {path}: a folder must be a dataset written by save_to_disk (no dataset_info.json "
+                "or dataset_dict.json found)"
+            ) from None
+        if isinstance(loaded, datasets.DatasetDict):
+            wanted = [split] if split == "train" else [split, "validation", "test"]
+            chosen = next((name for name in wanted if name in loaded), None)
+            if chosen is None:
+                have = ", ".join(loaded)
+                raise ValueError(f"{flag} {path}: no {' or '.join(wanted)} split (it has {have})")
+            loaded = loaded[chosen]
+        return loaded.to_list()
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"{flag} {path}: unknown file type {path.suffix or '(none)'!r}; expected "
+            f"{', '.join(BUILDERS)} or a folder written by save_to_disk"
+        )
+    _check_utf8(path, flag)
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # "Generating train split" for a local file is noise
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # pyarrow / datasets parse errors: one line naming the file
+        cause = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{flag} {path}: could not be read as {builder} ({cause:.300})") from None
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+    return table.to_list()
+
+
+def _check_utf8(path: Path, flag: str) -> None:
+    """Text files must be UTF-8; name the byte offset and line of the first invalid byte."""
+    if path.suffix.lower() == ".parquet":
+        return
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{flag} {path}: line {line} is not valid UTF-8 (byte {error.start})") from None
+
+
+def examples_from_records(
+    records: Iterable[Any],
+    where: str,
+    default_task: str,
+    fmt: str = "auto",
+    template: str = "auto",
+    columns: dict[str, str] | None = None,
+    task_field: bool = True,
+) -> tuple[list[Example], dict[str, str]]:
+    """Examples from records of one format, and each task's template. `where` names the source in errors
+    ('<path>: record <i>: ...'); `fmt` 'auto' detects the format from the first record; the task is a
+    record's `task` field if it has one (and task_field is True), else `default_task`."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {', '.join(FORMATS)}")
+    if template != "auto" and template not in TEMPLATE_NAMES:
+        names = ", ".join(TEMPLATE_NAMES)
+        raise ValueError(f"template={template!r} is invalid: expected auto or one of {names}")
+    examples, templates = [], {}
+    first: str | None = None if fmt == "auto" else fmt
+    for index, raw in enumerate(records):
+        at = f"{where}: record {index}"
+        record = rename_columns(raw, columns or {}) if isinstance(raw, dict) else raw
+        found = record_format(record, at)
+        if first is None:
+            first = found
+        if found != first:
+            origin = "--format" if fmt != "auto" else "record 0"
+            raise ValueError(f"{at} is a {found} record but {origin} says {first}: one format per source")
+        chosen = DEFAULT_TEMPLATE[found] if template == "auto" else template
+        task = record_task(record, default_task, at) if task_field else default_task
+        examples.append(to_example(record, found, chosen, task, at))
+        templates.setdefault(task, chosen)
+    if not examples:
+        raise ValueError(f"{where}: no records")
+    return examples, templates
+
+
+def register_tasks(examples: list[Example], templates: dict[str, str]) -> None:
+    """Register each task of user data with its template and how its answers are scored: 'choice' when every
+    item has choices, 'number' when every answer is a number, otherwise normalised exact match."""
+    for task, template in templates.items():
+        answers = [e for e in examples if e.task == task]
+        if all(e.choices for e in answers):
+            scoring = "choice"
+        elif all(_NUMBER.match(e.answer) for e in answers):
+            scoring = "number"
+        else:
+            scoring = "exact"
+        register_task(Task(task, "file", scoring, template))
+
+
+def load_data(
+    specs: list[str],
+    split: str = "train",
+    fmt: str = "auto",
+    template: str = "auto",
+    columns: dict[str, str] | None = None,
+    flag: str = "--data",
+) -> list[Example]:
+    """The examples of every --data spec, in order, their tasks registered."""
+    examples: list[Example] = []
+    for text in specs:
+        spec = DataSpec.parse(text)
+        records = read_records(spec.path, split, flag)
+        found, templates = examples_from_records(  # name=path names every record's task
+            records, str(spec.path), spec.default_task, fmt, template, columns, task_field=spec.name is None
+        )
+        register_tasks(found, templates)
+        examples += found
+    return examples

@@ -1,0 +1,83 @@
+"""What a run trains and validates on: the built-in tasks, LLM-Adapters tasks, your files (--data), or a
+Python dataset; and a validation set from --eval-data or a seeded split (--val-fraction)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from comoe.data.example import Example
+from comoe.data.sources import examples_from_records, load_data, register_tasks
+from comoe.data.tasks import load_examples
+from comoe.training.settings import TrainArgs
+
+
+def training_data(args: TrainArgs, dataset: Any = None) -> tuple[list[Example], list[Example]]:
+    """(training examples, validation examples; empty without validation)."""
+    validation: list[Example] = []
+    if dataset is not None:
+        train, validation = dataset_examples(dataset, args)
+    elif args.data:
+        train = limit_per_task(load_data(args.data, "train", args.format, args.template, args.columns), args)
+    else:
+        train = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
+    if args.eval_data:
+        validation = load_data(
+            args.eval_data, "validation", args.format, args.template, args.columns, flag="--eval-data"
+        )
+    elif args.val_fraction:
+        train, validation = split_validation(train, args.val_fraction, args.seed)
+    return train, validation
+
+
+def limit_per_task(examples: list[Example], args: TrainArgs) -> list[Example]:
+    """At most train_limit examples per task (a seeded sample, in file order), as for LLM-Adapters tasks."""
+    if args.train_limit is None:
+        return examples
+    kept: set[int] = set()
+    for task in dict.fromkeys(e.task for e in examples):
+        indices = [i for i, e in enumerate(examples) if e.task == task]
+        if len(indices) > args.train_limit:
+            indices = random.Random(f"{args.seed}:{task}").sample(indices, args.train_limit)
+        kept.update(indices)
+    return [e for i, e in enumerate(examples) if i in kept]
+
+
+def split_validation(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded, disjoint split: ceil(fraction * n) examples of each task (n >= 2) held out for validation,
+    so every task is validated and the split depends on the seed only."""
+    held: set[int] = set()
+    for task in dict.fromkeys(e.task for e in examples):
+        indices = [i for i, e in enumerate(examples) if e.task == task]
+        if len(indices) < 2:
+            continue
+        count = min(len(indices) - 1, max(1, math.ceil(fraction * len(indices))))
+        held.update(random.Random(f"{seed}:validation:{task}").sample(indices, count))
+    if not held:
+        raise ValueError(f"val_fraction={fraction}: no task has two examples to split")
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [e for i, e in enumerate(examples) if i in held]
+
+
+def dataset_examples(dataset: Any, args: TrainArgs) -> tuple[list[Example], list[Example]]:
+    """Examples from a datasets.Dataset, a DatasetDict (its 'train' split; its 'validation' split validates
+    unless --eval-data or --val-fraction is given) or a list of record dicts, in any --data format."""
+    splits = dataset if hasattr(dataset, "keys") and not isinstance(dataset, list) else {"train": dataset}
+    if "train" not in splits:
+        raise ValueError(f"dataset: a DatasetDict needs a 'train' split (it has {', '.join(splits)})")
+
+    def examples(split: str) -> list[Example]:
+        records = splits[split]
+        records = records.to_list() if hasattr(records, "to_list") else list(records)
+        found, templates = examples_from_records(
+            records, f"dataset[{split!r}]", "data", args.format, args.template, args.columns
+        )
+        register_tasks(found, templates)
+        return found
+
+    train = limit_per_task(examples("train"), args)
+    use_split = "validation" in splits and not (args.eval_data or args.val_fraction)
+    return train, examples("validation") if use_split else []
