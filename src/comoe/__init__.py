@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from comoe.adapter.model import ComoeModel, get_comoe_model
     from comoe.config import ComoeConfig
     from comoe.models.loading import load_base
+    from comoe.training.loop import train
+    from comoe.training.settings import TrainArgs
 
 _EXPORTS = {
     "ComoeConfig": "comoe.config",
@@ -23,6 +25,8 @@ _EXPORTS = {
     "ComoeTrainer": "comoe.integrations.trainer",
     "matched_lora_config": "comoe.adapter.lora",
     "load_base": "comoe.models.loading",
+    "train": "comoe.training.loop",
+    "TrainArgs": "comoe.training.settings",
 }
 
 __all__ = [
@@ -30,9 +34,11 @@ __all__ = [
     "ComoeConfig",
     "ComoeModel",
     "ComoeTrainer",
+    "TrainArgs",
     "get_comoe_model",
     "load_base",
     "matched_lora_config",
+    "train",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The `comoe` command line: train, eval, analyze, demo.
+"""The `comoe` command line: train, eval, generate, analyze, demo.
 
 Each subcommand's flags come from its settings dataclass (comoe.*.settings, pure Python), so `comoe --help`
 and `comoe train --help` never load torch, transformers or peft. The modules that do the work are imported
@@ -15,7 +15,7 @@ from typing import Any
 
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.errors import USER_ERRORS
-from comoe.evaluation.settings import EvalArgs
+from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.recipes.settings import DemoArgs
 from comoe.settings import add_flags, load_settings
 from comoe.training.settings import TrainArgs
@@ -38,6 +38,14 @@ def _eval(args: EvalArgs) -> None:
         interval = f"95% CI {100 * low:.1f}-{100 * high:.1f}"
         print(f"{name:22s} {100 * row['accuracy']:5.1f}%  (n={row['n']}, {interval})")
     print(f"{'average':22s} {100 * report['average']:5.1f}%   ({report['seconds']} s)")
+
+
+def _generate(args: GenerateArgs) -> None:
+    from comoe.evaluation.respond import run_generate
+
+    rows = run_generate(args)
+    if args.output:
+        print(f"{len(rows)} responses written to {args.output}", file=sys.stderr)
 
 
 def _analyze(args: AnalyzeArgs) -> None:
@@ -63,6 +71,7 @@ INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (12
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "train": (TrainArgs, _train, "fine-tune a base model with a comoe preset or PEFT LoRA"),
     "eval": (EvalArgs, _eval, "evaluate a base model, with or without an adapter, per task"),
+    "generate": (GenerateArgs, _generate, "answer prompts with a base model and optional adapter (JSONL)"),
     "analyze": (AnalyzeArgs, _analyze, "measure expert specialisation of a comoe adapter"),
     "demo": (DemoArgs, _demo, "fine-tune SmolLM2-135M on built-in tasks, evaluate, write a report"),
 }

@@ -25,6 +25,7 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
 }
+RESPONSES = ("output", "completion")  # optional when a record gives `answer` (evaluation items)
 # The template each format is trained with unless --template says otherwise: Alpaca for instruction
 # records (the papers' format), plain concatenation for prompt/completion, the chat template for messages.
 DEFAULT_TEMPLATE = {"instruction": "alpaca", "prompt_completion": "none", "messages": "chat"}
@@ -42,9 +43,12 @@ def record_format(record: Any, where: str) -> str:
         reason = "fields of several formats" if found else "no known format"
         raise ValueError(f"{where}: {reason} (fields: {has}); expected one of {expected}")
     name = found[0]
-    missing = [key for key in REQUIRED[name] if key not in present]
+    # An evaluation item may give only its answer (with choices, or scored by match): it is the response.
+    missing = [
+        key for key in REQUIRED[name] if key not in present and not (key in RESPONSES and "answer" in present)
+    ]
     if missing:
-        raise ValueError(f"{where}: a {name} record lacks field(s) {missing}")
+        raise ValueError(f"{where}: the record lacks field(s) {missing} of the {name} format")
     return name
 
 
@@ -66,8 +70,16 @@ def _nonempty(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _messages(record: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
-    turns = record["messages"]
+def _response(record: dict[str, Any], key: str, where: str) -> str:
+    """The response field, or the answer for an evaluation item that gives only that."""
+    if record.get(key) is None and record.get("answer") is not None:
+        return _nonempty(record, "answer", where)
+    return _nonempty(record, key, where)
+
+
+def parse_messages(turns: Any, where: str, need_assistant: bool = True) -> tuple[tuple[str, str], ...]:
+    """A conversation as (role, content) pairs, checked turn by turn (an assistant turn is required for
+    training and scoring; a prompt to answer ends with the user's turn instead)."""
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     messages = []
@@ -82,7 +94,7 @@ def _messages(record: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]
         if role == "assistant" and not content.strip():
             raise ValueError(f"{at}: the assistant turn is empty")
         messages.append((role, content))
-    if not any(role == "assistant" for role, _ in messages):
+    if need_assistant and not any(role == "assistant" for role, _ in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn (nothing to learn or to score)")
     return tuple(messages)
 
@@ -119,7 +131,7 @@ def to_example(record: dict[str, Any], fmt: str, template: str, task: str, where
                 f"{where}: a messages record needs --template chat (got {template!r}): a conversation has "
                 "no Alpaca or plain form"
             )
-        messages = _messages(record, where)
+        messages = parse_messages(record["messages"], where)
         last_assistant = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
         output = messages[last_assistant][1]
         users = [content for role, content in messages[:last_assistant] if role == "user"]
@@ -127,11 +139,11 @@ def to_example(record: dict[str, Any], fmt: str, template: str, task: str, where
     elif fmt == "instruction":
         instruction = _nonempty(record, "instruction", where)
         source = _text(record, "input", where, required=False)
-        output = _nonempty(record, "output", where)
+        output = _response(record, "output", where)
         messages = (("user", plain_prompt(instruction, source)), ("assistant", output))
     else:
         instruction, source = _nonempty(record, "prompt", where), ""
-        output = _nonempty(record, "completion", where)
+        output = _response(record, "completion", where)
         messages = (("user", instruction), ("assistant", output))
     answer = _text(record, "answer", where, required=False) or output
     return Example(

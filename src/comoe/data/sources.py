@@ -116,10 +116,13 @@ def examples_from_records(
     template: str = "auto",
     columns: dict[str, str] | None = None,
     task_field: bool = True,
+    auto_template: str | None = None,
 ) -> tuple[list[Example], dict[str, str]]:
     """Examples from records of one format, and each task's template. `where` names the source in errors
     ('<path>: record <i>: ...'); `fmt` 'auto' detects the format from the first record; the task is a
-    record's `task` field if it has one (and task_field is True), else `default_task`."""
+    record's `task` field if it has one (and task_field is True), else `default_task`. Under template
+    'auto', records get their format's default template, or `auto_template` (e.g. the one an adapter was
+    trained with) where it applies: to any format for 'chat', to all but conversations otherwise."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {', '.join(FORMATS)}")
     if template != "auto" and template not in TEMPLATE_NAMES:
@@ -136,7 +139,10 @@ def examples_from_records(
         if found != first:
             origin = "--format" if fmt != "auto" else "record 0"
             raise ValueError(f"{at} is a {found} record but {origin} says {first}: one format per source")
-        chosen = DEFAULT_TEMPLATE[found] if template == "auto" else template
+        chosen = template
+        if template == "auto":
+            fits = auto_template == "chat" or (auto_template is not None and found != "messages")
+            chosen = auto_template if fits else DEFAULT_TEMPLATE[found]
         task = record_task(record, default_task, at) if task_field else default_task
         examples.append(to_example(record, found, chosen, task, at))
         templates.setdefault(task, chosen)
@@ -166,14 +172,23 @@ def load_data(
     template: str = "auto",
     columns: dict[str, str] | None = None,
     flag: str = "--data",
+    auto_template: str | None = None,
 ) -> list[Example]:
-    """The examples of every --data spec, in order, their tasks registered."""
+    """The examples of every --data spec, in order, their tasks registered (auto_template: see
+    examples_from_records)."""
     examples: list[Example] = []
     for text in specs:
         spec = DataSpec.parse(text)
         records = read_records(spec.path, split, flag)
         found, templates = examples_from_records(  # name=path names every record's task
-            records, str(spec.path), spec.default_task, fmt, template, columns, task_field=spec.name is None
+            records,
+            str(spec.path),
+            spec.default_task,
+            fmt,
+            template,
+            columns,
+            task_field=spec.name is None,
+            auto_template=auto_template,
         )
         register_tasks(found, templates)
         examples += found

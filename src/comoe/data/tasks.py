@@ -103,11 +103,22 @@ def load_examples(
         raise ValueError("tasks: name at least one task to load from --data-dir")
     mixture = []
     for task in tasks:
-        examples = load_task(data_dir, task, split)
-        if limit is not None and len(examples) > limit:
-            examples = random.Random(f"{seed}:{task}").sample(examples, limit)
-        mixture += examples
+        mixture += sample_per_task(load_task(data_dir, task, split), limit, seed)
     return mixture
+
+
+def sample_per_task(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most `limit` examples of each task: a seeded sample per task (the same for every method and
+    run), tasks in order of first appearance."""
+    if limit is None:
+        return examples
+    chosen = []
+    for task in dict.fromkeys(e.task for e in examples):
+        of_task = [e for e in examples if e.task == task]
+        if len(of_task) > limit:
+            of_task = random.Random(f"{seed}:{task}").sample(of_task, limit)
+        chosen += of_task
+    return chosen
 
 
 def task_index(examples: list[Example]) -> tuple[list[str], list[int]]:

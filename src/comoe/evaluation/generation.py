@@ -18,7 +18,8 @@ def generate_responses(
     """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
     (from the start) so that prompt and answer fit the model's context length."""
     room = max(1, context_length(model) - max_new_tokens)
-    encoded = [tokenizer(render_prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+    texts = [render_prompt(e, tokenizer) for e in examples]
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     truncated = [len(ids) > room for ids in encoded]
     prompts = [ids[-room:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

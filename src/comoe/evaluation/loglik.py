@@ -21,7 +21,7 @@ from transformers import GenerationMixin
 from comoe.data.collate import IGNORE_INDEX, pad_batch, tokenize_example
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
-from comoe.evaluation.scoring import choice_options, choice_response
+from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.head import head_logits, response_logits
 
 # The keyword a model's forward takes its KV cache by: renamed from past_key_values to cache in
@@ -85,9 +85,10 @@ def option_loglikelihoods(
 
 def tokenize_question(tokenizer, example: Example, index: int) -> Question:
     """The prompt tokenised on its own (the training format's exact boundary) and every option's response."""
-    prompt = tokenizer(render_prompt(example), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(render_prompt(example, tokenizer), add_special_tokens=False)["input_ids"]
     responses = [
-        tokenizer(choice_response(option), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        tokenizer(option_response(example, option), add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
         for option in choice_options(example)
     ]
     return Question(index, prompt, responses)
@@ -178,11 +179,10 @@ def plain_scores(
     device = next(model.parameters()).device
     items, owners = [], []
     for index, example in enumerate(examples):
-        prompt = render_prompt(example)
+        prompt = render_prompt(example, tokenizer)
         for option in choice_options(example):
-            items.append(
-                tokenize_example(tokenizer, prompt, choice_response(option), window, keep_response=True)
-            )
+            response = option_response(example, option)
+            items.append(tokenize_example(tokenizer, prompt, response, window, keep_response=True))
             owners.append(index)
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     scores = [0.0] * len(items)

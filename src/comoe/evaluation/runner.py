@@ -14,7 +14,9 @@ from torch import nn
 from comoe.adapter.auto import load_adapter
 from comoe.adapter.serialization import adapter_kind
 from comoe.data.example import Example
-from comoe.data.tasks import answer_kind, load_examples
+from comoe.data.record import trained_template
+from comoe.data.sources import load_data
+from comoe.data.tasks import answer_kind, load_examples, sample_per_task
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.loglik import option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
@@ -83,11 +85,22 @@ def check_report_path(output: str | None) -> None:
         raise PermissionError(f"--output {path}: {parent} is not writable")
 
 
+def test_examples(args: EvalArgs) -> list[Example]:
+    """The examples to score: --data files (their 'test' split for datasets folders), prompted with
+    --template, or under 'auto' with the template the adapter was trained with where the records allow it;
+    else the LLM-Adapters or built-in tasks."""
+    if not args.data:
+        return load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
+    trained = trained_template(args.adapter) if args.adapter else None
+    examples = load_data(args.data, "test", args.format, args.template, args.columns, auto_template=trained)
+    return sample_per_task(examples, args.limit, args.seed)
+
+
 def run_eval(args: EvalArgs) -> dict[str, Any]:
     """Evaluate and (optionally) write the report JSON; returns it."""
     check_report_path(args.output)
+    examples = test_examples(args)  # data errors before the model is loaded
     model, tokenizer = load_for_eval(args.model, args.adapter)
-    examples = load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
         max_new_tokens = 256 if any(answer_kind(e.task) in ("number", "letter") for e in examples) else 32
@@ -98,6 +111,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         model=args.model,
         adapter=args.adapter,
         data_dir=args.data_dir,
+        data=args.data,
         mode=args.mode,
         limit=args.limit,
         seed=args.seed,

@@ -16,7 +16,10 @@ NUMBER_TOLERANCE = 1e-3  # LLM-Adapters counts |prediction - answer| <= 0.001 as
 
 
 def choice_options(example: Example) -> list[str]:
-    """The option words of a commonsense example, from its 'Answer format: a/b/c' line."""
+    """The options of a multiple-choice example: its `choices` (user data), else the option words of its
+    'Answer format: a/b/c' line (LLM-Adapters commonsense)."""
+    if example.choices:
+        return list(example.choices)
     match = _ANSWER_FORMAT.search(example.instruction.strip())
     if match is None:
         raise ValueError(f"{example.task}: example has no 'Answer format:' line to read options from")
@@ -25,6 +28,12 @@ def choice_options(example: Example) -> list[str]:
 
 def choice_response(option: str) -> str:
     return f"the correct answer is {option}"
+
+
+def option_response(example: Example, option: str) -> str:
+    """The response whose likelihood scores an option: the option itself for items with explicit choices
+    (as lm-eval scores them); LLM-Adapters' trained phrasing 'the correct answer is X' otherwise."""
+    return option if example.choices else choice_response(option)
 
 
 def extract_answer(kind: str, text: str, options: list[str] | None = None) -> str | None:
@@ -56,8 +65,13 @@ def is_correct(kind: str, predicted: str | None, answer: str) -> bool:
         except ValueError:
             return False
     if kind == "exact":
-        return predicted.strip().rstrip(".").lower() == answer.strip().rstrip(".").lower()
+        return normalise(predicted) == normalise(answer)
     return predicted == answer
+
+
+def normalise(text: str) -> str:
+    """Exact-match normalisation: case-folded, whitespace collapsed, trailing full stop dropped."""
+    return " ".join(text.split()).rstrip(".").casefold()
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import setting
+from comoe.settings import TEMPLATE_CHOICES, DataArgs, check_field_types, setting
 from comoe.validation import check_choice, check_int
 
 MODES = ("loglik", "generate")
 
 
 @dataclass
-class EvalArgs:
-    """What to evaluate (base model, optional adapter), on which tasks, how, and where the report goes."""
+class EvalArgs(DataArgs):
+    """What to evaluate (base model, optional adapter), on which tasks (LLM-Adapters, built-in, or your
+    files with --data: records with choices + answer are scored as multiple choice, others by generation),
+    how, and where the report goes. Under --template auto, --data prompts as the adapter was trained."""
 
     model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
@@ -26,9 +28,40 @@ class EvalArgs:
     output: str | None = setting(None, "write the report JSON here")
 
     def __post_init__(self) -> None:
+        self.check_data()
+        if self.data and (self.data_dir or self.tasks):
+            raise ValueError("data is exclusive with data_dir/tasks: give your files or LLM-Adapters tasks")
         check_choice("mode", self.mode, MODES)
         check_int("batch_size", self.batch_size, low=1)
         if self.limit is not None:
             check_int("limit", self.limit, low=1)
         if self.max_new_tokens is not None:
             check_int("max_new_tokens", self.max_new_tokens, low=1)
+
+
+@dataclass
+class GenerateArgs:
+    """Prompts in, greedy responses out (JSONL), prompted as the adapter was trained (its template)."""
+
+    model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
+    adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
+    prompt: str | None = setting(None, "one prompt (the user's turn under the chat template)")
+    prompts: str | None = setting(
+        None, "a file of prompts: .txt (one per line) or .jsonl (rows with prompt or messages)"
+    )
+    template: str = setting(
+        "auto",
+        "prompt template (auto: the one the adapter was trained with, else none)",
+        choices=TEMPLATE_CHOICES,
+    )
+    max_new_tokens: int = setting(128, "tokens to generate per prompt")
+    batch_size: int = setting(8, "prompts per generate call")
+    output: str | None = setting(None, "write JSONL rows {prompt, response} here (default: print them)")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_choice("template", self.template, TEMPLATE_CHOICES)
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of --prompt TEXT or --prompts FILE")

@@ -31,7 +31,7 @@ from comoe.adapter.auto import load_adapter
 from comoe.adapter.serialization import adapter_kind, base_model_of
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
-from comoe.evaluation.scoring import choice_options, choice_response
+from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.loading import load_base
 
 
@@ -60,7 +60,7 @@ def write_choice_task(folder: str | Path, name: str, examples: list[Example], eo
             options = choice_options(example)
             row = {
                 "prompt": render_prompt(example),
-                "choices": [choice_response(o) + eos_token for o in options],
+                "choices": [option_response(example, o) + eos_token for o in options],
                 "label": options.index(example.answer),
             }
             handle.write(json.dumps(row) + "\n")

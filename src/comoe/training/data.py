@@ -9,7 +9,7 @@ from typing import Any
 
 from comoe.data.example import Example
 from comoe.data.sources import examples_from_records, load_data, register_tasks
-from comoe.data.tasks import load_examples
+from comoe.data.tasks import load_examples, sample_per_task
 from comoe.training.settings import TrainArgs
 
 
@@ -19,7 +19,8 @@ def training_data(args: TrainArgs, dataset: Any = None) -> tuple[list[Example], 
     if dataset is not None:
         train, validation = dataset_examples(dataset, args)
     elif args.data:
-        train = limit_per_task(load_data(args.data, "train", args.format, args.template, args.columns), args)
+        train = load_data(args.data, "train", args.format, args.template, args.columns)
+        train = sample_per_task(train, args.train_limit, args.seed)
     else:
         train = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
     if args.eval_data:
@@ -29,19 +30,6 @@ def training_data(args: TrainArgs, dataset: Any = None) -> tuple[list[Example], 
     elif args.val_fraction:
         train, validation = split_validation(train, args.val_fraction, args.seed)
     return train, validation
-
-
-def limit_per_task(examples: list[Example], args: TrainArgs) -> list[Example]:
-    """At most train_limit examples per task (a seeded sample, in file order), as for LLM-Adapters tasks."""
-    if args.train_limit is None:
-        return examples
-    kept: set[int] = set()
-    for task in dict.fromkeys(e.task for e in examples):
-        indices = [i for i, e in enumerate(examples) if e.task == task]
-        if len(indices) > args.train_limit:
-            indices = random.Random(f"{args.seed}:{task}").sample(indices, args.train_limit)
-        kept.update(indices)
-    return [e for i, e in enumerate(examples) if i in kept]
 
 
 def split_validation(
@@ -78,6 +66,6 @@ def dataset_examples(dataset: Any, args: TrainArgs) -> tuple[list[Example], list
         register_tasks(found, templates)
         return found
 
-    train = limit_per_task(examples("train"), args)
+    train = sample_per_task(examples("train"), args.train_limit, args.seed)
     use_split = "validation" in splits and not (args.eval_data or args.val_fraction)
     return train, examples("validation") if use_split else []

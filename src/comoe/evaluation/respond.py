@@ -1,0 +1,86 @@
+"""`comoe generate`: greedy responses to your prompts, prompted the way the adapter was trained (the
+template its folder records: the chat template, Alpaca, or the bare text)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from comoe.data.example import Example
+from comoe.data.formats import parse_messages
+from comoe.data.record import trained_template
+from comoe.data.tasks import Task, register_task
+from comoe.evaluation.generation import generate_responses
+from comoe.evaluation.runner import load_for_eval
+from comoe.evaluation.settings import GenerateArgs
+from comoe.files import atomic_write_text
+
+PROMPT_TASK = "prompt"  # the task the prompts are registered under (it carries the template)
+
+
+def read_prompts(args: GenerateArgs) -> list[Any]:
+    """The prompts: --prompt, or a .txt file (one per non-empty line) or .jsonl file (rows with `prompt`,
+    a string, or `messages`, a conversation ending with the user's turn)."""
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts {path}: not valid UTF-8 (byte {error.start})") from None
+    if path.suffix.lower() != ".jsonl":
+        prompts: list[Any] = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"--prompts {path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and "messages" in row:
+                prompts.append(parse_messages(row["messages"], where, need_assistant=False))
+            else:
+                raise ValueError(f"{where}: expected an object with 'prompt' (a string) or 'messages'")
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts")
+    return prompts
+
+
+def prompt_example(prompt: Any, template: str) -> Example:
+    """A prompt as an example of the prompt task (a conversation needs the chat template)."""
+    if isinstance(prompt, tuple):
+        if template != "chat":
+            raise ValueError(f"a messages prompt needs --template chat (got {template!r})")
+        return Example(PROMPT_TASK, prompt[-1][1], "", "", "", messages=prompt)
+    return Example(PROMPT_TASK, prompt, "", "", "", messages=(("user", prompt),))
+
+
+def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
+    """Generate, then print the JSONL rows {prompt, response, truncated} or write them to args.output."""
+    prompts = read_prompts(args)
+    template = args.template
+    if template == "auto":
+        template = (trained_template(args.adapter) if args.adapter else None) or "none"
+    register_task(Task(PROMPT_TASK, "file", "exact", template))
+    examples = [prompt_example(prompt, template) for prompt in prompts]
+    model, tokenizer = load_for_eval(args.model, args.adapter)
+    texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
+    rows = [
+        {"prompt": [list(t) for t in p] if isinstance(p, tuple) else p, "response": text, "truncated": c}
+        for p, text, c in zip(prompts, texts, cut, strict=True)
+    ]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return rows
