@@ -13,6 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.cli import main
 from comoe.config import ComoeConfig
 from comoe.data import Example
 from comoe.training.settings import TrainArgs
@@ -153,3 +154,13 @@ def trainer_fields(folder, **overrides) -> dict:
         disable_tqdm=True,
     )
     return {**fields, **overrides}
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    """Run the command line; it must fail with `code` and one 'comoe: ...' line, no traceback."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no message"
+    message = err[-1]  # after any progress bars of the model loader
+    assert message.startswith("comoe:") and "Traceback" not in "\n".join(err), err
+    return message

@@ -6,17 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import comoe.training.loop as loop
-from comoe.cli import main
-from tests.helpers import tiny_config, tiny_llama
-
-
-def one_line_error(capsys, argv, code=2) -> str:
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "no message"
-    message = err[-1]  # after any progress bars of the model loader
-    assert message.startswith("comoe:") and "Traceback" not in "\n".join(err), err
-    return message
+from tests.helpers import one_line_error, tiny_config, tiny_llama
 
 
 def test_missing_model_folder(capsys, tmp_path):

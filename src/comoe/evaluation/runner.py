@@ -85,7 +85,7 @@ def check_report_path(output: str | None) -> None:
         raise PermissionError(f"--output {path}: {parent} is not writable")
 
 
-def test_examples(args: EvalArgs) -> list[Example]:
+def eval_examples(args: EvalArgs) -> list[Example]:
     """The examples to score: --data files (their 'test' split for datasets folders), prompted with
     --template, or under 'auto' with the template the adapter was trained with where the records allow it;
     else the LLM-Adapters or built-in tasks."""
@@ -99,7 +99,7 @@ def test_examples(args: EvalArgs) -> list[Example]:
 def run_eval(args: EvalArgs) -> dict[str, Any]:
     """Evaluate and (optionally) write the report JSON; returns it."""
     check_report_path(args.output)
-    examples = test_examples(args)  # data errors before the model is loaded
+    examples = eval_examples(args)  # data errors before the model is loaded
     model, tokenizer = load_for_eval(args.model, args.adapter)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
