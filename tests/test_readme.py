@@ -1,9 +1,14 @@
-"""README.md's minimal Python example runs as written (on the real SmolLM2-135M)."""
+"""README.md's examples run as written: the minimal Python example (on the real SmolLM2-135M) and the
+own-data example (on a tiny model)."""
 
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+
+from comoe.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -20,3 +25,21 @@ def test_minimal_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "trainable params:" in printed and "'contrastive':" in printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     assert namespace["steps"], "record_routing() recorded no layer"
+
+
+def test_own_data_example_runs_as_written(tmp_path, monkeypatch, tiny_model_dir):
+    """The 'Your own data' JSONL and its three commands, on a tiny model instead of SmolLM2."""
+    text = README.read_text()
+    (jsonl,) = re.findall(r"```jsonl\n(.*?)```", text, flags=re.S)
+    assert len(jsonl.splitlines()) == 10
+    section = text.split("## Your own data", 1)[1].split("\n- ", 1)[0]
+    commands = re.findall(r"^    (comoe .*?)(?<!\\)$", section.replace("\\\n", " "), flags=re.M)
+    assert [c.split()[1] for c in commands] == ["train", "eval", "generate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text(jsonl)
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        assert main([*argv, "--model", str(tiny_model_dir)]) == 0, command
+    log = [json.loads(line) for line in (tmp_path / "runs/mine/log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "val_loss" in row] == [5, 10, 15, 20]
+    assert (tmp_path / "runs/mine/best-adapter/validation.json").is_file()

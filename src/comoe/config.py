@@ -19,6 +19,7 @@ ROUTINGS = ("topk", "soft")
 CONTRASTIVES = ("none", "comoe", "moelora")
 ANCHORS = ("all", "random")
 EXPERT_COMPUTES = ("auto", "blocks", "grouped")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -83,6 +84,16 @@ class ComoeConfig:
     contrastive_max_tokens: int = _field(
         128, "MoELoRA: at most this many tokens per layer and step enter the contrastive loss (>= 1)."
     )
+    adapter_dtype: str = _field(
+        "float32",
+        "dtype of the experts and routers: 'float32' (as PEFT keeps adapter weights, also on bf16, fp16 and "
+        "quantized bases), 'bfloat16', 'float16', or 'base' (the base layer's float dtype).",
+    )
+    modules_to_save: list[str] | None = _field(
+        None,
+        "Modules trained in full and saved with the adapter, e.g. a new classification head ('score', "
+        "'classifier'), matched as target_modules are (names matched against the end of each path).",
+    )
     expert_compute: str = _field(
         "auto",
         "How expert outputs are computed: 'blocks' (all experts' down-projection in one matmul, masked "
@@ -114,6 +125,12 @@ class ComoeConfig:
         check_choice("contrastive", self.contrastive, CONTRASTIVES)
         check_choice("anchor", self.anchor, ANCHORS)
         check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(name, str) and name for name in self.modules_to_save)
+        ):
+            fail("modules_to_save", self.modules_to_save, "a list of module names or null")
         check_int("contrastive_max_tokens", self.contrastive_max_tokens, low=1)
         if self.num_negatives is not None:
             check_int("num_negatives", self.num_negatives, low=1)

@@ -163,3 +163,8 @@ class DataArgs:
         check_choice("template", self.template, TEMPLATE_CHOICES)
         if self.data is not None and not self.data:
             raise ValueError("data: give at least one [name=]path")
+        if self.data and (getattr(self, "data_dir", None) or getattr(self, "tasks", None)):
+            raise ValueError(
+                "data is exclusive with data_dir/tasks: --data names your files, --data-dir/--tasks the "
+                "LLM-Adapters (or built-in) tasks"
+            )

@@ -167,6 +167,10 @@ def test_validation_split_is_seeded_disjoint_and_covers_every_task():
 def test_scoring_is_chosen_from_the_answers():
     items = [
         ({"prompt": "p", "answer": "yes", "choices": ["yes", "no"]}, "choice"),
+        (
+            {"instruction": "Sky blue?\n\nAnswer format: true/false", "answer": "true"},
+            "choice",
+        ),  # LLM-Adapters
         ({"prompt": "p", "completion": "12.5"}, "number"),
         ({"prompt": "p", "completion": "a cat"}, "exact"),
     ]

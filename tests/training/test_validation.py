@@ -131,3 +131,14 @@ def test_generate_equals_model_generate_and_eval_prompts_as_trained(tmp_path, ti
     assert example.messages == (("user", "What is 1 + 1?"), ("assistant", "2"))
     (plain,) = eval_examples(EvalArgs(model=str(tiny_model_dir), data=[str(items)]))
     assert plain.messages == ()
+
+
+def test_analyze_groups_your_data_by_its_tasks(tmp_path, tiny_model_dir):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in conversations(8)))
+    run = train(train_args(tiny_model_dir, tmp_path / "run", data=[str(data)], train_limit=None, max_steps=1))
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--data", str(data)]
+    assert main([*argv, "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"] == ["sum", "add"] and summary["examples"] == 8

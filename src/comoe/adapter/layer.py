@@ -5,6 +5,12 @@
 B is zero-initialised, so at initialisation the layer returns exactly the base layer's output.
 When the model asks for it (auxiliary losses, `record_routing()`), each call also leaves its routing and
 the experts' down-projections in `self.record` (a LayerRecord); the model clears it after every forward.
+
+The base layer is any module computing x W^T + b: nn.Linear, its quantized forms (bitsandbytes 8-bit and
+4-bit linears and torchao-quantized weights are nn.Linear subclasses or tensor subclasses), and GPT-2's
+Conv1D (x W + b, its weight stored transposed). Only its forward is called, so it never has to be
+de-quantised; experts and router live in `adapter_dtype` (float32 by default, as PEFT keeps adapters) and
+their output is cast to the base output's dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from comoe.config import ComoeConfig
 from comoe.moe.experts import down_project, expert_gram, mix
@@ -29,15 +36,36 @@ class ComoeContext:
         self.adapters_enabled = True
 
 
+ADAPTABLE = (nn.Linear, Conv1D)  # the base layers a ComoeLinear wraps (quantized linears included)
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable layer; Conv1D stores its weight [in, out]."""
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    return layer.in_features, layer.out_features
+
+
+def adapter_dtype(config: ComoeConfig, base_layer: nn.Module) -> torch.dtype:
+    """The experts' and router's dtype: config.adapter_dtype, 'base' meaning the base weight's dtype when
+    it is a float dtype (a quantized weight's int8/uint8 storage is not), float32 otherwise."""
+    if config.adapter_dtype != "base":
+        return getattr(torch, config.adapter_dtype)
+    dtype = base_layer.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 class ComoeLinear(nn.Module):
     """A frozen linear layer plus n routed LoRA experts (A: [n, r, d_in], B: [n, r, d_out]) and a router."""
 
-    def __init__(self, base_layer: nn.Linear, config: ComoeConfig, context: ComoeContext) -> None:
+    def __init__(self, base_layer: nn.Module, config: ComoeConfig, context: ComoeContext) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"ComoeLinear adapts nn.Linear only, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, ADAPTABLE):
+            raise TypeError(
+                f"ComoeLinear adapts nn.Linear and Conv1D layers, got {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
         self.soft = config.routing == "soft"
@@ -45,7 +73,7 @@ class ComoeLinear(nn.Module):
         self.needs_gram = config.contrastive != "none" and config.contrastive_weight > 0
         self.norm_floor = config.contrastive_norm_floor
         self.context = context
-        factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        factory = dict(device=base_layer.weight.device, dtype=adapter_dtype(config, base_layer))
         self.router = Router(self.in_features, self.num_experts).to(**factory)
         # A is stored [n, r, d_in] (PEFT's lora_A.weight per expert); B is stored [n, r, d_out], the transpose
         # of PEFT's lora_B.weight, so that both expert strategies use it without a copy.
@@ -60,19 +88,22 @@ class ComoeLinear(nn.Module):
         result = self.base_layer(x)
         if not self.context.adapters_enabled:
             return result
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         routing = route(self.router(flat), self.top_k, soft=self.soft)
         z = down_project(self.lora_dropout(flat), self.lora_A)
         delta = mix(z, routing, self.lora_B, self.scaling, self.expert_compute)
+        # The objectives' extra tensors are computed in every training forward, whether or not this call
+        # keeps a record: gradient checkpointing re-runs the forward during backward (when the model no
+        # longer asks for records) and requires it to save exactly the tensors the first run saved.
+        gram, floor = None, None
+        if self.needs_gram and (self.training or self.context.keep_records):
+            gram = expert_gram(self.lora_B)
+            if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
+                base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
+                floor = base_norm * (self.norm_floor / self.scaling)
         if self.context.keep_records:
             mask = self.context.token_mask
             mask = mask if mask is not None and mask.numel() == flat.shape[0] else None
-            gram, floor = None, None
-            if self.needs_gram:
-                gram = expert_gram(self.lora_B)
-                if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
-                    base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
-                    floor = base_norm * (self.norm_floor / self.scaling)
             self.record = LayerRecord(routing, z, mask, self.lora_B, gram, floor)
         return result + delta.view(result.shape).to(result.dtype)
 

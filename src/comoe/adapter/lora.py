@@ -5,7 +5,8 @@ from __future__ import annotations
 from peft import LoraConfig
 from torch import nn
 
-from comoe.adapter.targeting import find_target_linears
+from comoe.adapter.layer import layer_features
+from comoe.adapter.targeting import find_target_linears, resolve_targets
 from comoe.config import ComoeConfig
 
 
@@ -20,9 +21,10 @@ def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
     The rank is the integer nearest to (comoe parameters) / sum(d_in + d_out) over the targeted
     linears, so LoRA baselines are compared at equal capacity, as in the papers' tables.
     """
-    linears = list(find_target_linears(model, config).values())
-    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in linears)
-    per_rank = sum(m.in_features + m.out_features for m in linears)
+    config = resolve_targets(model, config)
+    shapes = [layer_features(m) for m in find_target_linears(model, config).values()]
+    total = sum(comoe_trainable_parameters(config, d_in, d_out) for d_in, d_out in shapes)
+    per_rank = sum(d_in + d_out for d_in, d_out in shapes)
     rank = max(1, round(total / per_rank))
     return LoraConfig(
         r=rank,
@@ -30,5 +32,6 @@ def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         layers_to_transform=config.layers_to_transform,
+        modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
     )

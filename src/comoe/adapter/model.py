@@ -18,7 +18,8 @@ from huggingface_hub import HfApi
 from torch import nn
 
 from comoe.adapter.card import write_model_card
-from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.adapter.layer import ComoeContext, ComoeLinear, layer_features
+from comoe.adapter.saved import TrainedCopy
 from comoe.adapter.serialization import (
     WEIGHTS_NAME,
     check_fits,
@@ -29,7 +30,7 @@ from comoe.adapter.serialization import (
     save_weights,
     tensor_shapes,
 )
-from comoe.adapter.targeting import find_target_linears, set_submodule
+from comoe.adapter.targeting import find_target_linears, matches, resolve_targets, set_submodule
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
 from comoe.objectives.auxiliary import auxiliary_losses
@@ -80,7 +81,9 @@ class ComoeModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: ComoeConfig) -> None:
         super().__init__()
+        config = resolve_targets(model, config)
         targets = find_target_linears(model, config)
+        saved = modules_to_save(model, config)
         self.wrapped_model = model
         self.comoe_config = config
         self._context = ComoeContext()
@@ -95,7 +98,11 @@ class ComoeModel(nn.Module):
         layers = {name: ComoeLinear(linear, config, self._context) for name, linear in targets.items()}
         for name, layer in layers.items():
             set_submodule(model, name, layer)
+        copies = {name: TrainedCopy(module, self._context) for name, module in saved.items()}
+        for name, copy_ in copies.items():
+            set_submodule(model, name, copy_)
         self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
+        self.__dict__["_saved"] = copies
         self._inside_forward = False
         self._pending_aux = False
         self._warned_pending = False
@@ -258,9 +265,11 @@ class ComoeModel(nn.Module):
     disable_adapter = disable_adapters  # PEFT's PeftModel spells it in the singular
 
     def unload(self) -> nn.Module:
-        """Put the original nn.Linear modules back and return the untouched base model."""
+        """Put the original layers (and modules_to_save originals) back; return the untouched base model."""
         for name, layer in self.comoe_layers().items():
             set_submodule(self.wrapped_model, name, layer.base_layer)
+        for name, copy_ in self._saved.items():
+            set_submodule(self.wrapped_model, name, copy_.original_module)
         return self.wrapped_model
 
     def merge_and_unload(self) -> nn.Module:
@@ -283,13 +292,35 @@ class ComoeModel(nn.Module):
         )
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Experts and routers only, keyed by module path."""
+        """Experts and routers (and the modules_to_save copies), keyed by module path."""
         state = {}
         for name, layer in self.comoe_layers().items():
             state[f"{name}.lora_A"] = layer.lora_A
             state[f"{name}.lora_B"] = layer.lora_B
             state[f"{name}.router.weight"] = layer.router.weight
+        for name, copy_ in self._saved.items():
+            for key, param in copy_.trained_module.named_parameters():
+                state[f"{name}.trained_module.{key}"] = param
         return state
+
+    # ---- gradient checkpointing ---------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The wrapped model's gradient checkpointing, non-reentrant by default.
+
+        The auxiliary losses are computed after the forward from tensors each layer produced inside the
+        checkpointed blocks. Non-reentrant checkpointing keeps those in the autograd graph (and the layers
+        save the same tensors when the blocks are recomputed), so the gradients equal those without
+        checkpointing. Reentrant checkpointing runs the blocks without autograd: the auxiliary losses
+        would silently get no gradient, so it is refused when they are on."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        aux = self.comoe_config.contrastive != "none" or self.comoe_config.balance_weight > 0
+        if kwargs["use_reentrant"] and aux:
+            raise ValueError(
+                "gradient_checkpointing_kwargs use_reentrant=True: reentrant checkpointing runs the blocks "
+                "without autograd, so the balance/contrastive losses would get no gradient; use "
+                "use_reentrant=False (comoe's default)"
+            )
+        self.wrapped_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ---- save and load ------------------------------------------------------------------------------
     def save_pretrained(
@@ -360,9 +391,9 @@ class ComoeModel(nn.Module):
         """
         config = load_config(directory)
         weights = os.path.join(directory, WEIGHTS_NAME)
-        check_fits(
-            adapter_shapes(find_target_linears(model, config), config), tensor_shapes(weights), weights
-        )
+        shapes = adapter_shapes(find_target_linears(model, config), config)
+        shapes.update(saved_shapes(modules_to_save(model, config)))
+        check_fits(shapes, tensor_shapes(weights), weights)
         comoe = cls(model, config)
         comoe.load_adapter_weights(weights)
         if not is_trainable:
@@ -376,15 +407,39 @@ class ComoeModel(nn.Module):
         load_weights_into(self.adapter_state_dict(), path)
 
 
-def adapter_shapes(targets: dict[str, nn.Linear], config: ComoeConfig) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of `adapter_state_dict()` for these target linears, without building anything."""
+def adapter_shapes(targets: dict[str, nn.Module], config: ComoeConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the experts and routers for these target layers, without building anything."""
     n, r = config.num_experts, config.r
     shapes = {}
     for name, linear in targets.items():
-        shapes[f"{name}.lora_A"] = (n, r, linear.in_features)
-        shapes[f"{name}.lora_B"] = (n, r, linear.out_features)
-        shapes[f"{name}.router.weight"] = (n, linear.in_features)
+        d_in, d_out = layer_features(linear)
+        shapes[f"{name}.lora_A"] = (n, r, d_in)
+        shapes[f"{name}.lora_B"] = (n, r, d_out)
+        shapes[f"{name}.router.weight"] = (n, d_in)
     return shapes
+
+
+def modules_to_save(model: nn.Module, config: ComoeConfig) -> dict[str, nn.Module]:
+    """The modules config.modules_to_save names (outermost matches), an error naming any that match none."""
+    if not config.modules_to_save:
+        return {}
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer in found)
+        if name and not inside and matches(name, config.modules_to_save):
+            found[name] = module
+    unmatched = [t for t in config.modules_to_save if not any(matches(n, [t]) for n in found)]
+    if unmatched:
+        raise ValueError(f"modules_to_save: {unmatched} match no module of this {type(model).__name__}")
+    return found
+
+
+def saved_shapes(saved: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{name}.trained_module.{key}": tuple(param.shape)
+        for name, module in saved.items()
+        for key, param in module.named_parameters()
+    }
 
 
 def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:

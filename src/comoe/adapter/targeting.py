@@ -2,17 +2,30 @@
 
 Shared by comoe adapters, the matched PEFT LoRA baseline (same modules, same parameter count) and the
 analysis (which groups layers by transformer block through `layer_index`).
+
+The default targets (ATTENTION_MODULES: q/k/v/o_proj) name the attention projections of Llama-style
+families. On a family that names or fuses them differently, `resolve_targets` keeps the default names the
+model has and adds PEFT's own default targets for its model type (TRANSFORMERS_MODELS_TO_LORA_TARGET_
+MODULES_MAPPING: c_attn for GPT-2, query_key_value for GPT-NeoX, query/value for BERT, q/v for T5) and
+any fused attention projection it has (Phi-3's qkv_proj), saying what it chose. Explicit targets are
+taken as given, with a warning naming those that match nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import warnings
 
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from torch import nn
 
-from comoe.adapter.layer import ComoeLinear
-from comoe.config import ComoeConfig
+from comoe.adapter.layer import ADAPTABLE, ComoeLinear
+from comoe.config import ATTENTION_MODULES, ComoeConfig
+
+# Fused projections that hold the attention's query/key/value in one linear, by family.
+FUSED_ATTENTION = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -23,22 +36,69 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def is_target(name: str, config: ComoeConfig) -> bool:
+def matches(name: str, targets: list[str] | str) -> bool:
     """PEFT's rule: a list of names matches path suffixes; one string is a regex over the whole path."""
-    targets = config.target_modules
     if isinstance(targets, str):
-        matched = re.fullmatch(targets, name) is not None
-    else:
-        matched = any(name == t or name.endswith("." + t) for t in targets)
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def is_target(name: str, config: ComoeConfig) -> bool:
+    matched = matches(name, config.target_modules)
     if matched and config.layers_to_transform is not None:
         matched = layer_index(name) in config.layers_to_transform
     return matched
 
 
-def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.Linear]:
-    """The nn.Linear modules that config.target_modules selects; a clear error when none or a non-Linear,
-    or when comoe has already been applied to the model."""
-    found: dict[str, nn.Linear] = {}
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
+    """The config with target_modules made concrete for this model (see the module docstring); the result
+    is what the adapter folder records, so a reload adapts exactly the same layers."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return config
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
+    missing = [t for t in targets if not any(matches(n, [t]) for n, _ in model.named_modules() if n)]
+    if not missing:
+        return config
+    model_type = _model_type(model)
+    if targets == ATTENTION_MODULES:
+        present = [t for t in targets if t not in missing]
+        added = [t for t in PEFT_TARGETS.get(model_type or "", []) if t in leaves and t not in present]
+        added += [t for t in FUSED_ATTENTION if t in leaves and t not in present + added]
+        if added:
+            return dataclasses.replace(config, target_modules=present + added)
+        return config  # find_target_linears says what the model has
+    if len(missing) < len(targets):
+        suggestion = PEFT_TARGETS.get(model_type or "")
+        hint = f"; PEFT's default for {model_type} is {suggestion}" if suggestion else ""
+        fused = [t for t in FUSED_ATTENTION + ("gate_up_proj",) if t in leaves and t not in targets]
+        hint += f"; it has fused projections {fused}" if fused else ""
+        warnings.warn(
+            f"target_modules: {missing} match nothing in this {type(model).__name__}, so those projections "
+            f"are not adapted (adapting {[t for t in targets if t not in missing]}){hint}",
+            stacklevel=3,
+        )
+    return config
+
+
+def fused_experts(model: nn.Module) -> list[str]:
+    """'path [shape]' of each 3-D parameter of a base model's routed experts (Mixtral, Qwen2-MoE in
+    transformers 5 fuse all experts' projections into one parameter), which no linear target reaches."""
+    return [
+        f"{name} {list(param.shape)}"
+        for name, param in model.named_parameters()
+        if param.dim() == 3 and ".experts." in f".{name}" and "lora_" not in name
+    ]
+
+
+def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.Module]:
+    """The linear (or Conv1D) modules that config.target_modules selects; a clear error when none, or a
+    module of another kind, or when comoe has already been applied to the model."""
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not name or not is_target(name, config):
             continue
@@ -47,29 +107,39 @@ def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.L
                 f"target_modules: {name!r} is already a comoe layer; apply comoe to a model only once "
                 "(call unload() first to start again)"
             )
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, ADAPTABLE):
             if any(isinstance(child, ComoeLinear) for child in module.modules()):
                 continue  # the ComoeLinear wrapper's own children are reported above
+            fused = [p for p in fused_experts(model) if p.startswith(name + ".")]
+            detail = f" holding fused expert parameters {fused[:2]}" if fused else ""
             raise ValueError(
-                f"target_modules: {name!r} is a {type(module).__name__}; comoe adapts nn.Linear layers only"
+                f"target_modules: {name!r} is a {type(module).__name__}{detail}; comoe adapts nn.Linear "
+                "and Conv1D layers only (name the linear layers inside it, or leave it out)"
             )
         found[name] = module
     if any(isinstance(m, ComoeLinear) for m in model.modules()):
         raise ValueError("model: comoe has already been applied to this model; apply it once")
     if not found:
         raise ValueError(_no_match_message(model, config))
+    fused = fused_experts(model)
+    if fused:
+        warnings.warn(
+            f"the base model's routed experts are fused 3-D parameters ({fused[0]}, ...): no linear target "
+            "reaches them, so they stay frozen; MLP target names match only a shared expert, if any",
+            stacklevel=3,
+        )
     return found
 
 
 def _no_match_message(model: nn.Module, config: ComoeConfig) -> str:
     linear_names = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
     )
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     close = sorted({c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.8)})
     hint = f"; close matches: {close}" if close else ""
     return (
-        f"target_modules={config.target_modules!r} matches no nn.Linear in the model"
+        f"target_modules={config.target_modules!r} matches no nn.Linear or Conv1D in the model"
         + (f" (with layers_to_transform={config.layers_to_transform})" if config.layers_to_transform else "")
         + f"{hint}; the model's linear layers are named {linear_names}"
     )

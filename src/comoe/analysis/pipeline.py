@@ -15,19 +15,19 @@ from comoe.analysis.plots import plot_summary
 from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.data.collate import encode_examples, pad_batch
-from comoe.data.tasks import load_examples, task_index
-from comoe.evaluation.runner import load_for_eval
+from comoe.data.tasks import task_index
+from comoe.evaluation.runner import eval_examples, load_for_eval
 from comoe.files import atomic_write_text
 
 
 def analyze(args: AnalyzeArgs) -> dict[str, Any]:
     """Route held-out examples (prompt and reference response) through a comoe adapter and measure."""
+    examples = eval_examples(args)  # data errors before the model is loaded
     model, tokenizer = load_for_eval(args.model, args.adapter)
     if not isinstance(model, ComoeModel):
         raise ValueError(
             f"--adapter {args.adapter}: analysis needs a comoe adapter (routing), not a PEFT one"
         )
-    examples = load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
     task_names, task_ids = task_index(examples)
     accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names)
     for start in range(0, len(examples), args.batch_size):
@@ -42,6 +42,7 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
         model=args.model,
         adapter=args.adapter,
         data_dir=args.data_dir,
+        data=args.data,
         limit=args.limit,
         examples=len(examples),
     )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import setting
+from comoe.settings import DataArgs, setting
 from comoe.validation import check_int
 
 
 @dataclass
-class AnalyzeArgs:
-    """Which comoe adapter to analyse, on which held-out examples, and where the results go."""
+class AnalyzeArgs(DataArgs):
+    """Which comoe adapter to analyse, on which held-out examples (LLM-Adapters, built-in, or your files
+    with --data, grouped by their tasks), and where the results go."""
 
     adapter: str | None = setting(None, "a comoe adapter folder (required)")
     output: str | None = setting(None, "folder for summary.json, report.md and figures (required)")
@@ -23,6 +24,7 @@ class AnalyzeArgs:
     seed: int = setting(0, "seed of the per-task sample")
 
     def __post_init__(self) -> None:
+        self.check_data()
         for name in ("adapter", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required (--{name} on the command line)")

@@ -12,6 +12,7 @@ file by its line, not by a Python traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from comoe.data.chat import ROLES
@@ -29,6 +30,15 @@ RESPONSES = ("output", "completion")  # optional when a record gives `answer` (e
 # The template each format is trained with unless --template says otherwise: Alpaca for instruction
 # records (the papers' format), plain concatenation for prompt/completion, the chat template for messages.
 DEFAULT_TEMPLATE = {"instruction": "alpaca", "prompt_completion": "none", "messages": "chat"}
+
+
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
+
+
+def answer_format_options(instruction: str) -> list[str] | None:
+    """The option words of an LLM-Adapters commonsense instruction ('... Answer format: a/b/c'), or None."""
+    match = _ANSWER_FORMAT.search(instruction.strip())
+    return match.group(1).split("/") if match else None
 
 
 def record_format(record: Any, where: str) -> str:

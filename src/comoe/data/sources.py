@@ -18,6 +18,7 @@ from comoe.data.example import Example
 from comoe.data.formats import (
     DEFAULT_TEMPLATE,
     FORMATS,
+    answer_format_options,
     record_format,
     record_task,
     rename_columns,
@@ -153,10 +154,11 @@ def examples_from_records(
 
 def register_tasks(examples: list[Example], templates: dict[str, str]) -> None:
     """Register each task of user data with its template and how its answers are scored: 'choice' when every
-    item has choices, 'number' when every answer is a number, otherwise normalised exact match."""
+    item has choices (or, LLM-Adapters style, an 'Answer format: a/b' line naming its answer), 'number'
+    when every answer is a number, otherwise normalised exact match."""
     for task, template in templates.items():
         answers = [e for e in examples if e.task == task]
-        if all(e.choices for e in answers):
+        if all(e.choices or e.answer in (answer_format_options(e.instruction) or ()) for e in answers):
             scoring = "choice"
         elif all(_NUMBER.match(e.answer) for e in answers):
             scoring = "number"

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -85,7 +85,21 @@ def check_report_path(output: str | None) -> None:
         raise PermissionError(f"--output {path}: {parent} is not writable")
 
 
-def eval_examples(args: EvalArgs) -> list[Example]:
+class HeldOutArgs(Protocol):
+    """The settings that choose held-out examples (EvalArgs, AnalyzeArgs)."""
+
+    data: list[str] | None
+    format: str
+    template: str
+    columns: dict[str, str]
+    adapter: str | None
+    data_dir: str | None
+    tasks: list[str] | None
+    limit: int | None
+    seed: int
+
+
+def eval_examples(args: HeldOutArgs) -> list[Example]:
     """The examples to score: --data files (their 'test' split for datasets folders), prompted with
     --template, or under 'auto' with the template the adapter was trained with where the records allow it;
     else the LLM-Adapters or built-in tasks."""

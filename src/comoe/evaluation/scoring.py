@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from comoe.data.example import Example
+from comoe.data.formats import answer_format_options
 
-_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 NUMBER_TOLERANCE = 1e-3  # LLM-Adapters counts |prediction - answer| <= 0.001 as correct
 
@@ -20,10 +20,10 @@ def choice_options(example: Example) -> list[str]:
     'Answer format: a/b/c' line (LLM-Adapters commonsense)."""
     if example.choices:
         return list(example.choices)
-    match = _ANSWER_FORMAT.search(example.instruction.strip())
-    if match is None:
+    options = answer_format_options(example.instruction)
+    if options is None:
         raise ValueError(f"{example.task}: example has no 'Answer format:' line to read options from")
-    return match.group(1).split("/")
+    return options
 
 
 def choice_response(option: str) -> str:

@@ -29,8 +29,6 @@ class EvalArgs(DataArgs):
 
     def __post_init__(self) -> None:
         self.check_data()
-        if self.data and (self.data_dir or self.tasks):
-            raise ValueError("data is exclusive with data_dir/tasks: give your files or LLM-Adapters tasks")
         check_choice("mode", self.mode, MODES)
         check_int("batch_size", self.batch_size, low=1)
         if self.limit is not None:

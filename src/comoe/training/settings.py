@@ -70,11 +70,6 @@ class TrainArgs(DataArgs):
             raise ValueError("eval_data and val_fraction are exclusive: give one source of validation data")
         if self.save_best and not (self.eval_data or self.val_fraction):
             raise ValueError("save_best needs validation data: give --eval-data or --val-fraction")
-        if self.data and (self.data_dir or self.tasks):
-            raise ValueError(
-                "data is exclusive with data_dir/tasks: --data names your files; --data-dir/--tasks the "
-                "LLM-Adapters tasks"
-            )
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
         if self.fsdp and (self.resume or self.preset == "lora"):
