@@ -304,23 +304,37 @@ class ComoeModel(nn.Module):
         return state
 
     # ---- gradient checkpointing ---------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """The wrapped model's gradient checkpointing, non-reentrant by default.
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """The wrapped model's gradient (activation) checkpointing, non-reentrant by default.
 
         The auxiliary losses are computed after the forward from tensors each layer produced inside the
         checkpointed blocks. Non-reentrant checkpointing keeps those in the autograd graph (and the layers
         save the same tensors when the blocks are recomputed), so the gradients equal those without
         checkpointing. Reentrant checkpointing runs the blocks without autograd: the auxiliary losses
         would silently get no gradient, so it is refused when they are on."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         aux = self.comoe_config.contrastive != "none" or self.comoe_config.balance_weight > 0
         if kwargs["use_reentrant"] and aux:
             raise ValueError(
-                "gradient_checkpointing_kwargs use_reentrant=True: reentrant checkpointing runs the blocks "
-                "without autograd, so the balance/contrastive losses would get no gradient; use "
-                "use_reentrant=False (comoe's default)"
+                "gradient checkpointing with use_reentrant=True runs the blocks without autograd, so the "
+                "balance/contrastive losses would get no gradient; use use_reentrant=False (the default)"
             )
-        self.wrapped_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable = getattr(self.wrapped_model, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers before activation_checkpointing_enable
+            self.wrapped_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """transformers' older name of activation_checkpointing_enable (same checks)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # ---- save and load ------------------------------------------------------------------------------
     def save_pretrained(

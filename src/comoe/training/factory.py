@@ -15,10 +15,16 @@ from comoe.training.settings import TrainArgs
 
 
 def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
-    """Base model plus the method's adapter: a comoe preset, or PEFT LoRA matched to the comoe preset."""
+    """Base model (in args.dtype, with gradient checkpointing if asked) plus the method's adapter: a comoe
+    preset, or PEFT LoRA matched to the comoe preset."""
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base(args.model)
+    base, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype))
     config = args.comoe_config()
     if args.preset == "lora":
+        if args.gradient_checkpointing:
+            base.activation_checkpointing_enable()  # non-reentrant: no input grads needed
         return get_peft_model(base, matched_lora_config(config, base)), tokenizer
-    return get_comoe_model(base, config), tokenizer
+    model = get_comoe_model(base, config)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model, tokenizer

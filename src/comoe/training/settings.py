@@ -10,6 +10,7 @@ from comoe.settings import DataArgs, check_field_types, load_settings, setting
 from comoe.validation import InvalidSetting, check_choice, check_int, check_number
 
 METHODS = [*PRESETS, "lora"]
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -20,6 +21,12 @@ class TrainArgs(DataArgs):
 
     model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
     preset: str = setting("comoe", "method", choices=METHODS)
+    dtype: str = setting(
+        "float32",
+        "the base model's dtype (experts stay in adapter_dtype, float32 by default)",
+        choices=DTYPES,
+    )
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     adapter_config: dict[str, Any] = setting(
         {}, "ComoeConfig overrides on top of the preset (YAML only; key 'adapter' in older files)", flag=False
     )
@@ -55,6 +62,7 @@ class TrainArgs(DataArgs):
         check_field_types(self)
         self.check_data()
         check_choice("preset", self.preset, METHODS)
+        check_choice("dtype", self.dtype, DTYPES)
         for name in ("batch_size", "grad_accum", "cutoff"):
             check_int(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "save_steps", "stats_steps", "seed", "eval_steps"):
