@@ -222,7 +222,7 @@ def test_bf16_base_keeps_float32_experts_and_matches_the_float32_model():
         loss = comoe(**batch_for("llama")).loss
         loss.backward()
         grad = torch.cat([p.grad.float().flatten() for p in comoe.parameters() if p.requires_grad])
-        return comoe, {"loss": float(loss), **comoe.last_aux_losses()}, grad
+        return comoe, {"loss": float(loss.detach()), **comoe.last_aux_losses()}, grad
 
     bf16, low, grad_bf16 = run(torch.bfloat16)
     _, full, grad_fp32 = run(torch.float32)

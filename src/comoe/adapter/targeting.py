@@ -18,7 +18,6 @@ import difflib
 import re
 import warnings
 
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from torch import nn
 
 from comoe.adapter.layer import ADAPTABLE, ComoeLinear
@@ -50,6 +49,14 @@ def is_target(name: str, config: ComoeConfig) -> bool:
     return matched
 
 
+def peft_default_targets() -> dict[str, list[str]]:
+    """PEFT's default LoRA targets per model type. Imported here, when a default needs resolving, because
+    `import comoe` and a ComoeModel on a Llama-style model must not pay for importing peft (~1 s)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
@@ -65,15 +72,16 @@ def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
     if not missing:
         return config
     model_type = _model_type(model)
+    peft_targets = peft_default_targets()
     if targets == ATTENTION_MODULES:
         present = [t for t in targets if t not in missing]
-        added = [t for t in PEFT_TARGETS.get(model_type or "", []) if t in leaves and t not in present]
+        added = [t for t in peft_targets.get(model_type or "", []) if t in leaves and t not in present]
         added += [t for t in FUSED_ATTENTION if t in leaves and t not in present + added]
         if added:
             return dataclasses.replace(config, target_modules=present + added)
         return config  # find_target_linears says what the model has
     if len(missing) < len(targets):
-        suggestion = PEFT_TARGETS.get(model_type or "")
+        suggestion = peft_targets.get(model_type or "")
         hint = f"; PEFT's default for {model_type} is {suggestion}" if suggestion else ""
         fused = [t for t in FUSED_ATTENTION + ("gate_up_proj",) if t in leaves and t not in targets]
         hint += f"; it has fused projections {fused}" if fused else ""
