@@ -55,6 +55,12 @@ def adapter_dtype(config: ComoeConfig, base_layer: nn.Module) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
+def _packed_for_inference(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit weight in its CPU inference layout (no backward through it)."""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
 class ComoeLinear(nn.Module):
     """A frozen linear layer plus n routed LoRA experts (A: [n, r, d_in], B: [n, r, d_out]) and a router."""
 
@@ -65,6 +71,11 @@ class ComoeLinear(nn.Module):
                 f"ComoeLinear adapts nn.Linear and Conv1D layers, got {type(base_layer).__name__}"
             )
         self.base_layer = base_layer
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' Linear4bit repacks its weight for CPU inference on its first eval-mode forward
+            # without gradients (e.g. a validation pass), and the packed weight has no backward: every later
+            # training step would lose the gradient through this layer. Keep it in the trainable format.
+            base_layer.support_avx512bf16_for_cpu = False
         self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
@@ -85,6 +96,13 @@ class ComoeLinear(nn.Module):
         self.record: LayerRecord | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and _packed_for_inference(self.base_layer):
+            raise RuntimeError(
+                f"the base layer {type(self.base_layer).__name__} has a weight that bitsandbytes packed for "
+                "CPU inference (an eval-mode forward without gradients ran before comoe wrapped it), which "
+                "has no backward: the experts below it would get no gradient. Load the base model again "
+                "and wrap it before running it"
+            )
         result = self.base_layer(x)
         if not self.context.adapters_enabled:
             return result
