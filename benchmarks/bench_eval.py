@@ -45,6 +45,7 @@ from comoe.adapter.auto import load_adapter
 from comoe.adapter.lora import matched_lora_config
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
+from comoe.data.collate import prompt_ids
 from comoe.data.tasks import load_examples, render_prompt
 from comoe.evaluation.generation import left_pad
 from comoe.evaluation.loglik import option_loglikelihoods
@@ -136,7 +137,7 @@ def bench_loglik(model, tokenizer, task: str, args: argparse.Namespace, folder: 
 def bench_generate(model, tokenizer, args: argparse.Namespace) -> dict:
     """Tokens/s of generate: the comoe adapter vs PEFT LoRA (matched rank) vs the base model."""
     examples = load_examples(args.data_dir, ["boolq"], "test", args.gen_batch, 1)
-    prompts = [tokenizer(render_prompt(e), add_special_tokens=False)["input_ids"] for e in examples]
+    prompts = [prompt_ids(tokenizer, render_prompt(e)) for e in examples]
     batch = left_pad(prompts, tokenizer.pad_token_id, torch.device(args.device))
     new = args.max_new_tokens
 

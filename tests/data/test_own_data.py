@@ -222,3 +222,17 @@ def test_bad_input_is_one_line_naming_file_record_and_field(capsys, tmp_path, na
     message = one_line_error(capsys, ["train", "--data", str(path), "--output", str(tmp_path / "run")])
     assert expected in message and str(path) in message
     assert not (tmp_path / "run").exists()  # refused before the model loads or the run folder is made
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_once(smol_tokenizer):
+    """Gemma- and Llama-style tokenizers add BOS by default: every sequence starts with it, also where
+    prompts are tokenised without special tokens, and a chat template that spells it is not doubled."""
+    tokenizer = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path, add_bos_token=True)
+    bos = tokenizer.bos_token_id
+    assert tokenizer("a")["input_ids"][0] == bos  # the precondition: this tokenizer adds BOS
+    _, (item,) = encode(tokenizer, [{"instruction": "Hi", "output": "Yo"}])
+    assert item.input_ids[0] == bos and item.input_ids[1] != bos
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    _, (chat,) = encode(tokenizer, [CONVERSATION])
+    assert chat.input_ids[0] == bos and chat.input_ids[1] != bos
+    assert smol_tokenizer("a")["input_ids"][0] != smol_tokenizer.bos_token_id  # SmolLM2: unchanged, no BOS

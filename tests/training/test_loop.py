@@ -1,6 +1,7 @@
 """End to end on a tiny random LLaMA: train -> checkpoint -> resume -> save -> eval, and the loss path."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -169,3 +170,22 @@ def test_router_lr_ratio_moves_the_routers_faster_and_resumes_exactly(tiny_model
     a = load_file(fast / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("preset", ["comoe", "lora"])
+def test_bf16_base_with_gradient_checkpointing_trains_float32_adapters(tmp_path, tiny_model_dir, preset):
+    run = train(
+        train_args(
+            tiny_model_dir,
+            tmp_path / "run",
+            preset=preset,
+            dtype="bfloat16",
+            gradient_checkpointing=True,
+            max_steps=2,
+            save_steps=0,
+        )
+    )
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in rows)
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}

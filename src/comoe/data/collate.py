@@ -24,6 +24,17 @@ class Tokenized:
     truncated: bool
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of the text that begins a sequence, with the BOS token when the tokenizer adds one by
+    default (Gemma, Llama 2/3; SmolLM2 adds none) and the text does not spell it already (chat templates
+    do). Without it, such models see every prompt out of distribution."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
 def tokenize_example(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, cutoff: int, keep_response: bool = False
 ) -> Tokenized:
@@ -34,13 +45,13 @@ def tokenize_example(
     (training, as LLM-Adapters), or with keep_response from the start of the prompt, so that a scored
     response is always scored whole (evaluation).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    truncated = len(prompt_ids) + len(response_ids) > cutoff
+    truncated = len(prompt) + len(response_ids) > cutoff
     if truncated and keep_response and len(response_ids) < cutoff:
-        prompt_ids = prompt_ids[len(prompt_ids) + len(response_ids) - cutoff :]
-    ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        prompt = prompt[len(prompt) + len(response_ids) - cutoff :]
+    ids = prompt + response_ids
+    labels = [IGNORE_INDEX] * len(prompt) + response_ids
     return Tokenized(ids[:cutoff], labels[:cutoff], truncated=truncated)
 
 
@@ -55,8 +66,12 @@ def tokenize_segments(
     """
     ids: list[int] = []
     labels: list[int] = []
-    for text, learned in segments:
-        part = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for index, (text, learned) in enumerate(segments):
+        part = (
+            prompt_ids(tokenizer, text)
+            if index == 0
+            else tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
         ids += part
         labels += part if learned else [IGNORE_INDEX] * len(part)
     if eos:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
 from comoe.evaluation.loglik import context_length
@@ -19,7 +20,7 @@ def generate_responses(
     (from the start) so that prompt and answer fit the model's context length."""
     room = max(1, context_length(model) - max_new_tokens)
     texts = [render_prompt(e, tokenizer) for e in examples]
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = [prompt_ids(tokenizer, text) for text in texts]
     truncated = [len(ids) > room for ids in encoded]
     prompts = [ids[-room:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationMixin
 
-from comoe.data.collate import IGNORE_INDEX, pad_batch, tokenize_example
+from comoe.data.collate import IGNORE_INDEX, pad_batch, prompt_ids, tokenize_example
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
 from comoe.evaluation.scoring import choice_options, option_response
@@ -85,7 +85,7 @@ def option_loglikelihoods(
 
 def tokenize_question(tokenizer, example: Example, index: int) -> Question:
     """The prompt tokenised on its own (the training format's exact boundary) and every option's response."""
-    prompt = tokenizer(render_prompt(example, tokenizer), add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tokenizer, render_prompt(example, tokenizer))
     responses = [
         tokenizer(option_response(example, option), add_special_tokens=False)["input_ids"]
         + [tokenizer.eos_token_id]

