@@ -11,6 +11,8 @@ from comoe.data.collate import IGNORE_INDEX, encode_examples
 from comoe.data.sources import DataSpec, examples_from_records, load_data, read_records, register_tasks
 from comoe.data.tasks import get_task
 from comoe.data.templates import format_prompt
+from comoe.evaluation.respond import prompt_example, read_prompts
+from comoe.evaluation.settings import GenerateArgs
 from comoe.training.data import split_validation
 from tests.helpers import one_line_error
 
@@ -236,3 +238,22 @@ def test_a_tokenizer_that_adds_bos_gets_it_once(smol_tokenizer):
     _, (chat,) = encode(tokenizer, [CONVERSATION])
     assert chat.input_ids[0] == bos and chat.input_ids[1] != bos
     assert smol_tokenizer("a")["input_ids"][0] != smol_tokenizer.bos_token_id  # SmolLM2: unchanged, no BOS
+
+
+def test_generate_reads_prompt_files(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("first question\n\n  second question  \n")
+    assert read_prompts(GenerateArgs(prompts=str(text))) == ["first question", "  second question  "]
+    rows = tmp_path / "prompts.jsonl"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rows.write_text(json.dumps({"prompt": "p"}) + "\n" + json.dumps({"messages": conversation}) + "\n")
+    prompts = read_prompts(GenerateArgs(prompts=str(rows)))
+    assert prompts == ["p", (("system", "Be brief."), ("user", "Hi"))]
+    assert prompt_example(prompts[1], "chat").messages == prompts[1]
+    with pytest.raises(ValueError, match="a messages prompt needs --template chat"):
+        prompt_example(prompts[1], "alpaca")
+    rows.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: expected an object with 'prompt'"):
+        read_prompts(GenerateArgs(prompts=str(rows)))
+    with pytest.raises(ValueError, match="exactly one of --prompt TEXT or --prompts FILE"):
+        GenerateArgs()
