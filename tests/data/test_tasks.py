@@ -159,3 +159,13 @@ def test_training_only_tasks_are_refused_for_evaluation(tmp_path):
         load_examples(tmp_path, ["math_data"], "test", None)
     with pytest.raises(ValueError, match=r"limit=0 is invalid"):
         load_examples(None, ["syllogism"], "test", 0)
+
+
+def test_builtin_validation_split_is_disjoint_from_train_and_test():
+    train, validation, test = (
+        builtin_examples(split, 40, ["chain_sum"]) for split in ("train", "validation", "test")
+    )
+    questions = [{e.instruction for e in part} for part in (train, validation, test)]
+    assert len(questions[1]) == 40
+    assert not questions[1] & questions[0] and not questions[1] & questions[2]
+    assert builtin_examples("validation", 40, ["chain_sum"]) == validation  # fixed

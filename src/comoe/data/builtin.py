@@ -16,19 +16,20 @@ BUILTIN_TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "syllogism": ("syllogism", {}),
 }
 # reasoning-gym seeds item i with seed + i, so the splits use seeds far apart.
-_SPLIT_SEEDS = {"train": 1, "test": 10_000_000}
+_SPLIT_SEEDS = {"train": 1, "validation": 5_000_000, "test": 10_000_000}
 
 
 def builtin_examples(split: str, per_task: int, tasks: list[str] | None = None) -> list[Example]:
     """`per_task` examples of each built-in task; the same call always returns the same examples.
 
-    Train and test come from different seeds, and test questions that also occur in train are skipped,
-    so the split is fixed and disjoint.
+    Train, validation and test come from different seeds; validation and test skip questions that also
+    occur in train (and validation those in test), so the splits are fixed and disjoint. Validation is
+    for choices made before the test set is looked at (e.g. a loss weight).
     """
     import reasoning_gym  # ~1 s to import: only when built-in data is asked for
 
     if split not in _SPLIT_SEEDS:
-        raise ValueError(f"split={split!r} is invalid: expected 'train' or 'test'")
+        raise ValueError(f"split={split!r} is invalid: expected 'train', 'validation' or 'test'")
     names = tasks or list(BUILTIN_TASKS)
     unknown = [name for name in names if name not in BUILTIN_TASKS]
     if unknown:
@@ -37,11 +38,12 @@ def builtin_examples(split: str, per_task: int, tasks: list[str] | None = None) 
     for name in names:
         generator, settings = BUILTIN_TASKS[name]
         seen = set()
-        if split == "test":
-            train = reasoning_gym.create_dataset(
-                generator, size=4 * per_task, seed=_SPLIT_SEEDS["train"], **settings
+        held_out = {"test": ["train"], "validation": ["train", "test"]}.get(split, [])
+        for other in held_out:
+            pool = reasoning_gym.create_dataset(
+                generator, size=4 * per_task, seed=_SPLIT_SEEDS[other], **settings
             )
-            seen = {item["question"] for item in train}
+            seen |= {item["question"] for item in pool}
         pool = reasoning_gym.create_dataset(
             generator, size=4 * per_task, seed=_SPLIT_SEEDS[split], **settings
         )

@@ -48,7 +48,7 @@ def register_task(task: Task) -> Task:
 
 
 for _name in BUILTIN_TASKS:
-    register_task(Task(_name, "builtin", "exact"))
+    register_task(Task(_name, "builtin", "exact", splits=("train", "validation", "test")))
 for _name in COMMONSENSE_TASKS:
     register_task(Task(_name, "llm-adapters", "choice"))
 for _name in MATH_TASKS:

@@ -104,9 +104,16 @@ def eval_examples(args: HeldOutArgs) -> list[Example]:
     --template, or under 'auto' with the template the adapter was trained with where the records allow it;
     else the LLM-Adapters or built-in tasks."""
     if not args.data:
-        return load_examples(args.data_dir, args.tasks, "test", args.limit, args.seed)
+        return load_examples(args.data_dir, args.tasks, getattr(args, "split", "test"), args.limit, args.seed)
     trained = trained_template(args.adapter) if args.adapter else None
-    examples = load_data(args.data, "test", args.format, args.template, args.columns, auto_template=trained)
+    examples = load_data(
+        args.data,
+        getattr(args, "split", "test"),
+        args.format,
+        args.template,
+        args.columns,
+        auto_template=trained,
+    )
     return sample_per_task(examples, args.limit, args.seed)
 
 

@@ -8,6 +8,7 @@ from comoe.settings import TEMPLATE_CHOICES, DataArgs, check_field_types, settin
 from comoe.validation import check_choice, check_int
 
 MODES = ("loglik", "generate")
+SPLITS = ("test", "validation")
 
 
 @dataclass
@@ -21,6 +22,9 @@ class EvalArgs(DataArgs):
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")
     tasks: list[str] | None = setting(None, "test tasks (comma list on the CLI)")
     limit: int | None = setting(None, "examples per task (a seeded sample)")
+    split: str = setting(
+        "test", "test, or validation (built-in tasks: disjoint from train and test)", choices=SPLITS
+    )
     mode: str = setting("loglik", "choice tasks: option log-likelihood or generation", choices=MODES)
     batch_size: int = setting(8, "questions per forward (loglik; their options together), prompts (generate)")
     max_new_tokens: int | None = setting(None, "generation length (default: 256 for math, 32 otherwise)")
@@ -30,6 +34,7 @@ class EvalArgs(DataArgs):
     def __post_init__(self) -> None:
         self.check_data()
         check_choice("mode", self.mode, MODES)
+        check_choice("split", self.split, SPLITS)
         check_int("batch_size", self.batch_size, low=1)
         if self.limit is not None:
             check_int("limit", self.limit, low=1)
