@@ -67,10 +67,10 @@ def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
     targets = config.target_modules
     if isinstance(targets, str):
         return config
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
     missing = [t for t in targets if not any(matches(n, [t]) for n, _ in model.named_modules() if n)]
     if not missing:
         return config
+    leaves = set(adaptable_names(model))
     model_type = _model_type(model)
     peft_targets = peft_default_targets()
     if targets == ATTENTION_MODULES:
@@ -91,6 +91,11 @@ def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
             stacklevel=3,
         )
     return config
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The last path component of every layer comoe can adapt (q_proj, c_attn, ...), sorted, once each."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)})
 
 
 def fused_experts(model: nn.Module) -> list[str]:
@@ -140,9 +145,7 @@ def find_target_linears(model: nn.Module, config: ComoeConfig) -> dict[str, nn.M
 
 
 def _no_match_message(model: nn.Module, config: ComoeConfig) -> str:
-    linear_names = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
-    )
+    linear_names = adaptable_names(model)
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     close = sorted({c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.8)})
     hint = f"; close matches: {close}" if close else ""

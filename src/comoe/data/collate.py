@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,9 +31,16 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     do). Without it, such models see every prompt out of distribution."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos) and tokenizer("a")["input_ids"][:1] == [bos]:
+    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
         ids = [bos, *ids]
     return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer starts a sequence with BOS by default (probed once per tokenizer, not once per
+    example)."""
+    return tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def tokenize_example(

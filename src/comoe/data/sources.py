@@ -24,7 +24,7 @@ from comoe.data.formats import (
     rename_columns,
     to_example,
 )
-from comoe.data.tasks import Task, register_task
+from comoe.data.tasks import Task, group_by_task, register_task
 from comoe.data.templates import TEMPLATE_NAMES
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -156,8 +156,9 @@ def register_tasks(examples: list[Example], templates: dict[str, str]) -> None:
     """Register each task of user data with its template and how its answers are scored: 'choice' when every
     item has choices (or, LLM-Adapters style, an 'Answer format: a/b' line naming its answer), 'number'
     when every answer is a number, otherwise normalised exact match."""
+    groups = group_by_task(examples)
     for task, template in templates.items():
-        answers = [e for e in examples if e.task == task]
+        answers = [examples[i] for i in groups[task]]
         if all(e.choices or e.answer in (answer_format_options(e.instruction) or ()) for e in answers):
             scoring = "choice"
         elif all(_NUMBER.match(e.answer) for e in answers):

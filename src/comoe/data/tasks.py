@@ -113,12 +113,20 @@ def sample_per_task(examples: list[Example], limit: int | None, seed: int) -> li
     if limit is None:
         return examples
     chosen = []
-    for task in dict.fromkeys(e.task for e in examples):
-        of_task = [e for e in examples if e.task == task]
+    for task, indices in group_by_task(examples).items():
+        of_task = [examples[i] for i in indices]
         if len(of_task) > limit:
             of_task = random.Random(f"{seed}:{task}").sample(of_task, limit)
         chosen += of_task
     return chosen
+
+
+def group_by_task(examples: list[Example]) -> dict[str, list[int]]:
+    """Each task's example indices, tasks in order of first appearance (one pass)."""
+    groups: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.task, []).append(index)
+    return groups
 
 
 def task_index(examples: list[Example]) -> tuple[list[str], list[int]]:

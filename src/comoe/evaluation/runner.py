@@ -103,12 +103,13 @@ def eval_examples(args: HeldOutArgs) -> list[Example]:
     """The examples to score: --data files (their 'test' split for datasets folders), prompted with
     --template, or under 'auto' with the template the adapter was trained with where the records allow it;
     else the LLM-Adapters or built-in tasks."""
+    split = getattr(args, "split", "test")  # analysis routes test examples
     if not args.data:
-        return load_examples(args.data_dir, args.tasks, getattr(args, "split", "test"), args.limit, args.seed)
+        return load_examples(args.data_dir, args.tasks, split, args.limit, args.seed)
     trained = trained_template(args.adapter) if args.adapter else None
     examples = load_data(
         args.data,
-        getattr(args, "split", "test"),
+        split,
         args.format,
         args.template,
         args.columns,

@@ -9,7 +9,7 @@ from typing import Any
 
 from comoe.data.example import Example
 from comoe.data.sources import examples_from_records, load_data, register_tasks
-from comoe.data.tasks import load_examples, sample_per_task
+from comoe.data.tasks import group_by_task, load_examples, sample_per_task
 from comoe.training.settings import TrainArgs
 
 
@@ -38,8 +38,7 @@ def split_validation(
     """A seeded, disjoint split: ceil(fraction * n) examples of each task (n >= 2) held out for validation,
     so every task is validated and the split depends on the seed only."""
     held: set[int] = set()
-    for task in dict.fromkeys(e.task for e in examples):
-        indices = [i for i, e in enumerate(examples) if e.task == task]
+    for task, indices in group_by_task(examples).items():
         if len(indices) < 2:
             continue
         count = min(len(indices) - 1, max(1, math.ceil(fraction * len(indices))))

@@ -27,11 +27,11 @@ def validation_loss(
     model.eval()
     sums = torch.zeros(len(task_names), dtype=torch.float64)
     counts = torch.zeros(len(task_names), dtype=torch.float64)
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(items), batch_size):
             chunk = list(range(start, min(start + batch_size, len(items))))
             batch = pad_batch([items[i] for i in chunk], pad_id)
-            device = next(model.parameters()).device
             logits, targets = response_logits(model, {k: v.to(device) for k, v in batch.items()})
             rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
             tasks = torch.tensor([task_ids[i] for i in chunk])[rows]
