@@ -164,3 +164,23 @@ def one_line_error(capsys, argv, code=2) -> str:
     message = err[-1]  # after any progress bars of the model loader
     assert message.startswith("comoe:") and "Traceback" not in "\n".join(err), err
     return message
+
+
+def assert_auxiliary_gradient(trainer, model) -> None:
+    """The gradient of the trainer's loss on a batch is that of its task loss plus the weighted auxiliary
+    loss (computed with the caller adding it by hand), and differs from the task loss's alone."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(loss, retain=False):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=retain)])
+
+    got = gradient(trainer.compute_loss(model, dict(batch)))
+    with model.caller_adds_aux_loss():
+        task = trainer.compute_loss(model, dict(batch))
+    aux = model.weighted_aux_loss * model.aux_gradient_scale
+    assert float(aux) > 0
+    without = gradient(task, retain=True)
+    torch.testing.assert_close(got, gradient(task + aux), rtol=1e-4, atol=1e-7)
+    assert (got - without).norm() > 1e-3 * without.norm()

@@ -12,7 +12,7 @@ from comoe.adapter.model import ComoeModel, get_comoe_model
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME
 from comoe.config import ComoeConfig
 from comoe.integrations.trainer import ComoeTrainer
-from tests.helpers import tiny_llama, trainer_fields
+from tests.helpers import assert_auxiliary_gradient, tiny_llama, trainer_fields
 
 
 def dataset(rows: int = 16, length: int = 12) -> Dataset:
@@ -56,6 +56,42 @@ def test_plain_trainer_with_default_arguments_trains_with_the_auxiliary_losses(t
     assert losses["contrastive"] > 0  # the last forward computed the objective
     logged = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert logged and all(loss > 0 for loss in logged)
+
+
+def one_step_adapter(folder, rows: int, trainer=Trainer, **overrides) -> dict[str, torch.Tensor]:
+    """The adapter after one SGD step (a step proportional to the gradient) on `rows` copies of a row."""
+    model = comoe_model()
+    fields = dict(max_steps=1, per_device_train_batch_size=2, optim="sgd", save_strategy="no")
+    args = arguments(folder, **{**fields, **overrides})
+    trainer(model=model, args=args, train_dataset=dataset(rows=1).select([0] * rows)).train()
+    return adapter_tensors(model)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["model-loss", "label-smoothing"])
+def test_accumulating_two_copies_of_a_batch_takes_its_step(tmp_path, smoothing):
+    """Gradient accumulation keeps the auxiliary losses' weight. With the model's loss (plain Trainer),
+    Trainer passes num_items_in_batch and does not divide by the number of micro-batches: each
+    micro-batch's auxiliary loss is weighted by its share of tokens. With label smoothing Trainer computes
+    the loss from the logits and the backbone's output carries the auxiliary gradient, averaged over the
+    micro-batches by ComoeTrainer (a plain Trainer cannot tell the model that it accumulates)."""
+    accumulating = Trainer if smoothing == 0 else ComoeTrainer
+    one = one_step_adapter(tmp_path / "one", 2, label_smoothing_factor=smoothing)
+    two = one_step_adapter(
+        tmp_path / "two", 4, accumulating, gradient_accumulation_steps=2, label_smoothing_factor=smoothing
+    )
+    initial = adapter_tensors(comoe_model())
+    assert any(not torch.equal(one[name], initial[name]) for name in one)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_plain_trainer_with_label_smoothing_includes_the_auxiliary_gradient(tmp_path):
+    """With label smoothing Trainer calls the model without labels and computes the loss itself."""
+    model = comoe_model()
+    args = arguments(tmp_path, label_smoothing_factor=0.1, per_device_train_batch_size=2, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    trainer.train()  # experts away from their B = 0 start
+    assert_auxiliary_gradient(trainer, model)
 
 
 def test_comoe_trainer_logs_components_and_checkpoints_are_adapter_folders(tmp_path):

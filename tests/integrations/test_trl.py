@@ -1,6 +1,7 @@
 """TRL's SFTTrainer with a comoe adapter: on prompt/completion and on conversational data the auxiliary
-losses are in the loss (non-zero, and they reach the experts' gradients), checkpoints are adapter folders,
-and resuming gives the uninterrupted adapter."""
+losses reach the gradients (plain SFTTrainer too, through the backbone's output), ComoeSFTTrainer logs
+them, keeps their weight under gradient accumulation, writes adapter-folder checkpoints, and resumes to
+the uninterrupted adapter."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from comoe.adapter.model import ComoeModel, get_comoe_model  # noqa: E402
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from comoe.config import ComoeConfig  # noqa: E402
 from comoe.integrations.trl import ComoeSFTTrainer  # noqa: E402
-from tests.helpers import tiny_llama, trainer_fields  # noqa: E402
+from tests.helpers import assert_auxiliary_gradient, tiny_llama, trainer_fields  # noqa: E402
 
 PROMPT_COMPLETION = Dataset.from_dict(
     {
@@ -71,32 +72,36 @@ def test_sft_trainer_adds_the_auxiliary_losses_and_saves_adapter_folders(smol_to
     folder = tmp_path / "checkpoint-2"
     assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
-    # The auxiliary loss reaches the gradients: SFTTrainer's loss with and without it differ in gradient.
-    batch = next(iter(trainer.get_train_dataloader()))
-    model.train()
-    grads = []
-    for with_aux in (True, False):
-        model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch))
-        if not with_aux:
-            loss = loss - model.weighted_aux_loss  # what a plain SFTTrainer would have trained on
-        loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert not torch.allclose(grads[0], grads[1])
+    assert_auxiliary_gradient(trainer, model)
 
 
-def test_plain_sft_trainer_would_train_without_them(smol_tokenizer, tmp_path):
-    """Why ComoeSFTTrainer exists: SFTTrainer's fused head bypasses the model's forward."""
+@pytest.mark.parametrize("data", [PROMPT_COMPLETION, MESSAGES], ids=["prompt-completion", "messages"])
+def test_plain_sft_trainer_trains_with_the_auxiliary_gradient(smol_tokenizer, tmp_path, data):
+    """SFTTrainer's fused head never calls the model's forward: the backbone's output carries the
+    auxiliary gradient, so the plain trainer includes it too."""
     model = comoe_model(len(smol_tokenizer))
     trainer = SFTTrainer(
-        model=model,
-        args=config(tmp_path, max_steps=2),
-        train_dataset=PROMPT_COMPLETION,
-        processing_class=smol_tokenizer,
+        model=model, args=config(tmp_path, max_steps=2), train_dataset=data, processing_class=smol_tokenizer
     )
-    with pytest.warns(UserWarning, match="never added to a loss"):
-        trainer.train()  # the second step finds the first step's auxiliary losses still pending
-    assert model.take_pending_aux_loss() is not None  # computed on the backbone call, added by nobody
+    trainer.train()
+    assert model.last_aux_losses()["contrastive"] > 0
+    assert_auxiliary_gradient(trainer, model)
+
+
+def test_sft_accumulating_two_copies_of_a_batch_takes_its_step(smol_tokenizer, tmp_path):
+    """Gradient accumulation keeps the auxiliary losses' weight: two accumulated copies of a batch move the
+    adapter exactly as that batch alone (SGD, so the step is proportional to the gradient)."""
+    rows = Dataset.from_dict({"prompt": ["What is 2+2?"] * 4, "completion": [" 4"] * 4})
+    adapters = []
+    for accumulate in (1, 2):
+        model = comoe_model(len(smol_tokenizer))
+        args = config(
+            tmp_path / str(accumulate), max_steps=1, gradient_accumulation_steps=accumulate, optim="sgd"
+        )
+        ComoeSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=smol_tokenizer).train()
+        adapters.append({k: v.detach().clone() for k, v in model.adapter_state_dict().items()})
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_sft_resume_gives_the_uninterrupted_adapter(smol_tokenizer, tmp_path):

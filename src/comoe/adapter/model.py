@@ -9,7 +9,6 @@ import contextlib
 import functools
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from huggingface_hub import HfApi
 from torch import nn
 
+from comoe.adapter.aux_gradient import carry_aux_gradient, token_share
 from comoe.adapter.card import write_model_card
 from comoe.adapter.layer import ComoeContext, ComoeLinear, layer_features
 from comoe.adapter.saved import TrainedCopy
@@ -104,8 +104,13 @@ class ComoeModel(nn.Module):
         self.__dict__["_layers"] = layers  # a plain dict: the layers are registered once, inside the model
         self.__dict__["_saved"] = copies
         self._inside_forward = False
-        self._pending_aux = False
-        self._warned_pending = False
+        self._aux_to_caller = False
+        self._carry = False  # this call's auxiliary gradient rides on the backbone's output (_backbone_hook)
+        self._direct_call = False  # the backbone was called without this model's forward
+        self._carried_aux: torch.Tensor | None = None
+        # The weight of the auxiliary gradient carried by the backbone's output (adapter/aux_gradient.py):
+        # 1 for one micro-batch per optimizer step, 1/N for N accumulated ones (ComoeTrainerMixin sets it).
+        self.aux_gradient_scale = 1.0
         backbone = self.base_model
         if backbone is not model:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
             backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True)
@@ -122,43 +127,68 @@ class ComoeModel(nn.Module):
 
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
-        and the head itself): in training, keep the records the auxiliary losses need."""
+        and the head itself): in training, keep the records the auxiliary losses need, and carry their
+        gradient on the backbone's output unless the caller adds them itself."""
         if self._inside_forward or not (self.training and self._context.adapters_enabled):
             return
         self._set_token_mask(kwargs.get("attention_mask"))
         self._context.keep_records = True
+        self._direct_call = True
+        self._carry = not self._aux_to_caller
 
-    def _backbone_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """After a direct backbone call in training: compute the weighted auxiliary losses and leave them
-        pending (`take_pending_aux_loss`), since the caller computes the task loss without this model."""
-        if self._inside_forward or not self._context.keep_records:
-            return
-        if self._pending_aux and not self._warned_pending:
-            self._warned_pending = True
-            warnings.warn(
-                "comoe: the auxiliary (balance/contrastive) losses of a direct backbone call were never "
-                "added to a loss: this trainer computes its loss without the model's forward (TRL's "
-                "SFTTrainer does). Use comoe.integrations.trl.ComoeSFTTrainer, or add "
-                "model.take_pending_aux_loss().",
-                stacklevel=2,
-            )
+    def _backbone_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """When this call's task loss is computed by the caller from the backbone's output (a direct
+        backbone call, or a training forward without labels): compute the weighted auxiliary losses and
+        return the output whose last hidden state carries their gradient (aux_gradient.py), so that any
+        trainer's backward includes them."""
+        if not (self._carry or self._direct_call):
+            return None
         try:
             self._compute_auxiliary_losses()
-            self._pending_aux = True
+            if self._carry:
+                output = self._carrying(output)
         finally:
-            self._end_forward()
+            self._carry = False
+            if self._direct_call:
+                self._direct_call = False
+                self._end_forward()
+        return output
+
+    def _carrying(self, output: Any) -> Any:
+        """The backbone's output with its last hidden state carrying the weighted auxiliary gradient."""
+        hidden, scale = output[0], self.aux_gradient_scale
+        carried = carry_aux_gradient(hidden, self.weighted_aux_loss, scale)
+        if carried is hidden:  # no gradient is being recorded
+            return output
+        value = self.weighted_aux_loss.detach() * scale
+        self._carried_aux = value if self._carried_aux is None else self._carried_aux + value
+        if isinstance(output, tuple):
+            return (carried, *output[1:])
+        output.last_hidden_state = carried
+        return output
 
     def _set_token_mask(self, mask: torch.Tensor | None) -> None:
         """Which tokens the auxiliary losses count (the attention mask, flattened; None: all)."""
         self._context.token_mask = mask.reshape(-1).bool() if mask is not None else None
 
-    def take_pending_aux_loss(self) -> torch.Tensor | None:
-        """The weighted auxiliary loss of a direct backbone call not yet added to any loss (then cleared),
-        or None: for trainers whose loss bypasses this model's forward (comoe.integrations)."""
-        if not self._pending_aux:
-            return None
-        self._pending_aux = False
-        return self.weighted_aux_loss
+    def take_carried_aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary loss (times aux_gradient_scale, detached) whose gradient the backbone's
+        output carried since the last call, then cleared; None if none. For a trainer to report it in its
+        loss (ComoeTrainerMixin does); the gradient is already in place."""
+        carried, self._carried_aux = self._carried_aux, None
+        return carried
+
+    @contextlib.contextmanager
+    def caller_adds_aux_loss(self) -> Iterator[None]:
+        """Inside this block a training forward without labels leaves the weighted auxiliary loss to the
+        caller (`weighted_aux_loss`), which adds it to its own loss with its own normalisation over
+        micro-batches and processes (comoe's training loop does), instead of carrying its gradient."""
+        previous = self._aux_to_caller
+        self._aux_to_caller = True
+        try:
+            yield
+        finally:
+            self._aux_to_caller = previous
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -189,26 +219,35 @@ class ComoeModel(nn.Module):
         return self._forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward; with labels (or in training) the loss includes the auxiliary losses."""
-        want_aux = self._context.adapters_enabled and (self.training or kwargs.get("labels") is not None)
+        """The base model's forward; with labels (or in training) the auxiliary losses are computed.
+
+        Where they go: with labels, into `output.loss`; in training without labels (the caller computes
+        the task loss from the outputs), into the gradient carried by the backbone's output, or to the
+        caller inside `caller_adds_aux_loss()`.
+        """
+        labels = kwargs.get("labels")
+        want_aux = self._context.adapters_enabled and (self.training or labels is not None)
         self._set_token_mask(kwargs.get("attention_mask"))
         self._context.keep_records = want_aux or self._recorded is not None
+        carry = want_aux and labels is None and not self._aux_to_caller
+        self._carry = carry and self.base_model is not self.wrapped_model
         self._inside_forward = True
         try:
             output = self.wrapped_model(*args, **kwargs)
-            if want_aux:
-                self._add_auxiliary_losses(output)
+            if want_aux and not carry:
+                self._add_auxiliary_losses(output, kwargs)
         finally:
             self._inside_forward = False
+            self._carry = False
             self._end_forward()
         return output
 
-    def _add_auxiliary_losses(self, output: Any) -> None:
+    def _add_auxiliary_losses(self, output: Any, kwargs: dict[str, Any]) -> None:
         self._compute_auxiliary_losses()
         task = getattr(output, "loss", None)
         if task is not None:
             self._last_aux["task"] = task.detach()
-            output.loss = task + self.weighted_aux_loss
+            output.loss = task + self.weighted_aux_loss * token_share(kwargs)
 
     def _compute_auxiliary_losses(self) -> None:
         """weighted_aux_parts (and the unweighted values for logging) from this forward's layer records."""

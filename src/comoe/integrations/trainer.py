@@ -2,8 +2,10 @@
 
 A plain `Trainer(model=<ComoeModel>)` already trains with default arguments: the model's forward carries
 the wrapped model's signature (so no dataset column is dropped) and its loss includes the weighted
-auxiliary losses. What Trainer cannot know is that the model is an adapter: it writes the whole model as
-checkpoints and resumes by loading the whole state dict. `ComoeTrainerMixin` makes every checkpoint and
+auxiliary losses, weighted per micro-batch as Trainer weights the task loss (adapter/aux_gradient.py).
+What Trainer cannot know is that the model is an adapter: it chooses its checkpoint format with
+`isinstance(model, (PreTrainedModel, PeftModel))`, so it writes the whole model as checkpoints and
+resumes by loading the whole state dict. `ComoeTrainerMixin` makes every checkpoint and
 `save_model()` an adapter folder (the one `ComoeModel.from_pretrained` and `comoe eval --adapter` read),
 resumes from such folders, and logs the loss components (task, balance, contrastive: means over the
 optimizer steps since the last log) beside `loss`.
@@ -35,14 +37,18 @@ class ComoeTrainerMixin:
         return model if isinstance(model, ComoeModel) else None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        result = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
         comoe = self._comoe_model()
-        pending = comoe.take_pending_aux_loss() if comoe is not None else None
-        if pending is not None:  # the loss bypassed the model's forward (TRL's fused LM head): add them here
+        if comoe is not None:  # the auxiliary gradient carried past a fused head: mean over micro-batches
+            default = self.args.gradient_accumulation_steps  # type: ignore[attr-defined]
+            steps = getattr(self, "current_gradient_accumulation_steps", default)
+            comoe.aux_gradient_scale = 1.0 / max(int(steps), 1)
+        result = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        carried = comoe.take_carried_aux_loss() if comoe is not None else None
+        if carried is not None:  # its gradient is in place; report it in the loss as the forward path does
             if isinstance(result, tuple):
-                result = (result[0] + pending.to(result[0].device), *result[1:])
+                result = (result[0] + carried.to(result[0].device), *result[1:])
             else:
-                result = result + pending.to(result.device)
+                result = result + carried.to(result.device)
         if comoe is not None and model.training:
             sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
             for name, value in comoe.last_aux_losses().items():

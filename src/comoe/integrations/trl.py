@@ -1,9 +1,11 @@
 """TRL's SFTTrainer with a comoe adapter.
 
 SFTTrainer computes its loss from the backbone's hidden states with a fused LM head, bypassing the
-model's forward. A ComoeModel computes its auxiliary losses on that backbone call, and ComoeTrainerMixin
-adds them to SFTTrainer's loss; a plain SFTTrainer would train without them. Checkpoints are adapter
-folders, as with ComoeTrainer.
+model's forward. A ComoeModel computes its auxiliary losses on that backbone call and carries their
+gradient on the backbone's output (adapter/aux_gradient.py), so even a plain SFTTrainer trains with them
+(exactly, with one micro-batch per optimizer step). ComoeSFTTrainer adds what needs the trainer: the
+auxiliary gradient averaged over accumulated micro-batches, the losses reported in `loss` and as
+`task`/`balance`/`contrastive`, and adapter-folder checkpoints, as with ComoeTrainer.
 
     from comoe.integrations.trl import ComoeSFTTrainer
     ComoeSFTTrainer(model=comoe_model, args=SFTConfig(...), train_dataset=..., processing_class=tokenizer)
@@ -17,4 +19,5 @@ from comoe.integrations.trainer import ComoeTrainerMixin
 
 
 class ComoeSFTTrainer(ComoeTrainerMixin, SFTTrainer):
-    """trl.SFTTrainer with comoe's auxiliary losses in its loss and adapter-folder checkpoints."""
+    """trl.SFTTrainer with comoe's loss components logged, the auxiliary gradient averaged over
+    accumulated micro-batches, and adapter-folder checkpoints."""

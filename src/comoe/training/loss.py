@@ -3,6 +3,8 @@ the global batch so that N processes compute the gradient one process would."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,9 +23,11 @@ def response_loss(
     the world size, which DDP's gradient averaging divides back out: the gradients are those of one process
     holding the whole batch (per-token means of the task loss and of the per-token auxiliary losses).
     """
-    logits, targets = response_logits(model, batch)
     inner = unwrap_model(model)
-    aux = inner.weighted_aux_loss if isinstance(inner, ComoeModel) else torch.zeros(())
+    comoe = inner if isinstance(inner, ComoeModel) else None
+    with comoe.caller_adds_aux_loss() if comoe is not None else contextlib.nullcontext():
+        logits, targets = response_logits(model, batch)
+    aux = comoe.weighted_aux_loss if comoe is not None else torch.zeros(())
     if world.size == 1:
         return F.cross_entropy(logits, targets), aux
     task = F.cross_entropy(logits, targets, reduction="sum") * share(targets.numel(), world) / targets.numel()
