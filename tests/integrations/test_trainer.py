@@ -58,31 +58,53 @@ def test_plain_trainer_with_default_arguments_trains_with_the_auxiliary_losses(t
     assert logged and all(loss > 0 for loss in logged)
 
 
-def one_step_adapter(folder, rows: int, trainer=Trainer, **overrides) -> dict[str, torch.Tensor]:
-    """The adapter after one SGD step (a step proportional to the gradient) on `rows` copies of a row."""
+def one_step(folder, rows: int, trainer=Trainer, **overrides) -> tuple[dict[str, torch.Tensor], list]:
+    """The adapter after one SGD step (a step proportional to the gradient) on `rows` copies of a row,
+    and the step's log rows."""
     model = comoe_model()
-    fields = dict(max_steps=1, per_device_train_batch_size=2, optim="sgd", save_strategy="no")
+    fields = dict(
+        max_steps=1, per_device_train_batch_size=2, optim="sgd", save_strategy="no", logging_steps=1
+    )
     args = arguments(folder, **{**fields, **overrides})
-    trainer(model=model, args=args, train_dataset=dataset(rows=1).select([0] * rows)).train()
-    return adapter_tensors(model)
+    run = trainer(model=model, args=args, train_dataset=dataset(rows=1).select([0] * rows))
+    run.train()
+    return adapter_tensors(model), [row for row in run.state.log_history if "loss" in row]
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["model-loss", "label-smoothing"])
-def test_accumulating_two_copies_of_a_batch_takes_its_step(tmp_path, smoothing):
-    """Gradient accumulation keeps the auxiliary losses' weight. With the model's loss (plain Trainer),
-    Trainer passes num_items_in_batch and does not divide by the number of micro-batches: each
-    micro-batch's auxiliary loss is weighted by its share of tokens. With label smoothing Trainer computes
-    the loss from the logits and the backbone's output carries the auxiliary gradient, averaged over the
-    micro-batches by ComoeTrainer (a plain Trainer cannot tell the model that it accumulates)."""
-    accumulating = Trainer if smoothing == 0 else ComoeTrainer
-    one = one_step_adapter(tmp_path / "one", 2, label_smoothing_factor=smoothing)
-    two = one_step_adapter(
+def assert_loss_is_its_components(rows: list[dict], config: ComoeConfig) -> None:
+    """Each logged loss is the logged task loss plus the weighted auxiliary losses."""
+    assert rows
+    for row in rows:
+        total = (
+            row["task"]
+            + config.balance_weight * row["balance"]
+            + config.contrastive_weight * row["contrastive"]
+        )
+        assert row["task"] > 0 and row["loss"] == pytest.approx(total, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "smoothing, accumulating",
+    [(0.0, Trainer), (0.0, ComoeTrainer), (0.1, ComoeTrainer)],
+    ids=["model-loss", "model-loss-comoe-trainer", "label-smoothing"],
+)
+def test_accumulating_two_copies_of_a_batch_takes_its_step(tmp_path, smoothing, accumulating):
+    """Gradient accumulation keeps the auxiliary losses' weight. With the model's loss, Trainer passes
+    num_items_in_batch and does not divide by the number of micro-batches: each micro-batch's auxiliary
+    loss is weighted by its share of tokens. With label smoothing Trainer computes the loss from the logits
+    and the backbone's output carries the auxiliary gradient, averaged over the micro-batches by
+    ComoeTrainer (a plain Trainer cannot tell the model that it accumulates). ComoeTrainer's logged task
+    loss is on the step's scale either way."""
+    one, _ = one_step(tmp_path / "one", 2, label_smoothing_factor=smoothing)
+    two, rows = one_step(
         tmp_path / "two", 4, accumulating, gradient_accumulation_steps=2, label_smoothing_factor=smoothing
     )
     initial = adapter_tensors(comoe_model())
     assert any(not torch.equal(one[name], initial[name]) for name in one)
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-7, msg=name)
+    if accumulating is ComoeTrainer:
+        assert_loss_is_its_components(rows, comoe_model().comoe_config)
 
 
 def test_plain_trainer_with_label_smoothing_includes_the_auxiliary_gradient(tmp_path):
@@ -101,6 +123,7 @@ def test_comoe_trainer_logs_components_and_checkpoints_are_adapter_folders(tmp_p
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert rows and all(set(row) >= {"task", "balance", "contrastive"} for row in rows)
     assert all(row["contrastive"] > 0 for row in rows)
+    assert_loss_is_its_components(rows, model.comoe_config)
     for step in (2, 4):
         folder = tmp_path / "run" / f"checkpoint-{step}"
         assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()

@@ -69,6 +69,9 @@ def test_sft_trainer_adds_the_auxiliary_losses_and_saves_adapter_folders(smol_to
     trainer.train()
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert rows and all(row["contrastive"] > 0 for row in rows)
+    for row in rows:  # the carried auxiliary loss is in the logged loss, the task loss logged apart
+        total = row["task"] + model.comoe_config.contrastive_weight * row["contrastive"]
+        assert row["task"] > 0 and row["loss"] == pytest.approx(total, rel=1e-3)
     folder = tmp_path / "checkpoint-2"
     assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 

@@ -108,6 +108,7 @@ class ComoeModel(nn.Module):
         self._carry = False  # this call's auxiliary gradient rides on the backbone's output (_backbone_hook)
         self._direct_call = False  # the backbone was called without this model's forward
         self._carried_aux: torch.Tensor | None = None
+        self._aux_in_loss: torch.Tensor | None = None
         # The weight of the auxiliary gradient carried by the backbone's output (adapter/aux_gradient.py):
         # 1 for one micro-batch per optimizer step, 1/N for N accumulated ones (ComoeTrainerMixin sets it).
         self.aux_gradient_scale = 1.0
@@ -178,6 +179,13 @@ class ComoeModel(nn.Module):
         carried, self._carried_aux = self._carried_aux, None
         return carried
 
+    def take_aux_in_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary loss (times its token share, detached) that forwards with labels added to
+        `output.loss` since the last call, then cleared; None if none. For a trainer that reports the
+        task loss apart from it (ComoeTrainerMixin)."""
+        added, self._aux_in_loss = self._aux_in_loss, None
+        return added
+
     @contextlib.contextmanager
     def caller_adds_aux_loss(self) -> Iterator[None]:
         """Inside this block a training forward without labels leaves the weighted auxiliary loss to the
@@ -247,7 +255,10 @@ class ComoeModel(nn.Module):
         task = getattr(output, "loss", None)
         if task is not None:
             self._last_aux["task"] = task.detach()
-            output.loss = task + self.weighted_aux_loss * token_share(kwargs)
+            aux = self.weighted_aux_loss * token_share(kwargs)
+            output.loss = task + aux
+            added = aux.detach()
+            self._aux_in_loss = added if self._aux_in_loss is None else self._aux_in_loss + added
 
     def _compute_auxiliary_losses(self) -> None:
         """weighted_aux_parts (and the unweighted values for logging) from this forward's layer records."""

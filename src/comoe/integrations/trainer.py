@@ -38,23 +38,39 @@ class ComoeTrainerMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         comoe = self._comoe_model()
-        if comoe is not None:  # the auxiliary gradient carried past a fused head: mean over micro-batches
-            default = self.args.gradient_accumulation_steps  # type: ignore[attr-defined]
-            steps = getattr(self, "current_gradient_accumulation_steps", default)
-            comoe.aux_gradient_scale = 1.0 / max(int(steps), 1)
+        if comoe is None:
+            return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        default = self.args.gradient_accumulation_steps  # type: ignore[attr-defined]
+        steps = max(int(getattr(self, "current_gradient_accumulation_steps", default)), 1)
+        comoe.aux_gradient_scale = 1.0 / steps  # the carried auxiliary gradient: mean over micro-batches
         result = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
-        carried = comoe.take_carried_aux_loss() if comoe is not None else None
-        if carried is not None:  # its gradient is in place; report it in the loss as the forward path does
-            if isinstance(result, tuple):
-                result = (result[0] + carried.to(result[0].device), *result[1:])
-            else:
-                result = result + carried.to(result.device)
-        if comoe is not None and model.training:
-            sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
-            for name, value in comoe.last_aux_losses().items():
-                sums[name] += value
-            self.__dict__["_comoe_count"] = self.__dict__.get("_comoe_count", 0) + 1
-        return result
+        loss = result[0] if isinstance(result, tuple) else result
+        carried, in_loss = comoe.take_carried_aux_loss(), comoe.take_aux_in_loss()
+        if model.training:
+            self._add_components(comoe, self._task_value(loss, in_loss, kwargs, steps))
+        if carried is None:
+            return result
+        loss = loss + carried.to(loss.device)  # its gradient is in place; reported as the forward path does
+        return (loss, *result[1:]) if isinstance(result, tuple) else loss
+
+    def _task_value(self, loss: Any, in_loss: Any, kwargs: dict[str, Any], steps: int) -> float:
+        """This micro-batch's task loss on the scale of a step's mean. With num_items_in_batch, Trainer's
+        loss is the micro-batch's token sum over the step's (and, averaging across devices, every
+        process's) token count, multiplied by the process count: undo both."""
+        value = float(loss.detach())
+        normalised = kwargs.get("num_items_in_batch") is not None
+        if normalised and self.args.average_tokens_across_devices:  # type: ignore[attr-defined]
+            value /= self.accelerator.num_processes  # type: ignore[attr-defined]
+        if in_loss is not None:
+            value -= float(in_loss)
+        return value * steps if normalised else value
+
+    def _add_components(self, comoe: ComoeModel, task: float) -> None:
+        sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
+        sums["task"] += task
+        for name in ("balance", "contrastive"):
+            sums[name] += comoe.last_aux_losses()[name]
+        self.__dict__["_comoe_count"] = self.__dict__.get("_comoe_count", 0) + 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         count = self.__dict__.pop("_comoe_count", 0)
