@@ -78,8 +78,14 @@ def test_works_on_sequence_classification_and_plain_modules():
     plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(3, 8)
     ref = plain(x)
-    wrapped = get_comoe_model(plain, ComoeConfig(target_modules=["0", "2"], num_experts=2, top_k=1, r=2))
+    config = ComoeConfig(target_modules=["0", "2"], num_experts=2, top_k=1, r=2, balance_weight=0.1)
+    wrapped = get_comoe_model(plain, config)
     assert isinstance(plain[0], ComoeLinear) and torch.equal(wrapped(x), ref)
+    wrapped.train()  # no backbone to carry the auxiliary gradient: the caller gets the loss to add
+    out = wrapped(x)
+    aux = wrapped.weighted_aux_loss
+    assert wrapped.last_aux_losses()["balance"] > 0 and aux.requires_grad
+    assert wrapped.take_carried_aux_loss() is None and out.shape == ref.shape
 
 
 def test_loss_is_task_plus_weighted_auxiliary_losses_over_real_tokens():

@@ -237,8 +237,10 @@ class ComoeModel(nn.Module):
         want_aux = self._context.adapters_enabled and (self.training or labels is not None)
         self._set_token_mask(kwargs.get("attention_mask"))
         self._context.keep_records = want_aux or self._recorded is not None
+        # Carried only where a backbone hook exists; otherwise computed for the caller, as inside the block
         carry = want_aux and labels is None and not self._aux_to_caller
-        self._carry = carry and self.base_model is not self.wrapped_model
+        carry = carry and self.base_model is not self.wrapped_model
+        self._carry = carry
         self._inside_forward = True
         try:
             output = self.wrapped_model(*args, **kwargs)
