@@ -1,5 +1,5 @@
-"""README.md's examples run as written: the minimal Python example (on the real SmolLM2-135M) and the
-own-data example (on a tiny model)."""
+"""README.md's examples run as written: the minimal Python example and the Trainer / TRL examples (on the
+real SmolLM2-135M), and the own-data example (on a tiny model)."""
 
 import json
 import re
@@ -25,6 +25,27 @@ def test_minimal_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "trainable params:" in printed and "'contrastive':" in printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     assert namespace["steps"], "record_routing() recorded no layer"
+
+
+@pytest.mark.slow
+def test_trainer_and_trl_examples_run_as_written(tmp_path, monkeypatch):
+    """ComoeTrainer (20 steps), the adapter folder reloaded on its own, then ComoeSFTTrainer on it."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    examples = [b for b in blocks if "Trainer" in b or "AutoComoeModelForCausalLM" in b]
+    assert len(examples) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), namespace)
+        if "ComoeTrainer(" in example:
+            rows = [row for row in namespace["trainer"].state.log_history if "loss" in row]
+            assert rows and all(row["contrastive"] > 0 for row in rows)
+    for run, step in (("hf", 10), ("sft", 4)):
+        checkpoint = tmp_path / "runs" / run / f"checkpoint-{step}"
+        assert (checkpoint / "adapter_model.safetensors").is_file(), checkpoint
+        assert not (checkpoint / "model.safetensors").exists()
+    rows = [row for row in namespace["trainer"].state.log_history if "loss" in row]
+    assert rows and all(row["contrastive"] > 0 and row["task"] > 0 for row in rows)
 
 
 def test_own_data_example_runs_as_written(tmp_path, monkeypatch, tiny_model_dir):
