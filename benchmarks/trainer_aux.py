@@ -107,7 +107,7 @@ def main() -> None:
         "task_grad_norm": float(task_grad.norm()),
         "aux_grad_norm": float(aux_grad.norm()),
         "aux_over_task": float(aux_grad.norm() / task_grad.norm()),
-        "components": model.last_aux_losses(),
+        "contrastive": model.last_aux_losses()["contrastive"],
     }
     print(check)
     save_results(

@@ -284,7 +284,8 @@ class ComoeModel(nn.Module):
             layer.record = None
 
     def last_aux_losses(self) -> dict[str, float]:
-        """The loss components of the last training forward: task, balance, contrastive (0 when off)."""
+        """The loss components of the last training forward: task, balance, contrastive (0 when off; task
+        is 0 too when the caller computed the task loss itself, as TRL's fused head does)."""
         return {name: float(self._last_aux.get(name, 0.0)) for name in ("task", "balance", "contrastive")}
 
     @contextlib.contextmanager
