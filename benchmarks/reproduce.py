@@ -173,6 +173,13 @@ def mean_spread(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
+def difference_cells(diff: dict) -> str:
+    """'points | [low, high] | per seed' of a paired difference, in percentage points."""
+    low, high = diff["ci95"]
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
+    return f"{100 * diff['mean']:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {per_seed}"
+
+
 def header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
@@ -200,11 +207,8 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
         untrained = config["methods"].get(b, {}) is None
         diff = paired_difference(by_method.get(a, []), by_method.get(b, []), b_untrained=untrained)
         if diff:
-            low, high = diff["ci95"]
-            per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
-            interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
-            lines.append(f"| {a} − {b} | {100 * diff['mean']:+.1f} | {interval} | {per_seed} | {differ} |")
+            lines.append(f"| {a} − {b} | {difference_cells(diff)} | {differ} |")
     lines += ["", *header("method", *SPECIALISATION.values())]
     for method, runs in by_method.items():
         runs = [r["specialisation"] for r in runs if "specialisation" in r]
@@ -228,10 +232,20 @@ def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:
     return config
 
 
+def load_runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
 def reproduce(config: dict[str, Any], results_path: Path, work: Path, run: bool = True) -> str:
     """Run every (method, seed) not yet in results_path (unless `run` is False), saving after each; write
-    and return the summary tables."""
-    results = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    and return the summary tables.
+
+    `compare_with: <variant>` names a variant with the same test questions and another training budget:
+    its untrained runs are reused (the same deterministic evaluation) and each method is compared with
+    itself there, paired by seed."""
+    results = load_runs(results_path)
+    other = config.get("compare_with")
+    other_runs = load_runs(results_path.with_name(f"reproduce-{other}.json")) if other else []
     for seed in config["seeds"] if run else []:
         for method, spec in config["methods"].items():
             if any(r["method"] == method and r["seed"] == seed for r in results):
@@ -239,11 +253,28 @@ def reproduce(config: dict[str, Any], results_path: Path, work: Path, run: bool 
             if spec is None and any(r["method"] == method for r in results):
                 continue  # nothing trained, evaluation is deterministic: one run serves every seed
             print(f"== {method}, seed {seed}")
-            results.append(run_method(method, spec, seed, config, work))
+            same = [r for r in other_runs if r["method"] == method] if spec is None else []
+            results.append(
+                {**same[0], "from_variant": other} if same else run_method(method, spec, seed, config, work)
+            )
             atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
-    table = summarise(results, config)
+    table = summarise(results, config) + budget_table(results, other_runs, config)
     atomic_write_text(results_path.with_suffix(".md"), table)
     return table
+
+
+def budget_table(results: list[dict], other_runs: list[dict], config: dict[str, Any]) -> str:
+    """Each trained method against itself in the `compare_with` variant (paired by seed and question)."""
+    lines = []
+    for method, spec in config["methods"].items():
+        mine = [r for r in results if r["method"] == method]
+        diff = paired_difference(mine, [r for r in other_runs if r["method"] == method]) if spec else {}
+        if diff:
+            lines.append(f"| {method} | {difference_cells(diff)} |")
+    if not lines:
+        return ""
+    title = f"this budget − {config['compare_with']}"
+    return "\n" + "\n".join([*header("method", title, "95% CI", "per seed"), *lines]) + "\n"
 
 
 def main() -> None:

@@ -49,6 +49,28 @@ def test_paired_difference_pairs_a_single_base_run_with_every_seed():
     assert reproduce.paired_difference(a, []) == {}
 
 
+def test_compare_with_reuses_the_untrained_run_and_compares_each_method_with_itself(tmp_path, monkeypatch):
+    """A longer budget on the same test questions: base is not evaluated again, and each trained method
+    is paired with its own run of the other variant, seed by seed."""
+    short = [
+        run("base", 0, {"t": [False, False, True, False]}),
+        run("lora", 0, {"t": [True, False, False, False]}),
+    ]
+    (tmp_path / "reproduce-short.json").write_text(json.dumps({"runs": short}))
+
+    def train_lora(name, spec, seed, config, work):
+        assert name == "lora", f"{name} must not run again"
+        return run("lora", seed, {"t": [True, True, True, False]})
+
+    monkeypatch.setattr(reproduce, "run_method", train_lora)
+    monkeypatch.setattr(reproduce, "summarise", lambda results, config: "")
+    config = {"seeds": [0], "methods": {"base": None, "lora": {"preset": "lora"}}, "compare_with": "short"}
+    table = reproduce.reproduce(config, tmp_path / "reproduce-long.json", tmp_path / "work")
+    runs = json.loads((tmp_path / "reproduce-long.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["base", "lora"] and runs[0]["from_variant"] == "short"
+    assert "| lora | +50.0 |" in table and "| base |" not in table
+
+
 def test_committed_config_variants_resolve_and_bad_ones_are_named():
     config_path = SCRIPT.with_name("reproduce.yaml")
     full = reproduce.load_config(config_path, None)
