@@ -3,11 +3,11 @@
 With labels, the model's forward adds them to `output.loss`, weighted by `token_share` where the trainer
 normalises its task loss over a whole optimizer step (transformers Trainer's `num_items_in_batch`).
 
-Without: the auxiliary losses' gradient is carried by the backbone's hidden states.
-
-TRL's SFTTrainer (and any trainer with a fused or chunked LM head) calls the backbone and computes the
-task loss from its last hidden state; a loss that only the model's forward would have added is lost. The
-backbone's output is therefore passed through an identity whose backward also sends `scale` as the
+Without labels, the caller computes the task loss from the outputs: TRL's SFTTrainer (and any trainer
+with a fused or chunked LM head) calls the backbone and applies the head itself, Trainer with label
+smoothing computes it from the logits. A loss that only the model's forward would have added is lost
+there, so the auxiliary losses' gradient is carried by the backbone's hidden states instead: its output
+is passed through an identity whose backward also sends `scale` as the
 gradient of the weighted auxiliary loss (Megatron-LM does the same for its MoE load-balancing loss):
 
     d(total)/d(aux) = scale,   d(total)/d(hidden) = the caller's gradient, unchanged
