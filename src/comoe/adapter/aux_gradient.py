@@ -7,8 +7,8 @@ Without labels, the caller computes the task loss from the outputs: TRL's SFTTra
 with a fused or chunked LM head) calls the backbone and applies the head itself, Trainer with label
 smoothing computes it from the logits. A loss that only the model's forward would have added is lost
 there, so the auxiliary losses' gradient is carried by the backbone's hidden states instead: its output
-is passed through an identity whose backward also sends `scale` as the
-gradient of the weighted auxiliary loss (Megatron-LM does the same for its MoE load-balancing loss):
+is passed through an identity whose backward also sends `scale` as the gradient of the weighted
+auxiliary loss (Megatron-LM does the same for its MoE load-balancing loss):
 
     d(total)/d(aux) = scale,   d(total)/d(hidden) = the caller's gradient, unchanged
 
