@@ -157,12 +157,11 @@ class ComoeModel(nn.Module):
 
     def _carrying(self, output: Any) -> Any:
         """The backbone's output with its last hidden state carrying the weighted auxiliary gradient."""
-        hidden, scale = output[0], self.aux_gradient_scale
-        carried = carry_aux_gradient(hidden, self.weighted_aux_loss, scale)
+        hidden, scale, aux = output[0], self.aux_gradient_scale, self.weighted_aux_loss
+        carried = carry_aux_gradient(hidden, aux, scale)
         if carried is hidden:  # no gradient is being recorded
             return output
-        value = self.weighted_aux_loss.detach() * scale
-        self._carried_aux = value if self._carried_aux is None else self._carried_aux + value
+        self._carried_aux = _plus(self._carried_aux, aux.detach() * scale)
         if isinstance(output, tuple):
             return (carried, *output[1:])
         output.last_hidden_state = carried
@@ -259,8 +258,7 @@ class ComoeModel(nn.Module):
             self._last_aux["task"] = task.detach()
             aux = self.weighted_aux_loss * token_share(kwargs)
             output.loss = task + aux
-            added = aux.detach()
-            self._aux_in_loss = added if self._aux_in_loss is None else self._aux_in_loss + added
+            self._aux_in_loss = _plus(self._aux_in_loss, aux.detach())
 
     def _compute_auxiliary_losses(self) -> None:
         """weighted_aux_parts (and the unweighted values for logging) from this forward's layer records."""
@@ -472,6 +470,11 @@ class ComoeModel(nn.Module):
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Load experts and routers from a safetensors file that must fit this model exactly."""
         load_weights_into(self.adapter_state_dict(), path)
+
+
+def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """A running sum that starts empty (None)."""
+    return value if total is None else total + value
 
 
 def adapter_shapes(targets: dict[str, nn.Module], config: ComoeConfig) -> dict[str, tuple[int, ...]]:

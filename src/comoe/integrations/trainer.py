@@ -67,9 +67,10 @@ class ComoeTrainerMixin:
 
     def _add_components(self, comoe: ComoeModel, task: float) -> None:
         sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
+        losses = comoe.last_aux_losses()
         sums["task"] += task
         for name in ("balance", "contrastive"):
-            sums[name] += comoe.last_aux_losses()[name]
+            sums[name] += losses[name]
         self.__dict__["_comoe_count"] = self.__dict__.get("_comoe_count", 0) + 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
