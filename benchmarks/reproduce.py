@@ -16,6 +16,7 @@ Resumable: finished (method, seed) runs are kept in the results JSON and skipped
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import random
@@ -236,31 +237,55 @@ def load_runs(path: Path) -> list[dict]:
     return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
-def reproduce(config: dict[str, Any], results_path: Path, work: Path, run: bool = True) -> str:
+def reproduce(
+    config: dict[str, Any],
+    results_path: Path,
+    work: Path,
+    run: bool = True,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+) -> str:
     """Run every (method, seed) not yet in results_path (unless `run` is False), saving after each; write
     and return the summary tables.
+
+    `seeds` / `methods` restrict what this call runs (the tables still cover the whole variant), so that
+    several workers can share one results file: each re-reads it before a run and adds its result under a
+    lock (`save_run`), and none overwrites another's.
 
     `compare_with: <variant>` names a variant with the same test questions and another training budget:
     its untrained runs are reused (the same deterministic evaluation) and each method is compared with
     itself there, paired by seed."""
-    results = load_runs(results_path)
     other = config.get("compare_with")
     other_runs = load_runs(results_path.with_name(f"reproduce-{other}.json")) if other else []
-    for seed in config["seeds"] if run else []:
-        for method, spec in config["methods"].items():
-            if any(r["method"] == method and r["seed"] == seed for r in results):
-                continue
-            if spec is None and any(r["method"] == method for r in results):
-                continue  # nothing trained, evaluation is deterministic: one run serves every seed
+    chosen = {m: s for m, s in config["methods"].items() if methods is None or m in methods}
+    for seed in (config["seeds"] if seeds is None else seeds) if run else []:
+        for method, spec in chosen.items():
+            done = load_runs(results_path)
+            if any(r["method"] == method and (r["seed"] == seed or spec is None) for r in done):
+                continue  # untrained: evaluation is deterministic, one run serves every seed
             print(f"== {method}, seed {seed}")
             same = [r for r in other_runs if r["method"] == method] if spec is None else []
-            results.append(
-                {**same[0], "from_variant": other} if same else run_method(method, spec, seed, config, work)
+            save_run(
+                results_path,
+                config,
+                {**same[0], "from_variant": other} if same else run_method(method, spec, seed, config, work),
             )
-            atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
+    results = load_runs(results_path)
     table = summarise(results, config) + budget_table(results, other_runs, config)
     atomic_write_text(results_path.with_suffix(".md"), table)
     return table
+
+
+def save_run(results_path: Path, config: dict[str, Any], run: dict) -> None:
+    """Add one finished run to the results file, re-read under an exclusive lock so that concurrent
+    workers never drop each other's runs; a (method, seed) already there is kept, not duplicated."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path.with_name(f".{results_path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_runs(results_path)
+        if not any(r["method"] == run["method"] and r["seed"] == run["seed"] for r in results):
+            results.append(run)
+        atomic_write_text(results_path, json.dumps({"config": config, "runs": results}, indent=2) + "\n")
 
 
 def budget_table(results: list[dict], other_runs: list[dict], config: dict[str, Any]) -> str:
@@ -290,6 +315,10 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/reproduce", help="training runs and analyses")
     parser.add_argument("--results-dir", default=str(HERE / "results"), help="where the JSON and table go")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables only")
+    parser.add_argument(
+        "--seeds", type=comma_list(int), help="run only these seeds, e.g. 1,2 (one worker per seed set)"
+    )
+    parser.add_argument("--methods", type=comma_list(str), help="run only these methods, e.g. lora,comoe")
     args = parser.parse_args()
     try:
         config = load_config(args.config, args.variant)
@@ -297,7 +326,16 @@ def main() -> None:
         parser.error(str(error))
     name = f"reproduce-{args.variant}" if args.variant else "reproduce"
     results_path = Path(args.results_dir) / f"{name}.json"
-    print(reproduce(config, results_path, Path(args.workdir) / name, run=not args.tables_only))
+    unknown = sorted(set(args.methods or []) - set(config["methods"]))
+    if unknown:
+        parser.error(f"--methods: {', '.join(unknown)} not among the config's {', '.join(config['methods'])}")
+    work = Path(args.workdir) / name
+    print(reproduce(config, results_path, work, not args.tables_only, args.seeds, args.methods))
+
+
+def comma_list(item: type) -> Any:
+    """argparse type: "1,2" -> [1, 2]."""
+    return lambda text: [item(part) for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":

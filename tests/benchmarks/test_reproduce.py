@@ -71,6 +71,31 @@ def test_compare_with_reuses_the_untrained_run_and_compares_each_method_with_its
     assert "| lora | +50.0 |" in table and "| base |" not in table
 
 
+def test_workers_sharing_a_results_file_keep_each_others_runs(tmp_path, monkeypatch):
+    """Two workers on disjoint seeds: a run the other worker saves while this one trains survives this
+    one's save, --methods restricts what runs, and a (method, seed) saved twice is kept once."""
+    results_path = tmp_path / "reproduce-v.json"
+    config = {
+        "seeds": [0, 1],
+        "methods": {"base": None, "lora": {"preset": "lora"}, "moe": {"preset": "moe"}},
+    }
+
+    def train(name, spec, seed, config, work):
+        assert (name, seed) == ("lora", 1), f"{name} seed {seed} is not this worker's"
+        reproduce.save_run(results_path, config, run("lora", 0, {"t": [True]}))  # the other worker
+        return run(name, seed, {"t": [False]})
+
+    monkeypatch.setattr(reproduce, "run_method", train)
+    monkeypatch.setattr(reproduce, "summarise", lambda results, config: "")
+    reproduce.reproduce(config, results_path, tmp_path / "work", seeds=[1], methods=["lora"])
+    reproduce.save_run(results_path, config, run("lora", 1, {"t": [True]}))
+    runs = json.loads(results_path.read_text())["runs"]
+    assert sorted((r["method"], r["seed"], r["correct"]["t"][0]) for r in runs) == [
+        ("lora", 0, True),
+        ("lora", 1, False),
+    ]
+
+
 def test_committed_config_variants_resolve_and_bad_ones_are_named():
     config_path = SCRIPT.with_name("reproduce.yaml")
     full = reproduce.load_config(config_path, None)
