@@ -10,7 +10,9 @@ samples, ~15 minutes), `math` (math_data.json training, generated answers on the
 `builtin` / `builtin_long` (the built-in reasoning-gym tasks, which the 135M model learns far above chance,
 500 generated test questions per task, two training budgets).
 
-Resumable: finished (method, seed) runs are kept in the results JSON and skipped when run again.
+Resumable: finished (method, seed) runs are kept in the results JSON and skipped when run again, and a
+run stopped mid-way continues from its last checkpoint (every 100 steps). Several workers can share a
+variant, e.g. one per seed: `--seeds 1 --methods lora,moe` picks a worker's share.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             batch_size=config["batch_size"],
             seed=seed,
             output=str(run),
-            save_steps=0,
+            save_steps=100,  # a run killed mid-way continues from its last checkpoint
             resume=run.exists(),
         )
         train(args)
