@@ -67,6 +67,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             output=str(run),
             save_steps=100,  # a run killed mid-way continues from its last checkpoint
             resume=run.exists(),
+            **spec.get("train", {}),  # other training settings of this method, e.g. router_lr_ratio
         )
         train(args)
         adapter = str(run / "adapter")

@@ -158,7 +158,7 @@ def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, 
         "eval_limit": 3,
         "analysis_limit": 2,
         "seeds": [0, 1],
-        "methods": {"base": None, "moe": {"preset": "moe"}},
+        "methods": {"base": None, "moe": {"preset": "moe", "train": {"router_lr_ratio": 2.0}}},
         "comparisons": [["moe", "base"]],
         **setting,
     }
@@ -170,6 +170,8 @@ def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, 
         assert set(r["accuracy"]) == set(setting["eval_tasks"])
         assert all(len(r["correct"][task]) == 3 for task in r["accuracy"])
     assert "specialisation" in runs[1] and "specialisation" not in runs[0]
+    trained = yaml.safe_load((tmp_path / "work" / "moe-seed1" / "config.yaml").read_text())
+    assert trained["router_lr_ratio"] == 2.0 and trained["seed"] == 1
     assert "| moe − base |" in table and "| moe (n=2) |" in table
     assert results_path.with_suffix(".md").read_text() == table
 
