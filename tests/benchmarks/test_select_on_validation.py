@@ -1,5 +1,5 @@
-"""benchmarks/select_lambda.py: the contrastive weight is chosen per seed on validation accuracy alone, and
-the chosen runs are compared with moe by the reproduction's paired difference."""
+"""benchmarks/select_on_validation.py: a setting (here the contrastive weight) is chosen per seed on validation
+accuracy alone, and the chosen runs are compared with moe by the reproduction's paired difference."""
 
 import importlib.util
 import sys
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "select_lambda.py"
-spec = importlib.util.spec_from_file_location("select_lambda", SCRIPT)
-select_lambda = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(select_lambda)
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "select_on_validation.py"
+spec = importlib.util.spec_from_file_location("select_on_validation", SCRIPT)
+select_on_validation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(select_on_validation)
 sys.path.remove(str(SCRIPT.parent))  # put there to import reproduce; benchmarks/common.py must not shadow
 
 
@@ -36,11 +36,14 @@ def test_lambda_is_chosen_on_validation_not_test_and_validations_are_kept():
         asked.append(name)
         return validation[name]
 
-    select_lambda.select(runs, state, validate, lambda: saves.append(dict(state["validation"])))
+    candidates = select_on_validation.CHOICES["lambda"][1]
+    select_on_validation.select(
+        runs, candidates, state, validate, lambda: saves.append(dict(state["validation"]))
+    )
     assert asked == ["comoe_w0.1-seed0", "comoe-seed1", "comoe_w0.1-seed1"] and len(saves) == 3
     assert state["chosen"] == {"0": 0.1, "1": 0.01}
     assert state["test_average"] == {"0": 0.5, "1": 0.0}
     # chosen: seed 0 comoe_w0.1 (1 of 2) and seed 1 comoe (0 of 2) against moe (0 of 2 each)
     assert state["differences"]["moe"]["mean"] == pytest.approx(1 / 4)
     assert state["differences"]["lora"] == {}
-    assert "| 0 | 30.0 | 50.0 | 0.1 | 50.0 |" in select_lambda.table(state)
+    assert "| 0 | 30.0 | 50.0 | 0.1 | 50.0 |" in select_on_validation.table("lambda", candidates, state)
