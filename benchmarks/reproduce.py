@@ -47,12 +47,17 @@ SPECIALISATION = {  # analysis summary key: column header (means over layers, se
 }
 
 
+def run_name(method: str, seed: int) -> str:
+    """A trained run's folder under the work directory."""
+    return f"{method}-seed{seed}"
+
+
 def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[str, Any], work: Path) -> dict:
     """Train (unless base), evaluate and, for MoE methods, analyse one (method, seed)."""
     start = time.perf_counter()
     adapter, log = None, []
     if spec is not None:
-        run = work / f"{name}-seed{seed}"
+        run = work / run_name(name, seed)
         args = TrainArgs(
             model=config["model"],
             preset=spec["preset"],
@@ -108,7 +113,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
                 data_dir=config["data_dir"],
                 tasks=config.get("analysis_tasks", config["train_tasks"]),
                 limit=config["analysis_limit"],
-                output=str(work / f"{name}-seed{seed}" / "analysis"),
+                output=str(run / "analysis"),
             )
         )
         result["specialisation"] = {k: summary[k] for k in summary if k.startswith("mean_")}

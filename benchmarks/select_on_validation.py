@@ -28,7 +28,7 @@ from comoe.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from reproduce import paired_difference  # noqa: E402  (a sibling script, not a package)
+from reproduce import header, paired_difference, run_name  # noqa: E402  (a sibling script, not a package)
 
 CHOICES = {  # --choice: the setting, and the reproduce.py method that trained with each of its values
     "lambda": ("lambda", {"comoe": 0.01, "comoe_w0.1": 0.1}),
@@ -58,11 +58,11 @@ def select(
     seeds = sorted(set.intersection(*({r["seed"] for r in runs if r["method"] == m} for m in candidates)))
     for seed in seeds:
         for method in candidates:
-            key = f"{method}-seed{seed}"
+            key = run_name(method, seed)
             if key not in state["validation"]:
                 state["validation"][key] = validate(key)
                 save()
-    chosen = {seed: max(candidates, key=lambda m: state["validation"][f"{m}-seed{seed}"]) for seed in seeds}
+    chosen = {seed: max(candidates, key=lambda m: state["validation"][run_name(m, seed)]) for seed in seeds}
     selected = [r for r in runs if r["method"] == chosen.get(r["seed"])]
     state["chosen"] = {str(seed): candidates[m] for seed, m in chosen.items()}
     state["test_average"] = {str(r["seed"]): r["average"] for r in selected}
@@ -74,12 +74,10 @@ def select(
 
 def table(setting: str, candidates: dict[str, float], state: dict) -> str:
     values = [f"validation, {setting} {value:g}" for value in candidates.values()]
-    lines = [
-        f"| seed | {' | '.join(values)} | chosen {setting} | test average |",
-        "|---" * (len(values) + 3) + "|",
-    ]
+    lines = header("seed", *values, f"chosen {setting}", "test average")
     for seed, value in state["chosen"].items():
-        accuracies = " | ".join(f"{100 * state['validation'][f'{m}-seed{seed}']:.1f}" for m in candidates)
+        validation = [state["validation"][run_name(m, int(seed))] for m in candidates]
+        accuracies = " | ".join(f"{100 * v:.1f}" for v in validation)
         lines.append(f"| {seed} | {accuracies} | {value:g} | {100 * state['test_average'][seed]:.1f} |")
     lines.append("")
     for other, d in state["differences"].items():
