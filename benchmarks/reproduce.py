@@ -68,6 +68,8 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             epochs=config["epochs"],
             lr=config["lr"],
             batch_size=config["batch_size"],
+            dtype=config.get("dtype", "float32"),
+            device=config.get("device", "auto"),
             seed=seed,
             output=str(run),
             save_steps=100,  # a run killed mid-way continues from its last checkpoint
@@ -86,7 +88,9 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             tasks=config["eval_tasks"],
             limit=config["eval_limit"],
             mode=config.get("eval_mode", "loglik"),
-            batch_size=16,
+            batch_size=config.get("eval_batch_size", 16),
+            dtype=config.get("dtype", "float32"),
+            device=config.get("device", "auto"),
             max_new_tokens=config.get("max_new_tokens"),
             seed=0,
         )
@@ -113,6 +117,8 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
                 data_dir=config["data_dir"],
                 tasks=config.get("analysis_tasks", config["train_tasks"]),
                 limit=config["analysis_limit"],
+                dtype=config.get("dtype", "float32"),
+                device=config.get("device", "auto"),
                 output=str(run / "analysis"),
             )
         )

@@ -8,7 +8,7 @@ import pytest
 
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.cli import COMMANDS, build_parser, main
-from comoe.evaluation.settings import EvalArgs
+from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.recipes.settings import DemoArgs
 from comoe.settings import add_flags, load_settings
 from comoe.training.settings import TrainArgs
@@ -90,6 +90,15 @@ def test_generated_flags_parse_types_lists_choices_and_switches():
         (AnalyzeArgs, {"adapter": "x", "output": "y", "cutoff": 0}, "cutoff=0 is invalid"),
         (DemoArgs, {"max_steps": 0}, "max_steps=0 is invalid"),
         (TrainArgs, {"batch_size": 0}, "batch_size=0 is invalid"),
+        (
+            TrainArgs,
+            {"device": "gpu"},
+            "device='gpu' is invalid: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+        ),
+        (EvalArgs, {"device": "cuda:x"}, "device='cuda:x' is invalid"),
+        (EvalArgs, {"dtype": "fp8"}, "dtype='fp8' is invalid: expected one of 'float32', 'bfloat16'"),
+        (AnalyzeArgs, {"adapter": "x", "output": "y", "device": ""}, "device='' is invalid"),
+        (GenerateArgs, {"prompt": "hi", "dtype": "int8"}, "dtype='int8' is invalid"),
     ],
 )
 def test_settings_validate_with_the_field_value_and_range(settings, values, message):
@@ -155,6 +164,7 @@ def test_adapter_override_typos_are_blamed_on_adapter_config(tmp_path):
         (["train", "--train-limit", "0", "--data-dir", "."], "--train-limit=0 is invalid"),
         (["train", "--save-steps", "-1"], "--save-steps=-1 is invalid"),
         (["train", "--stats-steps", "-3"], "--stats-steps=-3 is invalid"),
+        (["train", "--device", "gpu"], "--device='gpu' is invalid"),
     ],
 )
 def test_bad_flags_are_one_line_errors_naming_the_flag(argv, message, capsys):

@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from comoe.validation import InvalidSetting, check_choice, check_type, reject_unknown
+from comoe.validation import InvalidSetting, check_choice, check_device, check_type, reject_unknown
+
+DTYPES = ("float32", "bfloat16", "float16")  # the base model's dtype (--dtype)
+DEVICE_HELP = "where the model runs: auto (the GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps"
 
 S = TypeVar("S")
 
@@ -28,6 +31,12 @@ def setting(default: Any, help: str, **metadata: Any) -> Any:
             default_factory=lambda: type(default)(default), metadata={"help": help, **metadata}
         )
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def check_placement(settings: Any) -> None:
+    """The --dtype and --device of a command that loads a model (train, eval, analyze, generate)."""
+    check_choice("dtype", settings.dtype, DTYPES)
+    check_device("device", settings.device)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Pure Python: the command line imports this before it knows whether torch is need
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -40,6 +41,12 @@ def check_number(
     if not ok:
         lower = f"> {low}" if low_open else f">= {low}"
         fail(name, value, f"a finite number {lower}" + (f" and < {high}" if high is not None else ""))
+
+
+def check_device(name: str, value: Any) -> None:
+    """A device name: auto, cpu, mps, cuda or cuda:N (whether it exists here is comoe.models.device's)."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
+        fail(name, value, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:

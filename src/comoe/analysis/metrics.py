@@ -121,7 +121,7 @@ def _count_pairs(table: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor)
     """Add every (row label, routed expert) pair of [T] labels and [T, k] expert indices to a count table."""
     n = table.shape[1]
     flat = rows.repeat_interleave(indices.shape[1]) * n + indices.reshape(-1)
-    table += torch.bincount(flat, minlength=table.numel()).view_as(table)
+    table += torch.bincount(flat, minlength=table.numel()).view_as(table).to(table.device)  # GPU counts
 
 
 class SpecialisationAccumulator:

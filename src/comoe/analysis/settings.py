@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import DataArgs, setting
+from comoe.settings import DEVICE_HELP, DTYPES, DataArgs, check_placement, setting
 from comoe.validation import check_int
 
 
@@ -16,6 +16,8 @@ class AnalyzeArgs(DataArgs):
     adapter: str | None = setting(None, "a comoe adapter folder (required)")
     output: str | None = setting(None, "folder for summary.json, report.md and figures (required)")
     model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
+    dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
+    device: str = setting("auto", DEVICE_HELP)
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")
     tasks: list[str] | None = setting(None, "tasks whose test splits are routed (comma list on the CLI)")
     limit: int | None = setting(50, "examples per task (a seeded sample)")
@@ -25,6 +27,7 @@ class AnalyzeArgs(DataArgs):
 
     def __post_init__(self) -> None:
         self.check_data()
+        check_placement(self)
         for name in ("adapter", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required (--{name} on the command line)")

@@ -72,7 +72,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
         template = (trained_template(args.adapter) if args.adapter else None) or "none"
     register_task(Task(PROMPT_TASK, "file", "exact", template))
     examples = [prompt_example(prompt, template) for prompt in prompts]
-    model, tokenizer = load_for_eval(args.model, args.adapter)
+    model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
     texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
     rows = [
         {"prompt": [list(t) for t in p] if isinstance(p, tuple) else p, "response": text, "truncated": c}

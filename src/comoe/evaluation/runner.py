@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from comoe.adapter.auto import load_adapter
@@ -22,6 +23,7 @@ from comoe.evaluation.loglik import option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
 from comoe.evaluation.settings import EvalArgs
 from comoe.files import atomic_write_text
+from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
 
 
@@ -57,16 +59,21 @@ def predict(
     return predictions  # type: ignore[return-value]
 
 
-def load_for_eval(model_name: str, adapter: str | None) -> tuple[nn.Module, Any]:
-    """The base model, with a comoe or PEFT adapter folder applied when given.
+def load_for_eval(
+    model_name: str, adapter: str | None, dtype: str = "float32", device: str = "auto"
+) -> tuple[nn.Module, Any]:
+    """The base model (in `dtype`, on `device`), with a comoe or PEFT adapter folder applied when given.
 
-    The adapter folder is checked before the (slower) base model is loaded, so a bad path fails fast.
+    The adapter folder and the device are checked before the (slower) base model is loaded, so a bad path
+    or a missing GPU fails fast.
     """
-    if adapter is None:
-        return load_base(model_name)
-    adapter_kind(adapter)
-    base, tokenizer = load_base(model_name)
-    return load_adapter(base, adapter), tokenizer
+    if adapter is not None:
+        adapter_kind(adapter)
+    place = resolve_device(device)
+    model, tokenizer = load_base(model_name, dtype=getattr(torch, dtype))
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    return model.to(place), tokenizer
 
 
 def check_report_path(output: str | None) -> None:
@@ -122,7 +129,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     """Evaluate and (optionally) write the report JSON; returns it."""
     check_report_path(args.output)
     examples = eval_examples(args)  # data errors before the model is loaded
-    model, tokenizer = load_for_eval(args.model, args.adapter)
+    model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
         max_new_tokens = 256 if any(answer_kind(e.task) in ("number", "letter") for e in examples) else 32

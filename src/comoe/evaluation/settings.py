@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import TEMPLATE_CHOICES, DataArgs, check_field_types, setting
+from comoe.settings import (
+    DEVICE_HELP,
+    DTYPES,
+    TEMPLATE_CHOICES,
+    DataArgs,
+    check_field_types,
+    check_placement,
+    setting,
+)
 from comoe.validation import check_choice, check_int
 
 MODES = ("loglik", "generate")
@@ -19,6 +27,8 @@ class EvalArgs(DataArgs):
 
     model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
+    dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
+    device: str = setting("auto", DEVICE_HELP)
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")
     tasks: list[str] | None = setting(None, "test tasks (comma list on the CLI)")
     limit: int | None = setting(None, "examples per task (a seeded sample)")
@@ -33,6 +43,7 @@ class EvalArgs(DataArgs):
 
     def __post_init__(self) -> None:
         self.check_data()
+        check_placement(self)
         check_choice("mode", self.mode, MODES)
         check_choice("split", self.split, SPLITS)
         check_int("batch_size", self.batch_size, low=1)
@@ -48,6 +59,8 @@ class GenerateArgs:
 
     model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
+    dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
+    device: str = setting("auto", DEVICE_HELP)
     prompt: str | None = setting(None, "one prompt (the user's turn under the chat template)")
     prompts: str | None = setting(
         None, "a file of prompts: .txt (one per line) or .jsonl (rows with prompt or messages)"
@@ -63,6 +76,7 @@ class GenerateArgs:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        check_placement(self)
         check_choice("template", self.template, TEMPLATE_CHOICES)
         check_int("max_new_tokens", self.max_new_tokens, low=1)
         check_int("batch_size", self.batch_size, low=1)

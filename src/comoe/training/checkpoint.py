@@ -34,6 +34,8 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer, scheduler
         f"{index}.{key}": value for index, slots in state["state"].items() for key, value in slots.items()
     }
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():  # dropout on the GPU draws from its own generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     atomic_save_safetensors(tmp / "optimizer.safetensors", tensors)
     groups = [{k: v for k, v in group.items() if k != "params"} for group in state["param_groups"]]
     meta = {"step": step, "param_groups": groups, "scheduler": _json_safe(scheduler.state_dict())}
@@ -104,6 +106,9 @@ def _restore(saved: SavedCheckpoint, model: nn.Module, optimizer, scheduler) -> 
         set_peft_model_state_dict(model, saved.adapter)
     tensors = dict(saved.optimizer)
     torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)

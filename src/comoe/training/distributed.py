@@ -25,6 +25,8 @@ class World:
         if size == 1:
             return cls()
         if not dist.is_initialized():
+            if torch.cuda.is_available():  # one GPU per process, the one --device auto picks
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         return cls(rank=dist.get_rank(), size=dist.get_world_size())
 
@@ -36,6 +38,10 @@ class World:
         """Element-wise sum over processes (a copy; no gradient)."""
         values = values.detach().clone()
         if self.size > 1:
+            if dist.get_backend() == "nccl" and values.device.type != "cuda":  # NCCL reduces GPU tensors only
+                on_gpu = values.to(f"cuda:{torch.cuda.current_device()}")
+                dist.all_reduce(on_gpu)
+                return on_gpu.to(values.device)
             dist.all_reduce(values)
         return values
 

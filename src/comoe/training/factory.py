@@ -10,21 +10,24 @@ from torch import nn
 
 from comoe.adapter.lora import matched_lora_config
 from comoe.adapter.model import get_comoe_model
+from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
 from comoe.training.settings import TrainArgs
 
 
 def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     """Base model (in args.dtype, with gradient checkpointing if asked) plus the method's adapter: a comoe
-    preset, or PEFT LoRA matched to the comoe preset."""
+    preset, or PEFT LoRA matched to the comoe preset; on args.device. The adapter is initialised on the
+    CPU (the seeded init does not depend on the device) and moved with the model."""
+    device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype))
     config = args.comoe_config()
     if args.preset == "lora":
         if args.gradient_checkpointing:
             base.activation_checkpointing_enable()  # non-reentrant: no input grads needed
-        return get_peft_model(base, matched_lora_config(config, base)), tokenizer
+        return get_peft_model(base, matched_lora_config(config, base)).to(device), tokenizer
     model = get_comoe_model(base, config)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    return model, tokenizer
+    return model.to(device), tokenizer

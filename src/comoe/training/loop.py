@@ -235,8 +235,9 @@ def optimizer_step(
     parts = torch.zeros(3, dtype=torch.float64)
     tokens = 0
     extra: dict[str, float] = {}
+    device = params[0].device
     for micro in range(args.grad_accum):
-        batch = next(batches)
+        batch = {key: value.to(device) for key, value in next(batches).items()}
         tokens += int(world.sum(batch["attention_mask"].sum()))
         task, aux = response_loss(model, batch, world)
         weight = share(int(batch["attention_mask"].sum()), world)

@@ -6,11 +6,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from comoe.config import PRESETS, ComoeConfig
-from comoe.settings import DataArgs, check_field_types, load_settings, setting
+from comoe.settings import (
+    DEVICE_HELP,
+    DTYPES,
+    DataArgs,
+    check_field_types,
+    check_placement,
+    load_settings,
+    setting,
+)
 from comoe.validation import InvalidSetting, check_choice, check_int, check_number
 
 METHODS = [*PRESETS, "lora"]
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -26,6 +33,7 @@ class TrainArgs(DataArgs):
         "the base model's dtype (experts stay in adapter_dtype, float32 by default)",
         choices=DTYPES,
     )
+    device: str = setting("auto", DEVICE_HELP)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     adapter_config: dict[str, Any] = setting(
         {}, "ComoeConfig overrides on top of the preset (YAML only; key 'adapter' in older files)", flag=False
@@ -62,7 +70,7 @@ class TrainArgs(DataArgs):
         check_field_types(self)
         self.check_data()
         check_choice("preset", self.preset, METHODS)
-        check_choice("dtype", self.dtype, DTYPES)
+        check_placement(self)
         for name in ("batch_size", "grad_accum", "cutoff"):
             check_int(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "save_steps", "stats_steps", "seed", "eval_steps"):
