@@ -111,7 +111,13 @@ def test_committed_config_variants_resolve_and_bad_ones_are_named():
             reproduce.questions_to_detect(0.35, effect=0.02)
             <= builtin["eval_limit"] * len(builtin["eval_tasks"]) * 3
         )
-    with pytest.raises(ValueError, match="--variant 'nope'.*valid: builtin, builtin_long, math, quick"):
+    gpu = reproduce.load_config(config_path, "commonsense_gpu")  # every training example, on a GPU
+    assert gpu["train_limit"] is None and gpu["device"] == "cuda" and gpu["dtype"] == "bfloat16"
+    # 2 points are detectable at the 16% of questions that comoe and moe answered differently there
+    assert reproduce.questions_to_detect(0.16, effect=0.02) <= gpu["eval_limit"] * len(gpu["eval_tasks"])
+    with pytest.raises(
+        ValueError, match="--variant 'nope'.*valid: builtin, builtin_long, commonsense_gpu, math, quick"
+    ):
         reproduce.load_config(config_path, "nope")
 
 
@@ -160,6 +166,8 @@ def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, 
         "seeds": [0, 1],
         "methods": {"base": None, "moe": {"preset": "moe", "train": {"router_lr_ratio": 2.0}}},
         "comparisons": [["moe", "base"]],
+        "dtype": "bfloat16",
+        "device": "cpu",
         **setting,
     }
     results_path = tmp_path / "results" / "reproduce-tiny.json"
@@ -172,6 +180,7 @@ def test_tiny_end_to_end_run_evaluates_base_once_and_resumes(setting, tmp_path, 
     assert "specialisation" in runs[1] and "specialisation" not in runs[0]
     trained = yaml.safe_load((tmp_path / "work" / "moe-seed1" / "config.yaml").read_text())
     assert trained["router_lr_ratio"] == 2.0 and trained["seed"] == 1
+    assert trained["dtype"] == "bfloat16" and trained["device"] == "cpu"  # the variant's placement
     assert "| moe − base |" in table and "| moe (n=2) |" in table
     assert results_path.with_suffix(".md").read_text() == table
 
