@@ -56,6 +56,8 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
     """Train (unless base), evaluate and, for MoE methods, analyse one (method, seed)."""
     start = time.perf_counter()
     adapter, log = None, []
+    # dtype and device for training, evaluation and analysis alike; absent keys keep the settings' defaults
+    placement = {key: config[key] for key in ("dtype", "device") if key in config}
     if spec is not None:
         run = work / run_name(name, seed)
         args = TrainArgs(
@@ -68,8 +70,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             epochs=config["epochs"],
             lr=config["lr"],
             batch_size=config["batch_size"],
-            dtype=config.get("dtype", "float32"),
-            device=config.get("device", "auto"),
+            **placement,
             seed=seed,
             output=str(run),
             save_steps=100,  # a run killed mid-way continues from its last checkpoint
@@ -89,8 +90,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             limit=config["eval_limit"],
             mode=config.get("eval_mode", "loglik"),
             batch_size=config.get("eval_batch_size", 16),
-            dtype=config.get("dtype", "float32"),
-            device=config.get("device", "auto"),
+            **placement,
             max_new_tokens=config.get("max_new_tokens"),
             seed=0,
         )
@@ -117,8 +117,7 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
                 data_dir=config["data_dir"],
                 tasks=config.get("analysis_tasks", config["train_tasks"]),
                 limit=config["analysis_limit"],
-                dtype=config.get("dtype", "float32"),
-                device=config.get("device", "auto"),
+                **placement,
                 output=str(run / "analysis"),
             )
         )
