@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from scipy import stats
 
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.settings import AnalyzeArgs
@@ -128,9 +129,12 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
 def paired_difference(
     a: list[dict], b: list[dict], samples: int = 2000, b_untrained: bool = False
 ) -> dict[str, float]:
-    """Mean accuracy difference a - b over the same seeds and examples, with a 95% paired bootstrap CI
-    (examples resampled within each seed; all tasks pooled, each task weighted by its examples).
-    An untrained b (the base model: one deterministic run) is paired with every seed of a; a trained one
+    """Mean accuracy difference a - b over the same seeds and examples, with two 95% intervals.
+    `ci95`, a paired bootstrap (examples resampled within each seed; all tasks pooled, each task weighted
+    by its examples), measures the test questions' noise for these trained adapters only. `seed_ci95`,
+    Student's t over the per-seed differences (None below two seeds), also counts the spread between
+    training seeds, which on small models is often the larger one: it is the interval for "would another
+    training run agree?". An untrained b (the base model: one deterministic run) is paired with every seed of a; a trained one
     only seed by seed, so a half-finished reproduction never pairs one method's seed 1 with another's 0."""
     by_seed = {r["seed"]: r for r in b}
     diffs = []
@@ -161,7 +165,22 @@ def paired_difference(
     per_seed = [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
     ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
     discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / questions
-    return {"mean": mean, "ci95": ci95, "per_seed": per_seed, "discordant": discordant}
+    return {
+        "mean": mean,
+        "ci95": ci95,
+        "seed_ci95": seed_interval(per_seed),
+        "per_seed": per_seed,
+        "discordant": discordant,
+    }
+
+
+def seed_interval(per_seed: list[float]) -> list[float] | None:
+    """95% Student t interval for the mean of per-seed differences (n - 1 degrees of freedom)."""
+    if len(per_seed) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
+    centre = statistics.mean(per_seed)
+    return [centre - half, centre + half]
 
 
 def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
@@ -187,11 +206,19 @@ def mean_spread(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
+def interval(bounds: list[float] | None) -> str:
+    """'[low, high]' in percentage points, '-' for none."""
+    return "-" if bounds is None else f"[{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
+
+
+DIFFERENCE_COLUMNS = ("points", "95% CI, questions", "95% CI, seeds (t)", "per seed")
+
+
 def difference_cells(diff: dict) -> str:
-    """'points | [low, high] | per seed' of a paired difference, in percentage points."""
-    low, high = diff["ci95"]
+    """The DIFFERENCE_COLUMNS of a paired difference, in percentage points."""
     per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
-    return f"{100 * diff['mean']:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {per_seed}"
+    seeds = interval(diff.get("seed_ci95"))
+    return f"{100 * diff['mean']:+.1f} | {interval(diff['ci95'])} | {seeds} | {per_seed}"
 
 
 def header(*columns: str) -> list[str]:
@@ -216,7 +243,7 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             + (f"{statistics.median(speed):.0f}" if speed else "-")
             + " |"
         )
-    lines += ["", *header("comparison", "points", "95% CI", "per seed", "differ", "questions for ±1 point")]
+    lines += ["", *header("comparison", *DIFFERENCE_COLUMNS, "differ", "questions for ±1 point")]
     for a, b in config["comparisons"]:
         untrained = config["methods"].get(b, {}) is None
         diff = paired_difference(by_method.get(a, []), by_method.get(b, []), b_untrained=untrained)
@@ -312,7 +339,7 @@ def budget_table(results: list[dict], other_runs: list[dict], config: dict[str, 
     if not lines:
         return ""
     title = f"this budget − {config['compare_with']}"
-    return "\n" + "\n".join([*header("method", title, "95% CI", "per seed"), *lines]) + "\n"
+    return "\n" + "\n".join([*header("method", title, *DIFFERENCE_COLUMNS[1:]), *lines]) + "\n"
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from comoe.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from reproduce import header, paired_difference, run_name  # noqa: E402  (a sibling script, not a package)
+from reproduce import header, interval, paired_difference, run_name  # noqa: E402  (a sibling script, not a package)
 
 CHOICES = {  # --choice: the setting, and the reproduce.py method that trained with each of its values
     "lambda": ("lambda", {"comoe": 0.01, "comoe_w0.1": 0.1}),
@@ -82,10 +82,9 @@ def table(setting: str, candidates: dict[str, float], state: dict) -> str:
     lines.append("")
     for other, d in state["differences"].items():
         if d:
-            low, high = (100 * x for x in d["ci95"])
-            mean = 100 * d["mean"]
             lines.append(
-                f"- CoMoE ({setting} chosen on validation) - {other}: {mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+                f"- CoMoE ({setting} chosen on validation) - {other}: {100 * d['mean']:+.1f} "
+                f"{interval(d['ci95'])} over questions, {interval(d.get('seed_ci95'))} over seeds (t)"
             )
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,19 @@ def test_paired_difference_matches_counting_and_brackets_the_mean():
     assert low <= diff["mean"] <= high and low < high
 
 
+def test_seed_interval_is_students_t_over_the_per_seed_differences():
+    # three seeds +1.5, -1.1, +2.3 points: mean 0.9, sample sd 1.778, t(0.975, 2 df) = 4.3027
+    low, high = reproduce.seed_interval([0.015, -0.011, 0.023])
+    half = 4.302652729911275 * 0.017776388834631 / 3**0.5
+    assert (low, high) == (pytest.approx(0.009 - half), pytest.approx(0.009 + half))
+    assert reproduce.seed_interval([0.02]) is None  # one seed has no spread to measure
+    a = [run("a", 0, {"t": [True, True, False, True]}), run("a", 1, {"t": [True, False, False, True]})]
+    b = [run("b", 0, {"t": [False, True, False, False]}), run("b", 1, {"t": [True, True, False, False]})]
+    diff = reproduce.paired_difference(a, b)
+    assert diff["seed_ci95"] == pytest.approx(reproduce.seed_interval([0.5, 0.0]))
+    assert "[-292.7, +342.7]" in reproduce.difference_cells(diff)  # t(0.975, 1 df) = 12.706 on two seeds
+
+
 def test_questions_to_detect_follows_the_paired_power_formula():
     # a 10-point effect when half the answers differ: (1.96 + 0.84)^2 * 0.5 / 0.1^2 = 392
     assert abs(reproduce.questions_to_detect(0.5, effect=0.1) - 392) <= 1
