@@ -134,8 +134,9 @@ def paired_difference(
     by its examples), measures the test questions' noise for these trained adapters only. `seed_ci95`,
     Student's t over the per-seed differences (None below two seeds), also counts the spread between
     training seeds, which on small models is often the larger one: it is the interval for "would another
-    training run agree?". An untrained b (the base model: one deterministic run) is paired with every seed of a; a trained one
-    only seed by seed, so a half-finished reproduction never pairs one method's seed 1 with another's 0."""
+    training run agree?". An untrained b (the base model: one deterministic run) is paired with every seed
+    of a; a trained one only seed by seed, so a half-finished reproduction never pairs one method's seed 1
+    with another's 0."""
     by_seed = {r["seed"]: r for r in b}
     diffs = []
     for run in a:
