@@ -126,6 +126,28 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
     return result
 
 
+def paired_answers(
+    a: list[dict], b: list[dict], b_untrained: bool = False, tasks: list[str] | None = None
+) -> list[list[int]]:
+    """Per paired seed, a's answer minus b's on each test question (+1, 0, -1) of `tasks` (all of a's
+    when None). An untrained b (the base model: one deterministic run) is paired with every seed of a; a
+    trained one only seed by seed, so a half-finished reproduction never pairs one method's seed 1 with
+    another's 0."""
+    by_seed = {r["seed"]: r for r in b}
+    diffs = []
+    for run in a:
+        other = b[0] if b_untrained and b else by_seed.get(run["seed"])
+        if other is not None:
+            diffs.append(
+                [
+                    int(x) - int(y)
+                    for task in (tasks or run["correct"])
+                    for x, y in zip(run["correct"][task], other["correct"][task], strict=True)
+                ]
+            )
+    return diffs
+
+
 def paired_difference(
     a: list[dict], b: list[dict], samples: int = 2000, b_untrained: bool = False
 ) -> dict[str, float]:
@@ -134,22 +156,8 @@ def paired_difference(
     by its examples), measures the test questions' noise for these trained adapters only. `seed_ci95`,
     Student's t over the per-seed differences (None below two seeds), also counts the spread between
     training seeds, which on small models is often the larger one: it is the interval for "would another
-    training run agree?". An untrained b (the base model: one deterministic run) is paired with every seed
-    of a; a trained one only seed by seed, so a half-finished reproduction never pairs one method's seed 1
-    with another's 0."""
-    by_seed = {r["seed"]: r for r in b}
-    diffs = []
-    for run in a:
-        other = b[0] if b_untrained and b else by_seed.get(run["seed"])
-        if other is None:
-            continue
-        diffs.append(
-            [
-                int(x) - int(y)
-                for task in run["correct"]
-                for x, y in zip(run["correct"][task], other["correct"][task], strict=True)
-            ]
-        )
+    training run agree?". Seeds are paired as `paired_answers` pairs them."""
+    diffs = paired_answers(a, b, b_untrained)
     if not diffs:
         return {}
     rng = random.Random(0)
@@ -251,6 +259,7 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
         if diff:
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
             lines.append(f"| {a} − {b} | {difference_cells(diff)} | {differ} |")
+    lines += task_differences(by_method, config)
     lines += ["", *header("method", *SPECIALISATION.values())]
     for method, runs in by_method.items():
         runs = [r["specialisation"] for r in runs if "specialisation" in r]
@@ -258,6 +267,24 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             cells = [mean_spread([r[key] for r in runs if key in r], 4) for key in SPECIALISATION]
             lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def task_differences(by_method: dict[str, list[dict]], config: dict[str, Any]) -> list[str]:
+    """Each trained comparison task by task: the mean of the per-seed differences and its 95% interval over
+    seeds (Student's t; none with one seed). Where a method helps is often one task, not the average."""
+    lines = ["", *header("comparison, by task (95% CI over seeds)", *config["eval_tasks"])]
+    for a, b in config["comparisons"]:
+        if config["methods"].get(b, {}) is None or a not in by_method or b not in by_method:
+            continue
+        cells = []
+        for task in config["eval_tasks"]:
+            per_seed = [sum(d) / len(d) for d in paired_answers(by_method[a], by_method[b], tasks=[task])]
+            if not per_seed:
+                break
+            cells.append(f"{100 * statistics.mean(per_seed):+.1f} {interval(seed_interval(per_seed))}")
+        if cells:
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 3 else []
 
 
 def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:

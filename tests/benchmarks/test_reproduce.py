@@ -44,6 +44,25 @@ def test_seed_interval_is_students_t_over_the_per_seed_differences():
     assert "[-292.7, +342.7]" in reproduce.difference_cells(diff)  # t(0.975, 1 df) = 12.706 on two seeds
 
 
+def test_task_differences_are_per_seed_means_task_by_task_with_their_seed_interval():
+    tasks = {"x": [True, True], "y": [False, False]}
+    a = [run("a", 0, {"x": [True, True], "y": [True, False]}), run("a", 1, {"x": [True, False], "y": [True, True]})]
+    b = [run("b", 0, {"x": [False, True], "y": [False, False]}), run("b", 1, tasks)]
+    config = {
+        "eval_tasks": ["x", "y"],
+        "methods": {"base": None, "a": {}, "b": {}},
+        "comparisons": [["a", "base"], ["a", "b"]],
+    }
+    by_method = {"base": [run("base", 0, tasks)], "a": a, "b": b}
+    lines = reproduce.task_differences(by_method, config)
+    assert len(lines) == 4  # blank, header, rule, one row: the untrained comparison has no seeds to spread
+    # x: seed 0 +1/2, seed 1 -1/2 -> mean 0; y: seed 0 +1/2, seed 1 +1 -> mean 3/4
+    x = reproduce.interval(reproduce.seed_interval([0.5, -0.5]))
+    y = reproduce.interval(reproduce.seed_interval([0.5, 1.0]))
+    assert lines[-1] == f"| a − b | +0.0 {x} | +75.0 {y} |"
+    assert reproduce.paired_answers(a, b, tasks=["y"]) == [[1, 0], [1, 1]]
+
+
 def test_questions_to_detect_follows_the_paired_power_formula():
     # a 10-point effect when half the answers differ: (1.96 + 0.84)^2 * 0.5 / 0.1^2 = 392
     assert abs(reproduce.questions_to_detect(0.5, effect=0.1) - 392) <= 1
