@@ -198,6 +198,15 @@ def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
     return math.ceil((1.96 + 0.84) ** 2 * discordant / effect**2)
 
 
+def seeds_to_detect(per_seed: list[float], effect: float = 0.01) -> int | None:
+    """Training seeds needed to detect a true difference `effect` (two-sided 5%, power 80%, normal
+    approximation) given the spread of the per-seed differences measured so far: (1.96 + 0.84)^2 * s^2 /
+    effect^2. With three seeds s itself is rough, so this is an order of magnitude, not a plan."""
+    if len(per_seed) < 2:
+        return None
+    return max(2, math.ceil((1.96 + 0.84) ** 2 * statistics.variance(per_seed) / effect**2))
+
+
 def column_value(run: dict, column: str, papers: list[str]) -> float:
     """A run's accuracy on one task, its average, or the unweighted mean over the papers' tasks."""
     if column == "average":
@@ -252,13 +261,15 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             + (f"{statistics.median(speed):.0f}" if speed else "-")
             + " |"
         )
-    lines += ["", *header("comparison", *DIFFERENCE_COLUMNS, "differ", "questions for ±1 point")]
+    power = ("differ", "questions for ±1 point", "seeds for ±1 point")
+    lines += ["", *header("comparison", *DIFFERENCE_COLUMNS, *power)]
     for a, b in config["comparisons"]:
         untrained = config["methods"].get(b, {}) is None
         diff = paired_difference(by_method.get(a, []), by_method.get(b, []), b_untrained=untrained)
         if diff:
+            seeds = seeds_to_detect(diff["per_seed"])
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
-            lines.append(f"| {a} − {b} | {difference_cells(diff)} | {differ} |")
+            lines.append(f"| {a} − {b} | {difference_cells(diff)} | {differ} | {seeds or '-'} |")
     lines += task_differences(by_method, config)
     lines += ["", *header("method", *SPECIALISATION.values())]
     for method, runs in by_method.items():

@@ -46,7 +46,10 @@ def test_seed_interval_is_students_t_over_the_per_seed_differences():
 
 def test_task_differences_are_per_seed_means_task_by_task_with_their_seed_interval():
     tasks = {"x": [True, True], "y": [False, False]}
-    a = [run("a", 0, {"x": [True, True], "y": [True, False]}), run("a", 1, {"x": [True, False], "y": [True, True]})]
+    a = [
+        run("a", 0, {"x": [True, True], "y": [True, False]}),
+        run("a", 1, {"x": [True, False], "y": [True, True]}),
+    ]
     b = [run("b", 0, {"x": [False, True], "y": [False, False]}), run("b", 1, tasks)]
     config = {
         "eval_tasks": ["x", "y"],
@@ -68,6 +71,13 @@ def test_questions_to_detect_follows_the_paired_power_formula():
     assert abs(reproduce.questions_to_detect(0.5, effect=0.1) - 392) <= 1
     assert reproduce.questions_to_detect(0.0) == 0
     assert reproduce.questions_to_detect(0.1) > reproduce.questions_to_detect(0.05) > 3900
+
+
+def test_seeds_to_detect_follows_the_same_formula_over_the_seed_spread():
+    # per-seed differences -2.1, +4.4, +0.2 points: variance 10.86 points^2 -> 7.84 * 10.86 = 85.2 seeds
+    assert reproduce.seeds_to_detect([-0.021, 0.044, 0.002]) == 86
+    assert reproduce.seeds_to_detect([0.01, 0.01]) == 2  # no spread: the fewest that measure one
+    assert reproduce.seeds_to_detect([0.01]) is None
 
 
 def test_paired_difference_pairs_a_single_base_run_with_every_seed():
