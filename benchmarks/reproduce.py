@@ -149,9 +149,14 @@ def paired_answers(
     return diffs
 
 
+def seed_means(diffs: list[list[int]]) -> list[float]:
+    """Each paired seed's mean difference, from `paired_answers`."""
+    return [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
+
+
 def paired_difference(
     a: list[dict], b: list[dict], samples: int = 2000, b_untrained: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Mean accuracy difference a - b over the same seeds and examples, with two 95% intervals.
     `ci95`, a paired bootstrap (examples resampled within each seed; all tasks pooled, each task weighted
     by its examples), measures the test questions' noise for these trained adapters only. `seed_ci95`,
@@ -172,7 +177,7 @@ def paired_difference(
     means.sort()
     questions = sum(map(len, diffs))
     mean = sum(map(sum, diffs)) / questions
-    per_seed = [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
+    per_seed = seed_means(diffs)
     ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
     discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / questions
     return {
@@ -193,10 +198,13 @@ def seed_interval(per_seed: list[float]) -> list[float] | None:
     return [centre - half, centre + half]
 
 
+POWER_FACTOR = (1.96 + 0.84) ** 2  # (z for two-sided 5% + z for 80% power)^2
+
+
 def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
     """Paired test questions needed to detect a true difference `effect` (two-sided 5%, power 80%) when a
     `discordant` fraction of questions is answered differently: (1.96 + 0.84)^2 * discordant / effect^2."""
-    return math.ceil((1.96 + 0.84) ** 2 * discordant / effect**2)
+    return math.ceil(POWER_FACTOR * discordant / effect**2)
 
 
 def seeds_to_detect(per_seed: list[float], effect: float = 0.01) -> int | None:
@@ -205,7 +213,7 @@ def seeds_to_detect(per_seed: list[float], effect: float = 0.01) -> int | None:
     effect^2. With three seeds s itself is rough, so this is an order of magnitude, not a plan."""
     if len(per_seed) < 2:
         return None
-    return max(2, math.ceil((1.96 + 0.84) ** 2 * statistics.variance(per_seed) / effect**2))
+    return max(2, math.ceil(POWER_FACTOR * statistics.variance(per_seed) / effect**2))
 
 
 def column_value(run: dict, column: str, papers: list[str]) -> float:
@@ -236,7 +244,7 @@ DIFFERENCE_COLUMNS = ("points", "95% CI, questions", "95% CI, seeds (t)", "per s
 def difference_cells(diff: dict) -> str:
     """The DIFFERENCE_COLUMNS of a paired difference, in percentage points."""
     per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
-    seeds = interval(diff.get("seed_ci95"))
+    seeds = interval(diff["seed_ci95"])
     return f"{100 * diff['mean']:+.1f} | {interval(diff['ci95'])} | {seeds} | {per_seed}"
 
 
@@ -284,19 +292,17 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
 def task_differences(by_method: dict[str, list[dict]], config: dict[str, Any]) -> list[str]:
     """Each trained comparison task by task: the mean of the per-seed differences and its 95% interval over
     seeds (Student's t; none with one seed). Where a method helps is often one task, not the average."""
-    lines = ["", *header("comparison, by task (95% CI over seeds)", *config["eval_tasks"])]
+    tasks, rows = config["eval_tasks"], []
     for a, b in config["comparisons"]:
         if config["methods"].get(b, {}) is None or a not in by_method or b not in by_method:
             continue
-        cells = []
-        for task in config["eval_tasks"]:
-            per_seed = [sum(d) / len(d) for d in paired_answers(by_method[a], by_method[b], tasks=[task])]
-            if not per_seed:
-                break
-            cells.append(f"{100 * statistics.mean(per_seed):+.1f} {interval(seed_interval(per_seed))}")
-        if cells:
-            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
-    return lines if len(lines) > 3 else []
+        per_task = [seed_means(paired_answers(by_method[a], by_method[b], tasks=[task])) for task in tasks]
+        if per_task[0]:  # the same seeds pair on every task
+            cells = [f"{100 * statistics.mean(m):+.1f} {interval(seed_interval(m))}" for m in per_task]
+            rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", *header("comparison, by task (95% CI over seeds)", *tasks), *rows]
 
 
 def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:

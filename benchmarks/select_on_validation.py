@@ -84,7 +84,7 @@ def table(setting: str, candidates: dict[str, float], state: dict) -> str:
         if d:
             lines.append(
                 f"- CoMoE ({setting} chosen on validation) - {other}: {100 * d['mean']:+.1f} "
-                f"{interval(d['ci95'])} over questions, {interval(d.get('seed_ci95'))} over seeds (t)"
+                f"{interval(d['ci95'])} over questions, {interval(d['seed_ci95'])} over seeds (t)"
             )
     return "\n".join(lines) + "\n"
 
