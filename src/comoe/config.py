@@ -16,17 +16,21 @@ from typing import Any
 from comoe.validation import check_choice, check_int, check_number, fail, reject_unknown
 
 ROUTINGS = ("topk", "soft")
+# The contrastive objectives the `contrastive` field names (sugar for an entry of objective_weights);
+# any other registered objective (comoe.objectives.registry) is named in aux_objectives.
 CONTRASTIVES = ("none", "comoe", "moelora")
 ANCHORS = ("all", "random")
-EXPERT_COMPUTES = ("auto", "blocks", "grouped")
+# Fields added after format version 1 whose defaults are left out of adapter_config.json, so that a folder
+# saved with the defaults reads exactly as before (and in older comoe versions).
+OMITTED_DEFAULTS = {"aux_objectives": {}, "expert_bank": "lora"}
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field that carries its help text, as PEFT's configs do."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -96,8 +100,19 @@ class ComoeConfig:
     )
     expert_compute: str = _field(
         "auto",
-        "How expert outputs are computed: 'blocks' (all experts' down-projection in one matmul, masked "
-        "up-projection in one matmul), 'grouped' (tokens sorted by expert, grouped matmul), 'auto'.",
+        "How expert outputs are computed, a strategy of comoe.moe.experts: 'blocks' (masked up-projection "
+        "in one matmul), 'grouped' (tokens sorted by expert, grouped matmul), or 'auto' (the strategy the "
+        "device prefers for this shape).",
+    )
+    aux_objectives: dict[str, float] = _field(
+        {},
+        "Further auxiliary objectives by registered name and weight, {name: weight} (comoe.objectives."
+        "registry); balance_weight and contrastive/contrastive_weight are the built-ins' entries.",
+    )
+    expert_bank: str = _field(
+        "lora",
+        "The experts' parameterisation, a registered expert bank (comoe.moe.banks): 'lora' (each expert "
+        "its own A [r, d_in] and B [r, d_out]).",
     )
 
     def __post_init__(self) -> None:
@@ -124,7 +139,9 @@ class ComoeConfig:
         check_choice("balance_scope", self.balance_scope, ("local", "global"))
         check_choice("contrastive", self.contrastive, CONTRASTIVES)
         check_choice("anchor", self.anchor, ANCHORS)
-        check_choice("expert_compute", self.expert_compute, EXPERT_COMPUTES)
+        _check_name("expert_compute", self.expert_compute)  # the strategy registry checks it exists
+        _check_name("expert_bank", self.expert_bank)  # the bank registry checks it exists
+        self._validate_objectives()
         check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, list)
@@ -144,6 +161,33 @@ class ComoeConfig:
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
                 check_int("layers_to_transform", index, low=0)
+
+    def _validate_objectives(self) -> None:
+        objectives = self.aux_objectives
+        valid = "a mapping {objective name: weight >= 0}"
+        if not isinstance(objectives, dict) or not all(isinstance(k, str) and k for k in objectives):
+            fail("aux_objectives", objectives, valid)
+        for name, weight in objectives.items():
+            check_number(f"aux_objectives[{name!r}]", weight, low=0.0)
+        sugar = {"balance": "balance_weight", **{c: "contrastive" for c in CONTRASTIVES if c != "none"}}
+        for name in objectives:
+            if name in sugar and name in self._sugar_weights():
+                fail("aux_objectives", objectives, f"{name!r} is already set by {sugar[name]}: set it once")
+
+    def _sugar_weights(self) -> dict[str, float]:
+        """The objectives the built-in fields turn on, with their weights."""
+        weights = {}
+        if self.balance_weight > 0:
+            weights["balance"] = self.balance_weight
+        if self.contrastive != "none" and self.contrastive_weight > 0:
+            weights[self.contrastive] = self.contrastive_weight
+        return weights
+
+    @property
+    def objective_weights(self) -> dict[str, float]:
+        """Every active auxiliary objective by registered name, with its weight (> 0): balance_weight and
+        contrastive/contrastive_weight as entries, then aux_objectives."""
+        return {**self._sugar_weights(), **{k: float(w) for k, w in self.aux_objectives.items() if w > 0}}
 
     def _validate_targets(self) -> None:
         targets = self.target_modules
@@ -182,13 +226,28 @@ class ComoeConfig:
         return cls.from_dict({**PRESETS[name], **overrides}, where)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the later fields still at their defaults (OMITTED_DEFAULTS)."""
+        values = dataclasses.asdict(self)
+        for key, default in OMITTED_DEFAULTS.items():
+            if values[key] == default:
+                del values[key]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "adapter config") -> ComoeConfig:
         """Build from a saved dict, refusing unknown fields so that typos do not pass silently."""
         reject_unknown(values, (f.name for f in dataclasses.fields(cls)), where)
         return cls(**values)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_name(name: str, value: Any) -> None:
+    """A registry name: letters, digits, '_', '-', '.' (whether it is registered is checked where the
+    registry lives, above this pure-Python module)."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        fail(name, value, "a registered name (letters, digits, '_', '-', '.')")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from comoe.config import EXPERT_COMPUTES
 from comoe.moe.experts import STRATEGIES, choose_strategy
 from comoe.moe.kernels import grouped_matmul
 from comoe.moe.routing import sort_by_expert
 
 
-def test_config_choices_are_the_registered_strategies():
-    assert set(EXPERT_COMPUTES) == {"auto", *STRATEGIES}
+def test_built_in_strategies_are_registered_and_unknown_names_are_refused():
+    assert {"blocks", "grouped"} <= set(STRATEGIES)
+    with pytest.raises(ValueError, match="expert_compute='fused'.*valid: auto, blocks, grouped"):
+        choose_strategy("fused", 4, 2)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """The layer's Gram-matrix contrastive losses against the reference definitions on materialised outputs."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -21,8 +23,9 @@ def layer_and_step(n, k, dtype, contrastive, mask, seed=0, zero_experts=(), **co
         layer.lora_B.normal_(0, 0.3)
         layer.lora_B[list(zero_experts)] = 0  # experts still at their initialisation: no output
     x = torch.randn(40, 24, dtype=dtype, requires_grad=True)
-    context.keep_records, context.token_mask = True, mask
+    context.keep_records = True
     layer(x)
+    layer.record = dataclasses.replace(layer.record, mask=mask)  # the model attaches its stream's mask
     return layer, config, x
 
 

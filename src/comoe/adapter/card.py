@@ -29,6 +29,11 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         f"routing, targets {', '.join(config.target_modules)}; balance weight {config.balance_weight}, "
         f"contrastive objective '{config.contrastive}' with weight {config.contrastive_weight}"
     )
+    if config.expert_bank != "lora":
+        settings += f"; expert bank '{config.expert_bank}'"
+    if config.aux_objectives:
+        further = ", ".join(f"{name} ({weight:g})" for name, weight in config.aux_objectives.items())
+        settings += f"; further objectives {further}"
     lines = [
         *header,
         "",

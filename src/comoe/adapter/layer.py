@@ -2,9 +2,13 @@
 
     y = W0 x + sum_{i in topk(g(x))} g_i(x) * (alpha / r) * B_i A_i x,   g = softmax(W_g x)
 
-B is zero-initialised, so at initialisation the layer returns exactly the base layer's output.
-When the model asks for it (auxiliary losses, `record_routing()`), each call also leaves its routing and
-the experts' down-projections in `self.record` (a LayerRecord); the model clears it after every forward.
+The experts' parameters are laid out by the configured expert bank (comoe.moe.banks; LoRA experts by
+default: A [n, r, d_in], B [n, r, d_out], B zero-initialised, so at initialisation the layer returns
+exactly the base layer's output) and the up-projection runs through a mix strategy (comoe.moe.experts).
+When the model asks for it (auxiliary losses, `record_routing()`), each call also leaves its routing, the
+experts' down-projections and what the active objectives need in `self.record` (a LayerRecord without a
+token mask: the model knows each layer's token stream and attaches the mask); the model clears it after
+every forward.
 
 The base layer is any module computing x W^T + b: nn.Linear, its quantized forms (bitsandbytes 8-bit and
 4-bit linears and torchao-quantized weights are nn.Linear subclasses or tensor subclasses), and GPT-2's
@@ -15,23 +19,23 @@ their output is cast to the base output's dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from comoe.config import ComoeConfig
-from comoe.moe.experts import down_project, expert_gram, mix
+from comoe.moe.banks import get_bank
+from comoe.moe.experts import choose_strategy, expert_gram, mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import Router, route
+from comoe.objectives.auxiliary import requirements
 
 
 class ComoeContext:
-    """State shared by the model and all its layers during one forward (a plain object, not a module)."""
+    """The two switches the model sets for all its layers (a plain object, not a module): whether the
+    adapters are on, and whether this forward's layers keep a record for the losses or analysis."""
 
     def __init__(self) -> None:
-        self.token_mask: torch.Tensor | None = None
         self.keep_records = False
         self.adapters_enabled = True
 
@@ -62,9 +66,13 @@ def _packed_for_inference(layer: nn.Module) -> bool:
 
 
 class ComoeLinear(nn.Module):
-    """A frozen linear layer plus n routed LoRA experts (A: [n, r, d_in], B: [n, r, d_out]) and a router."""
+    """A frozen linear layer plus n routed LoRA experts (an expert bank: A [n, r, d_in], B [n, r, d_out]
+    for LoRA experts) and a router. `stream` names the token stream the layer's input belongs to
+    ('decoder', or 'encoder' in encoder-decoder models), which chooses its token mask."""
 
-    def __init__(self, base_layer: nn.Module, config: ComoeConfig, context: ComoeContext) -> None:
+    def __init__(
+        self, base_layer: nn.Module, config: ComoeConfig, context: ComoeContext, stream: str = "decoder"
+    ) -> None:
         super().__init__()
         if not isinstance(base_layer, ADAPTABLE):
             raise TypeError(
@@ -81,18 +89,18 @@ class ComoeLinear(nn.Module):
         self.scaling = config.scaling
         self.soft = config.routing == "soft"
         self.expert_compute = config.expert_compute
-        self.needs_gram = config.contrastive != "none" and config.contrastive_weight > 0
-        self.norm_floor = config.contrastive_norm_floor
+        if self.expert_compute != "auto":
+            choose_strategy(self.expert_compute, self.num_experts, self.active_experts)  # registered?
+        needs = requirements(config)  # what the active objectives ask each forward to keep
+        self.needs_gram = "gram" in needs
+        self.norm_floor = config.contrastive_norm_floor if "norm_floor" in needs else 0.0
         self.context = context
+        self.stream = stream
         factory = dict(device=base_layer.weight.device, dtype=adapter_dtype(config, base_layer))
         self.router = Router(self.in_features, self.num_experts).to(**factory)
-        # A is stored [n, r, d_in] (PEFT's lora_A.weight per expert); B is stored [n, r, d_out], the transpose
-        # of PEFT's lora_B.weight, so that both expert strategies use it without a copy.
-        self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.r, self.out_features, **factory))
+        self.bank = get_bank(config.expert_bank)
+        self.bank.create(self, self.num_experts, self.r, factory)  # lora_A, lora_B for LoRA experts
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        for expert in self.lora_A:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))  # as PEFT initialises lora_A
         self.record: LayerRecord | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,23 +114,23 @@ class ComoeLinear(nn.Module):
         result = self.base_layer(x)
         if not self.context.adapters_enabled:
             return result
-        flat = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
+        flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
         routing = route(self.router(flat), self.top_k, soft=self.soft)
-        z = down_project(self.lora_dropout(flat), self.lora_A)
-        delta = mix(z, routing, self.lora_B, self.scaling, self.expert_compute)
+        z = self.bank.down_project(self, self.lora_dropout(flat))
+        lora_B = self.bank.up_weight(self)
+        delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
         # The objectives' extra tensors are computed in every training forward, whether or not this call
         # keeps a record: gradient checkpointing re-runs the forward during backward (when the model no
         # longer asks for records) and requires it to save exactly the tensors the first run saved.
         gram, floor = None, None
-        if self.needs_gram and (self.training or self.context.keep_records):
-            gram = expert_gram(self.lora_B)
+        if self.training or self.context.keep_records:
+            if self.needs_gram:
+                gram = expert_gram(lora_B)
             if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
                 base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
                 floor = base_norm * (self.norm_floor / self.scaling)
         if self.context.keep_records:
-            mask = self.context.token_mask
-            mask = mask if mask is not None and mask.numel() == flat.shape[0] else None
-            self.record = LayerRecord(routing, z, mask, self.lora_B, gram, floor)
+            self.record = LayerRecord(routing, z, None, lora_B, gram, floor)
         return result + delta.view(result.shape).to(result.dtype)
 
     @property

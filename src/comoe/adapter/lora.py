@@ -8,11 +8,15 @@ from torch import nn
 from comoe.adapter.layer import layer_features
 from comoe.adapter.targeting import find_target_linears, resolve_targets
 from comoe.config import ComoeConfig
+from comoe.moe.banks import get_bank
 
 
 def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_features: int) -> int:
-    """Trainable parameters comoe adds to one linear layer: experts plus router."""
-    return config.num_experts * config.r * (in_features + out_features) + config.num_experts * in_features
+    """Trainable parameters comoe adds to one linear layer: the expert bank's plus the router's (n * d_in);
+    n * r * (d_in + d_out) + n * d_in for LoRA experts."""
+    bank = get_bank(config.expert_bank)
+    experts = bank.num_parameters(config.num_experts, config.r, in_features, out_features)
+    return experts + config.num_experts * in_features
 
 
 def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:

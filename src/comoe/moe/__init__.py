@@ -1,6 +1,21 @@
-"""Mixture-of-experts mechanics shared by every adapter: routing, expert compute strategies, kernels."""
+"""Mixture-of-experts mechanics shared by every adapter: routing, expert banks, mix strategies, kernels."""
 
-from comoe.moe.experts import STRATEGIES, down_project, expert_gram, mix
+from comoe.moe.banks import BANKS, ExpertBank, LoraExperts, get_bank, register_bank
+from comoe.moe.experts import STRATEGIES, MixStrategy, expert_gram, mix, register_strategy
 from comoe.moe.routing import Router, Routing, route
 
-__all__ = ["STRATEGIES", "Router", "Routing", "down_project", "expert_gram", "mix", "route"]
+__all__ = [
+    "BANKS",
+    "STRATEGIES",
+    "ExpertBank",
+    "LoraExperts",
+    "MixStrategy",
+    "Router",
+    "Routing",
+    "expert_gram",
+    "get_bank",
+    "mix",
+    "register_bank",
+    "register_strategy",
+    "route",
+]

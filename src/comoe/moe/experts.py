@@ -9,13 +9,17 @@ contrastive objectives need all of them anyway). The up-projection then has two 
 - grouped: sort (token, expert) pairs by expert, gather their r-wide z rows, one grouped matmul
   (comoe.moe.kernels, the kernel boundary), scatter-add back to tokens. FLOPs proportional to k, not n.
 
-Every strategy has the same signature and is registered in STRATEGIES; `mix()` is the one entry point the
-layer calls, so a new strategy is one function and one registry entry.
+The strategy boundary is `mix(z, routing, B, scaling)`: everything from the routing decision to the
+per-token output (gather, GEMMs, gating, scatter) is inside one strategy, so a fused kernel for a device
+(ScatterMoE's gather+GEMM+scatter) is one more strategy. Strategies are registered in STRATEGIES with a
+preference per device and shape; `expert_compute='auto'` takes the registered strategy that prefers the
+shape most on the tensors' device (see choose_strategy). A new strategy is one `register_strategy` call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -26,12 +30,6 @@ from comoe.moe.routing import Routing, sort_by_expert
 # On a GPU blocks won at every measured shape up to n = 16 (H100, bf16, docs/performance.md): the GEMMs
 # are too small to be compute-bound, and the sort/gather/scatter kernels cost more than the saved FLOPs.
 BLOCKS_MAX_EXPERT_RATIO = 4
-
-
-def down_project(x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """z[t, i] = A_i x_t for all experts: [T, d_in] x [n, r, d_in] -> [T, n, r]."""
-    n, r, d_in = lora_A.shape
-    return (x @ lora_A.reshape(n * r, d_in).t()).view(-1, n, r)
 
 
 def expert_gram(lora_B: torch.Tensor) -> torch.Tensor:
@@ -58,18 +56,73 @@ def mix_grouped(z: torch.Tensor, routing: Routing, lora_B: torch.Tensor, scaling
     return z.new_zeros(z.shape[0], d_out).index_add(0, pairs.tokens, out_pairs)
 
 
-MixStrategy = Callable[[torch.Tensor, Routing, torch.Tensor, float], torch.Tensor]
-STRATEGIES: dict[str, MixStrategy] = {"blocks": mix_blocks, "grouped": mix_grouped}
+MixFunction = Callable[[torch.Tensor, Routing, torch.Tensor, float], torch.Tensor]
+# (device type, number of experts, active experts per token) -> how much this strategy suits the shape
+# there: the highest positive score wins under 'auto'; 0 or less: never chosen by 'auto' on that device.
+Preference = Callable[[str, int, int], float]
+
+
+@dataclass(frozen=True)
+class MixStrategy:
+    """A way to compute `sum_{i active} gate_i * scaling * B_i z_i` per token.
+
+    `mix(z [T, n, r], routing, lora_B [n, r, d_out], scaling) -> [T, d_out]`, exact (tested against the
+    dense reference in tests/moe/test_experts.py); `preference` says where `auto` should pick it.
+    """
+
+    name: str
+    mix: MixFunction
+    preference: Preference
+
+
+def _blocks_preference(device_type: str, num_experts: int, active: int) -> float:
+    # On a GPU blocks won at every measured shape up to n = 16 (H100, bf16, docs/performance.md).
+    if device_type == "cuda":
+        return 2.0
+    return 2.0 if num_experts / active <= BLOCKS_MAX_EXPERT_RATIO else 1.0
+
+
+def _grouped_preference(device_type: str, num_experts: int, active: int) -> float:
+    if device_type == "cuda":
+        return 1.0
+    return 1.5 if num_experts / active > BLOCKS_MAX_EXPERT_RATIO else 0.5
+
+
+STRATEGIES: dict[str, MixStrategy] = {}
+
+
+def register_strategy(strategy: MixStrategy) -> MixStrategy:
+    """Add (or replace) an expert compute strategy under its name; returns it."""
+    if strategy.name == "auto":
+        raise ValueError("'auto' names the choice among strategies, not a strategy")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove a registered strategy (tests register toy ones)."""
+    STRATEGIES.pop(name, None)
+
+
+register_strategy(MixStrategy("blocks", mix_blocks, _blocks_preference))
+register_strategy(MixStrategy("grouped", mix_grouped, _grouped_preference))
 
 
 def choose_strategy(strategy: str, num_experts: int, active: int, device_type: str = "cpu") -> str:
-    """'auto' resolved: on CPU blocks while n/k <= BLOCKS_MAX_EXPERT_RATIO, grouped beyond; on CUDA
+    """The strategy to run: `strategy` itself if registered (ValueError listing them if not), or for
+    'auto' the registered strategy with the highest preference for this device and shape (ties: the first
+    registered). On CPU that is blocks while n/k <= BLOCKS_MAX_EXPERT_RATIO and grouped beyond; on CUDA
     blocks."""
     if strategy != "auto":
+        if strategy not in STRATEGIES:
+            names = ", ".join(["auto", *STRATEGIES])
+            raise ValueError(f"expert_compute={strategy!r} is not a registered strategy; valid: {names}")
         return strategy
-    if device_type == "cuda":
-        return "blocks"
-    return "blocks" if num_experts / active <= BLOCKS_MAX_EXPERT_RATIO else "grouped"
+    scores = {name: s.preference(device_type, num_experts, active) for name, s in STRATEGIES.items()}
+    best = max(scores, key=scores.__getitem__)
+    if scores[best] <= 0:
+        raise ValueError(f"expert_compute='auto': no registered strategy runs on {device_type!r}")
+    return best
 
 
 def mix(
@@ -77,4 +130,4 @@ def mix(
 ) -> torch.Tensor:
     """sum over active experts of gate * scaling * B_i z_i per token ([T, n, r] -> [T, d_out])."""
     name = choose_strategy(strategy, lora_B.shape[0], routing.indices.shape[1], z.device.type)
-    return STRATEGIES[name](z, routing, lora_B, scaling)
+    return STRATEGIES[name].mix(z, routing, lora_B, scaling)

@@ -1,97 +1,85 @@
-"""The auxiliary losses of a forward, from the LayerRecords the adapted layers left behind.
+"""The auxiliary losses of a forward: every active objective (registry.py) on every adapted layer's record.
 
-Contrastive objectives are registered by name in CONTRASTIVE_OBJECTIVES (the names ComoeConfig.contrastive
-accepts): each turns one layer's record into a scalar loss, through the Gram-matrix cosines of
-comoe.objectives.gram and the InfoNCE tails of the reference definitions, so the fast path and the
-reference share everything but the cosines. A new objective is one function and one registry entry.
+Each component is the mean over adapted layers of the objective's per-layer loss (each a mean over real
+tokens); its weighted value is weight * mean. `balance` and `contrastive` are always reported (zero when
+off), other components when active.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from comoe.config import ComoeConfig
-from comoe.moe.experts import expert_gram
 from comoe.moe.record import LayerRecord
-from comoe.objectives.gram import anchor_cosines, item_cosines
-from comoe.objectives.reference import (
-    comoe_loss_from_anchor_cosines,
-    load_balance_loss,
-    sample_contrastive_tokens,
-    supcon_loss,
-)
+
+# The built-in objectives register themselves on import.
+from comoe.objectives import balance as _balance  # noqa: F401
+from comoe.objectives import contrastive as _contrastive  # noqa: F401
+from comoe.objectives.registry import Objective, get_objective
+
+ALWAYS_REPORTED = ("balance", "contrastive")
 
 
-def _gram(record: LayerRecord) -> torch.Tensor:
-    return record.gram if record.gram is not None else expert_gram(record.lora_B)
+def active_objectives(config: ComoeConfig) -> dict[str, tuple[Objective, float]]:
+    """The config's objectives with positive weight, by name: (objective, weight). ValueError for an
+    unregistered name or two active objectives of one component."""
+    active: dict[str, tuple[Objective, float]] = {}
+    components: dict[str, str] = {}
+    for name, weight in config.objective_weights.items():
+        objective = get_objective(name)
+        if objective.component in components:
+            raise ValueError(
+                f"objectives {components[objective.component]!r} and {name!r} both report as "
+                f"{objective.component!r}: activate one of them"
+            )
+        components[objective.component] = name
+        active[name] = (objective, weight)
+    return active
 
 
-def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
-    """CoMoE InfoNCE: activated experts are each other's positives, inactive ones the negatives."""
-    indices = record.routing.indices
-    rows = anchor_cosines(record.z, indices, _gram(record), record.norm_floor)
-    return comoe_loss_from_anchor_cosines(
-        rows,
-        indices,
-        config.temperature,
-        config.anchor,
-        record.mask,
-        num_negatives=config.num_negatives,
-        check=False,  # the router's topk: in range and distinct by construction
-    )
+def requirements(config: ComoeConfig) -> frozenset[str]:
+    """What the active objectives need the layers to keep (REQUIREMENTS entries)."""
+    needs: set[str] = set()
+    for objective, _ in active_objectives(config).values():
+        needs |= objective.needs
+    if config.contrastive_norm_floor <= 0:
+        needs.discard("norm_floor")
+    return frozenset(needs)
 
 
-def moelora_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
-    """MoELoRA: supervised contrastive loss over sampled (token, expert) outputs, labelled by expert."""
-    indices = record.routing.indices
-    tokens, topk = sample_contrastive_tokens(indices, record.mask, config.contrastive_max_tokens, None)
-    experts = topk.flatten()
-    item_tokens = tokens.repeat_interleave(topk.shape[1])
-    floor = None if record.norm_floor is None else record.norm_floor[item_tokens]
-    cosines = item_cosines(record.z[item_tokens, experts], experts, _gram(record), floor)
-    return supcon_loss(cosines, experts, config.temperature)
+@dataclass
+class AuxiliaryLosses:
+    """Per component: `values` the unweighted layer means (for logging), `weighted` weight * value (what
+    the total loss adds); both scalar tensors with gradients."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    weighted: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """The weighted sum that enters the training loss (a zero tensor when nothing is active)."""
+        return sum(self.weighted.values(), torch.zeros(()))
 
 
-Objective = Callable[[LayerRecord, ComoeConfig], torch.Tensor]
-CONTRASTIVE_OBJECTIVES: dict[str, Objective] = {"comoe": comoe_objective, "moelora": moelora_objective}
-
-
-def contrastive_loss(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
-    """The configured contrastive objective of one layer."""
-    return CONTRASTIVE_OBJECTIVES[config.contrastive](record, config)
-
-
-def global_expert_fraction(record: LayerRecord) -> torch.Tensor | None:
-    """f_i of the balance loss counted over every process's tokens (None with one process).
-
-    Only the counts are shared: the gradient flows through each process's own mean probabilities, and the
-    trainer's per-token weighting of the auxiliary loss then gives exactly the one-process gradient.
-    """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    routing = record.routing
-    indices = routing.indices if record.mask is None else routing.indices[record.mask]
-    counts = torch.bincount(indices.reshape(-1), minlength=routing.num_experts).double()
-    dist.all_reduce(counts)
-    return (counts / counts.sum().clamp_min(1)).to(routing.probs.dtype)
-
-
-def balance_loss(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
-    """Switch load balancing of one layer, with expert load counted locally or over all processes."""
-    fraction = global_expert_fraction(record) if config.balance_scope == "global" else None
-    return load_balance_loss(record.routing.probs, record.routing.indices, record.mask, fraction)
+def compute_auxiliary_losses(records: list[LayerRecord], config: ComoeConfig) -> AuxiliaryLosses:
+    """Every active objective of `config` over the layers' records."""
+    zero = torch.zeros((), device=records[0].z.device) if records else torch.zeros(())
+    result = AuxiliaryLosses(dict.fromkeys(ALWAYS_REPORTED, zero), dict.fromkeys(ALWAYS_REPORTED, zero))
+    for objective, weight in active_objectives(config).values():
+        per_layer = [objective.loss(record, config) for record in records]
+        value = torch.stack(per_layer).mean() if per_layer else zero
+        result.values[objective.component] = value
+        result.weighted[objective.component] = weight * value
+    return result
 
 
 def auxiliary_losses(records: list[LayerRecord], config: ComoeConfig) -> dict[str, torch.Tensor]:
-    """Balance and contrastive losses, each the mean over adapted layers (zero when turned off)."""
-    balance = [balance_loss(r, config) for r in records] if config.balance_weight > 0 else []
-    wants_contrastive = config.contrastive != "none" and config.contrastive_weight > 0
-    contrastive = [contrastive_loss(r, config) for r in records] if wants_contrastive else []
-    zero = torch.zeros((), device=records[0].z.device) if records else torch.zeros(())
-    return {
-        "balance": torch.stack(balance).mean() if balance else zero,
-        "contrastive": torch.stack(contrastive).mean() if contrastive else zero,
-    }
+    """The unweighted component values of `compute_auxiliary_losses` (balance and contrastive always)."""
+    return compute_auxiliary_losses(records, config).values
+
+
+def contrastive_loss(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
+    """The configured contrastive objective (`config.contrastive`) of one layer."""
+    return get_objective(config.contrastive).loss(record, config)

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from comoe.objectives.reference import NORMALIZE_EPS
-
-
-def floored_norms(squared: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
-    """max(|x|, eps, floor) from squared norms, as normalize_with_floor takes it (floor broadcasts)."""
-    norms = squared.clamp_min(NORMALIZE_EPS**2).sqrt()
-    return norms if floor is None else torch.maximum(norms, floor.to(norms.dtype))
+from comoe.objectives.cosine import floored_norms
 
 
 def cosines_from_dots(dots: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:

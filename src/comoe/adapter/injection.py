@@ -1,0 +1,118 @@
+"""Injection: which modules of a model become ComoeLinear layers (and trained copies), putting them in and
+taking them out, and the adapter's tensor names and shapes -- known before anything is built.
+
+The targets are PEFT's (`target_modules`, `layers_to_transform`, `modules_to_save`: adapter/targeting.py);
+the experts' parameter names and shapes come from the configured expert bank (comoe.moe.banks), so the
+shapes a saved file must have are known without allocating an expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from comoe.adapter.layer import ComoeContext, ComoeLinear, layer_features
+from comoe.adapter.saved import TrainedCopy
+from comoe.adapter.streams import layer_streams
+from comoe.adapter.targeting import find_target_linears, matches, resolve_targets, set_submodule
+from comoe.config import ComoeConfig
+from comoe.moe.banks import get_bank
+
+ROUTER_WEIGHT = "router.weight"  # each adapted layer's router, under its module path
+
+
+@dataclass
+class Injection:
+    """What `inject` put into a model: the adapted layers and the trained copies, by module path."""
+
+    config: ComoeConfig  # with the default targets of the model's family resolved
+    layers: dict[str, ComoeLinear]
+    saved: dict[str, TrainedCopy]
+
+
+def inject(model: nn.Module, config: ComoeConfig, context: ComoeContext) -> Injection:
+    """Freeze `model` and replace the linears `config` targets by ComoeLinear layers (each told its token
+    stream) and the modules_to_save by trained copies; ValueError naming targets that match nothing."""
+    config = resolve_targets(model, config)
+    targets = find_target_linears(model, config)
+    saved = modules_to_save(model, config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    streams = layer_streams(model, list(targets))
+    layers = {
+        name: ComoeLinear(linear, config, context, streams[name]) for name, linear in targets.items()
+    }
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+    copies = {name: TrainedCopy(module, context) for name, module in saved.items()}
+    for name, copy_ in copies.items():
+        set_submodule(model, name, copy_)
+    return Injection(config, layers, copies)
+
+
+def eject(model: nn.Module, injection: Injection) -> nn.Module:
+    """Put the original layers (and modules_to_save originals) back; returns `model`, untouched."""
+    for name, layer in injection.layers.items():
+        set_submodule(model, name, layer.base_layer)
+    for name, copy_ in injection.saved.items():
+        set_submodule(model, name, copy_.original_module)
+    return model
+
+
+def adapter_shapes(targets: dict[str, nn.Module], config: ComoeConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the experts and routers for these target layers, without building anything."""
+    bank = get_bank(config.expert_bank)
+    n, r = config.num_experts, config.r
+    shapes = {}
+    for name, linear in targets.items():
+        d_in, d_out = layer_features(linear)
+        for key, shape in bank.shapes(n, r, d_in, d_out).items():
+            shapes[f"{name}.{key}"] = shape
+        shapes[f"{name}.{ROUTER_WEIGHT}"] = (n, d_in)
+    return shapes
+
+
+def modules_to_save(model: nn.Module, config: ComoeConfig) -> dict[str, nn.Module]:
+    """The modules config.modules_to_save names (outermost matches), an error naming any that match none."""
+    if not config.modules_to_save:
+        return {}
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer in found)
+        if name and not inside and matches(name, config.modules_to_save):
+            found[name] = module
+    unmatched = [t for t in config.modules_to_save if not any(matches(n, [t]) for n in found)]
+    if unmatched:
+        raise ValueError(f"modules_to_save: {unmatched} match no module of this {type(model).__name__}")
+    return found
+
+
+def saved_shapes(saved: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the modules_to_save copies' parameters in the adapter file."""
+    return {
+        f"{name}.trained_module.{key}": tuple(param.shape)
+        for name, module in saved.items()
+        for key, param in module.named_parameters()
+    }
+
+
+def expected_shapes(model: nn.Module, config: ComoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape an adapter file of `config` must hold for `model` (not yet wrapped)."""
+    config = resolve_targets(model, config)
+    shapes = adapter_shapes(find_target_linears(model, config), config)
+    shapes.update(saved_shapes(modules_to_save(model, config)))
+    return shapes
+
+
+def adapter_tensors(injection: Injection) -> dict[str, nn.Parameter]:
+    """The adapter's parameters by file key: each layer's bank parameters and router, the trained copies."""
+    state = {}
+    for name, layer in injection.layers.items():
+        for key in layer.bank.shapes(layer.num_experts, layer.r, layer.in_features, layer.out_features):
+            state[f"{name}.{key}"] = getattr(layer, key)
+        state[f"{name}.{ROUTER_WEIGHT}"] = layer.router.weight
+    for name, copy_ in injection.saved.items():
+        for key, param in copy_.trained_module.named_parameters():
+            state[f"{name}.trained_module.{key}"] = param
+    return state

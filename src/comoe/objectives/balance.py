@@ -1,0 +1,86 @@
+"""Switch load balancing: the fast path of the `balance` objective, and its registration.
+
+The loss of one layer is ``n * sum_i f_i * P_i`` over real tokens (Fedus et al. 2021, eq. 4), with expert
+load ``f`` counted on this process (``balance_scope='local'``) or over all processes (``'global'``).
+Invalid tokens are weighted out rather than indexed out: no host synchronisation on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from comoe.config import ComoeConfig
+from comoe.moe.record import LayerRecord
+from comoe.objectives.infonce import check_topk, valid_mask, zero_with_grad
+from comoe.objectives.registry import Objective, register_objective
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Half types in float32, so the loss is not limited by fp16/bf16 rounding."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def load_balance_loss(
+    router_probs: Tensor, topk_indices: Tensor, mask: Tensor | None = None, fraction: Tensor | None = None
+) -> Tensor:
+    """Switch-Transformer auxiliary loss ``n * sum_i f_i * P_i`` (equals 1 under uniform routing).
+
+    ``f_i`` is the fraction of the ``valid_tokens * k`` routing assignments that go to expert ``i`` (a
+    count, so it carries no gradient); ``P_i`` is the mean router probability of expert ``i`` over valid
+    tokens, through which the gradient flows.  Minimised when both are uniform. ``fraction`` replaces f
+    (e.g. counted over the global batch of several processes).
+
+    Shapes: ``router_probs`` [T, n], ``topk_indices`` [T, k], ``mask`` [T] bool, ``fraction`` [n]; returns a
+    scalar. Source: Fedus et al. 2021 (Switch Transformer), eq. 4; MoELoRA (arXiv 2402.12851) and MixLoRA
+    use it. Tested against the plain definition in ``comoe.objectives.reference``.
+    """
+    if router_probs.dim() != 2:
+        raise ValueError(f"router_probs must have shape (T, n), got {tuple(router_probs.shape)}")
+    num_tokens, num_experts = router_probs.shape
+    k = check_topk(topk_indices, num_tokens, num_experts)
+    # Invalid tokens are weighted out rather than indexed out: no host synchronisation on a GPU.
+    probs = _upcast(router_probs)
+    weights = valid_mask(mask, num_tokens, router_probs.device).to(probs.dtype)
+    count = weights.sum()
+    if k == 0:
+        return zero_with_grad(probs)
+    if fraction is None:
+        topk = topk_indices.to(router_probs.device).clamp(0, num_experts - 1)  # padding may hold any index
+        assigned = (F.one_hot(topk, num_experts).to(probs.dtype) * weights[:, None, None]).sum(dim=(0, 1))
+        fraction = assigned / (count * k).clamp_min(1)
+    mean_prob = (probs * weights.unsqueeze(1)).sum(dim=0) / count.clamp_min(1)
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def global_expert_fraction(record: LayerRecord) -> Tensor | None:
+    """f_i of the balance loss counted over every process's tokens (None with one process).
+
+    Only the counts are shared: the gradient flows through each process's own mean probabilities, and the
+    trainer's per-token weighting of the auxiliary loss then gives exactly the one-process gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    routing = record.routing
+    indices = routing.indices if record.mask is None else routing.indices[record.mask]
+    counts = torch.bincount(indices.reshape(-1), minlength=routing.num_experts).double()
+    dist.all_reduce(counts)
+    return (counts / counts.sum().clamp_min(1)).to(routing.probs.dtype)
+
+
+def balance_loss(record: LayerRecord, config: ComoeConfig) -> Tensor:
+    """Switch load balancing of one layer, with expert load counted locally or over all processes."""
+    fraction = global_expert_fraction(record) if config.balance_scope == "global" else None
+    return load_balance_loss(record.routing.probs, record.routing.indices, record.mask, fraction)
+
+
+BALANCE = register_objective(
+    Objective(
+        "balance",
+        balance_loss,
+        component="balance",
+        description="Switch load balancing n * sum_i f_i P_i (weight: balance_weight)",
+    )
+)
