@@ -184,3 +184,18 @@ def assert_auxiliary_gradient(trainer, model) -> None:
     without = gradient(task, retain=True)
     torch.testing.assert_close(got, gradient(task + aux), rtol=1e-4, atol=1e-7)
     assert (got - without).norm() > 1e-3 * without.norm()
+
+def count_config_reads(monkeypatch) -> list[Path]:
+    """Every adapter_config.json that comoe.adapter.folder reads from now on (the test's monkeypatch undoes
+    the counting)."""
+    import comoe.adapter.folder as folder
+
+    reads: list[Path] = []
+    real = folder.read_json
+
+    def counting(path, missing):
+        reads.append(Path(path))
+        return real(path, missing)
+
+    monkeypatch.setattr(folder, "read_json", counting)
+    return reads

@@ -7,17 +7,22 @@ import os
 from peft import PeftModel
 from torch import nn
 
+from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.adapter.model import ComoeModel
-from comoe.adapter.serialization import adapter_kind
 
 
-def load_adapter(base: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """`base` wrapped with the adapter in `directory`, frozen and in eval mode."""
-    if adapter_kind(directory) == "comoe":
-        return ComoeModel.from_pretrained(base, directory)
+def load_adapter(
+    base: nn.Module, directory: AdapterFolder | str | os.PathLike, is_trainable: bool = False
+) -> nn.Module:
+    """`base` wrapped with the adapter in `directory` (a path, or the AdapterFolder read from it), frozen
+    and in eval mode unless `is_trainable`."""
+    folder = adapter_folder(directory)
+    if folder.kind == "comoe":
+        return ComoeModel.from_pretrained(base, folder, is_trainable=is_trainable)  # not read again
     try:
-        return PeftModel.from_pretrained(base, directory).eval()
+        model = PeftModel.from_pretrained(base, os.fspath(folder.path), is_trainable=is_trainable)
     except (RuntimeError, KeyError, ValueError) as error:  # size mismatches, modules the base lacks
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else repr(error))
-        raise ValueError(f"{directory}: this PEFT adapter does not fit the base model ({reason})") from None
+        raise ValueError(f"{folder.path}: this PEFT adapter does not fit the base model ({reason})") from None
+    return model if is_trainable else model.eval()

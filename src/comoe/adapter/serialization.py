@@ -1,9 +1,9 @@
-"""The adapter folder format: adapter_config.json + adapter_model.safetensors, written atomically.
+"""Writing the adapter folder (adapter_config.json + adapter_model.safetensors, atomically) and its tensors.
 
 The file names are PEFT's, so a folder reads like a PEFT adapter; `adapter_type: "comoe"` and
-`format_version` tell comoe's apart. Tensors are read from safetensors only (nothing is unpickled), and
-every way a folder can be wrong (missing file, bad JSON, unknown fields, weights of another model) is an
-error that names the file.
+`format_version` tell comoe's apart. Reading a folder's config is comoe.adapter.folder's (AdapterFolder),
+whose names are also importable from here. Tensors are read from safetensors only (nothing is unpickled),
+and a missing, truncated or corrupt weights file, or weights of another model, is an error that names it.
 """
 
 from __future__ import annotations
@@ -14,23 +14,47 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from comoe.adapter.folder import (  # the reading side, importable from here as before
+    ADAPTER_TYPE,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    PROVENANCE_KEYS,
+    WEIGHTS_NAME,
+    AdapterFolder,
+    adapter_kind,
+    base_model_of,
+    load_config,
+    read_config_json,
+)
 from comoe.config import ComoeConfig
-from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
+from comoe.files import atomic_save_safetensors, atomic_write_text
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
-ADAPTER_TYPE = "comoe"
-
-
-# Keys of adapter_config.json that describe the folder rather than configure the adapter.
-PROVENANCE_KEYS = ("base_model_name_or_path", "comoe_version")
+__all__ = [
+    "ADAPTER_TYPE",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "PROVENANCE_KEYS",
+    "WEIGHTS_NAME",
+    "AdapterFolder",
+    "adapter_kind",
+    "assign_weights",
+    "base_model_of",
+    "check_fits",
+    "comoe_version",
+    "full_tensor",
+    "load_config",
+    "load_weights_into",
+    "read_config_json",
+    "read_safetensors",
+    "save_config",
+    "save_weights",
+    "tensor_shapes",
+]
 
 
 def save_config(
@@ -42,63 +66,12 @@ def save_config(
     atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
 
-def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
-    """The raw adapter_config.json of a folder (comoe or PEFT), with a clear error when absent or broken."""
-    path = Path(directory) / CONFIG_NAME
-    values = read_json(path, "no adapter config here (is this an adapter folder?)")
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings")
-    return values
-
-
-def load_config(directory: str | os.PathLike) -> ComoeConfig:
-    """The ComoeConfig of a comoe adapter folder, every field validated."""
-    return _config_from_json(read_config_json(directory), Path(directory) / CONFIG_NAME)
-
-
-def _config_from_json(values: dict[str, Any], path: Path) -> ComoeConfig:
-    values = dict(values)
-    if values.pop("adapter_type", None) != ADAPTER_TYPE:
-        raise ValueError(f"{path}: not a comoe adapter config (adapter_type must be 'comoe')")
-    for key in PROVENANCE_KEYS:
-        values.pop(key, None)
-    version = values.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {version!r} is not supported (this comoe reads {FORMAT_VERSION})"
-        )
-    try:
-        return ComoeConfig.from_dict(values)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{path}: {error}") from None
-
-
 def comoe_version() -> str:
     """The installed comoe's version (from its package metadata)."""
     try:
         return importlib.metadata.version("comoe")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
-
-
-def base_model_of(directory: str | os.PathLike) -> str | None:
-    """The base model an adapter folder was trained on, as recorded in its adapter_config.json (comoe and
-    PEFT both write base_model_name_or_path), or None."""
-    value = read_config_json(directory).get("base_model_name_or_path")
-    return value if isinstance(value, str) and value else None
-
-
-def adapter_kind(directory: str | os.PathLike) -> str:
-    """'comoe' or 'peft' for an adapter folder, after checking that both files are there (and, for comoe,
-    that every config field is valid): cheap, so callers check before loading a base model."""
-    weights = Path(directory) / WEIGHTS_NAME
-    values = read_config_json(directory)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: adapter weights not found")
-    if values.get("adapter_type") == ADAPTER_TYPE:
-        _config_from_json(values, Path(directory) / CONFIG_NAME)  # validates every field
-        return "comoe"
-    return "peft"
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

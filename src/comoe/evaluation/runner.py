@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from comoe.adapter.auto import load_adapter
-from comoe.adapter.serialization import adapter_kind
+from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
 from comoe.data.record import trained_template
 from comoe.data.sources import load_data
@@ -60,19 +60,19 @@ def predict(
 
 
 def load_for_eval(
-    model_name: str, adapter: str | None, dtype: str = "float32", device: str = "auto"
+    model_name: str, adapter: AdapterFolder | str | None, dtype: str = "float32", device: str = "auto"
 ) -> tuple[nn.Module, Any]:
-    """The base model (in `dtype`, on `device`), with a comoe or PEFT adapter folder applied when given.
+    """The base model (in `dtype`, on `device`), with a comoe or PEFT adapter folder applied when given
+    (its path, or the AdapterFolder read from it).
 
-    The adapter folder and the device are checked before the (slower) base model is loaded, so a bad path
-    or a missing GPU fails fast.
+    The adapter folder (read once, here) and the device are checked before the (slower) base model is
+    loaded, so a bad path or a missing GPU fails fast.
     """
-    if adapter is not None:
-        adapter_kind(adapter)
+    folder = adapter_folder(adapter) if adapter is not None else None
     place = resolve_device(device)
     model, tokenizer = load_base(model_name, dtype=getattr(torch, dtype))
-    if adapter is not None:
-        model = load_adapter(model, adapter)
+    if folder is not None:
+        model = load_adapter(model, folder)
     return model.to(place), tokenizer
 
 

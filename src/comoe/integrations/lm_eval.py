@@ -28,7 +28,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from comoe.adapter.auto import load_adapter
-from comoe.adapter.serialization import adapter_kind, base_model_of
+from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
 from comoe.data.tasks import render_prompt
 from comoe.evaluation.scoring import choice_options, option_response
@@ -37,15 +37,18 @@ from comoe.models.loading import load_base
 
 @register_model("comoe")
 class ComoeLM(HFLM):
-    """lm-eval's Hugging Face model with a comoe (or PEFT) adapter folder applied."""
+    """lm-eval's Hugging Face model with a comoe (or PEFT) adapter folder applied: `adapter` is its path
+    (as --model_args give it) or the AdapterFolder read from it."""
 
-    def __init__(self, adapter: str, pretrained: str | None = None, **kwargs: Any) -> None:
-        adapter_kind(adapter)  # a bad folder fails before the base model is loaded
-        name = pretrained or base_model_of(adapter)
+    def __init__(self, adapter: AdapterFolder | str, pretrained: str | None = None, **kwargs: Any) -> None:
+        folder = adapter_folder(adapter)  # read once; a bad folder fails before the base model is loaded
+        name = pretrained or folder.base_model_name_or_path
         if name is None:
-            raise ValueError(f"{adapter}: the adapter does not record its base model; pass pretrained=...")
+            raise ValueError(
+                f"{folder.path}: the adapter does not record its base model; pass pretrained=..."
+            )
         base, tokenizer = load_base(name)
-        super().__init__(pretrained=load_adapter(base, adapter), tokenizer=tokenizer, **kwargs)
+        super().__init__(pretrained=load_adapter(base, folder), tokenizer=tokenizer, **kwargs)
 
 
 def write_choice_task(folder: str | Path, name: str, examples: list[Example], eos_token: str) -> Path:

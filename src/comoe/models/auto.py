@@ -7,8 +7,7 @@ import os
 from torch import nn
 
 from comoe.adapter.auto import load_adapter
-from comoe.adapter.model import ComoeModel
-from comoe.adapter.serialization import adapter_kind, base_model_of
+from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.models.loading import load_base
 
 
@@ -19,18 +18,20 @@ class AutoComoeModelForCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, base_model: str | None = None, is_trainable: bool = False
+        cls,
+        directory: AdapterFolder | str | os.PathLike,
+        base_model: str | None = None,
+        is_trainable: bool = False,
     ) -> nn.Module:
         """The adapted model, frozen and in eval mode unless `is_trainable`; `base_model` overrides the
-        recorded name (a moved or renamed base)."""
-        kind = adapter_kind(directory)
-        name = base_model or base_model_of(directory)
+        recorded name (a moved or renamed base). `directory` is a path or the AdapterFolder read from it;
+        the folder is checked before the base model is loaded."""
+        folder = adapter_folder(directory)
+        name = base_model or folder.base_model_name_or_path
         if name is None:
             raise ValueError(
-                f"{directory}: the adapter does not record its base model (base_model_name_or_path); "
+                f"{folder.path}: the adapter does not record its base model (base_model_name_or_path); "
                 "pass base_model=..."
             )
         base, _ = load_base(name)
-        if kind == "comoe":
-            return ComoeModel.from_pretrained(base, directory, is_trainable=is_trainable)
-        return load_adapter(base, directory)
+        return load_adapter(base, folder, is_trainable=is_trainable)
