@@ -46,7 +46,8 @@ from comoe.adapter.lora import matched_lora_config
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
 from comoe.data.collate import prompt_ids
-from comoe.data.tasks import load_examples, render_prompt
+from comoe.data.prompts import render_prompt
+from comoe.data.selection import load_examples
 from comoe.evaluation.generation import left_pad
 from comoe.evaluation.loglik import option_loglikelihoods
 from comoe.evaluation.scoring import choice_options

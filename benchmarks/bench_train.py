@@ -36,7 +36,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from comoe.adapter.lora import matched_lora_config
 from comoe.data.collate import encode_examples
-from comoe.data.tasks import load_examples
+from comoe.data.selection import load_examples
 from comoe.models.loading import load_base
 from comoe.training.loop import train
 from comoe.training.settings import TrainArgs

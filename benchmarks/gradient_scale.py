@@ -20,7 +20,7 @@ from common import save_results
 
 from comoe import ComoeConfig, get_comoe_model
 from comoe.data.collate import encode_examples, pad_batch
-from comoe.data.tasks import load_examples
+from comoe.data.selection import load_examples
 from comoe.models import load_base
 from comoe.training.loss import response_loss
 

@@ -24,7 +24,8 @@ from trl import SFTConfig, SFTTrainer
 
 from comoe.adapter.model import ComoeModel, get_comoe_model
 from comoe.config import ComoeConfig
-from comoe.data.tasks import load_examples, render_prompt
+from comoe.data.prompts import render_prompt
+from comoe.data.selection import load_examples
 from comoe.integrations.trl import ComoeSFTTrainer
 from comoe.models.loading import load_base
 

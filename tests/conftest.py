@@ -5,19 +5,8 @@ from pathlib import Path
 import pytest
 from transformers import LlamaForCausalLM
 
-from comoe.data.tasks import TASKS
 from comoe.models import load_base
 from tests.helpers import tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def task_registry():
-    """Tasks that a test's data registers (your own files) are gone after it: every test sees the
-    built-in registry."""
-    saved = dict(TASKS)
-    yield
-    TASKS.clear()
-    TASKS.update(saved)
 
 
 @pytest.fixture

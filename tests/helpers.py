@@ -3,6 +3,7 @@
 Fixtures live in conftest.py; plain functions and constants live here, so no test module imports another.
 """
 
+import json
 import os
 import random
 from pathlib import Path
@@ -16,6 +17,8 @@ from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.cli import main
 from comoe.config import ComoeConfig
 from comoe.data import Example
+from comoe.data.collate import IGNORE_INDEX, encode_examples
+from comoe.data.sources import examples_from_records
 from comoe.training.settings import TrainArgs
 
 # The sizes of every tiny test model (milliseconds per step); families add their own fields.
@@ -199,3 +202,36 @@ def count_config_reads(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(folder, "read_json", counting)
     return reads
+
+
+# ---- your own data: records, their tokenisation by a real tokenizer ---------------------------------------
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def encode_records(tokenizer, records: list[dict], **options) -> tuple[list[Example], list]:
+    """Records of task 'mytask' as Examples and as the token ids and labels training uses."""
+    examples = examples_from_records(records, "test", "mytask", **options)
+    items, _ = encode_examples(tokenizer, examples, cutoff=512)
+    return examples, items
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def learned_ids(item) -> list[int]:
+    """The token ids an encoded example learns (labels that are not ignored)."""
+    return [token for token in item.labels if token != IGNORE_INDEX]

@@ -142,6 +142,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 # ---- a settings group shared by `comoe train` and `comoe eval` --------------------------------------------
+# The names of the record formats in comoe.data.formats.RECORD_FORMATS and of the templates in
+# comoe.data.templates.TEMPLATE_NAMES, here because --help must not import the data layer;
+# tests/data/test_formats.py and tests/data/test_templates.py check that they agree.
 FORMAT_CHOICES = ("auto", "instruction", "prompt_completion", "messages")
 TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")
 

@@ -12,7 +12,7 @@ from comoe.adapter.auto import load_adapter
 from comoe.cli import main
 from comoe.data.collate import encode_examples
 from comoe.data.record import DATA_RECORD
-from comoe.data.sources import examples_from_records, register_tasks
+from comoe.data.sources import examples_from_records
 from comoe.evaluation.runner import eval_examples
 from comoe.evaluation.settings import EvalArgs
 from comoe.models import load_base
@@ -78,8 +78,7 @@ def test_validation_loss_every_eval_steps_and_the_best_adapter_kept(tmp_path, ti
     # The logged value is the per-token validation loss of the saved best adapter, recomputed here.
     model, tokenizer = load_base(str(tiny_model_dir))
     model = load_adapter(model, str(run / "best-adapter"))
-    examples, templates = examples_from_records(conversations(24), "chat", "chat")
-    register_tasks(examples, templates)
+    examples = examples_from_records(conversations(24), "chat", "chat")
     _, held = split_validation(examples, 0.25, seed=0)
     items, _ = encode_examples(tokenizer, held, 256)
     names = ["sum", "add"]

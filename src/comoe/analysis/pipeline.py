@@ -15,7 +15,7 @@ from comoe.analysis.plots import plot_summary
 from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.data.collate import encode_examples, pad_batch
-from comoe.data.tasks import task_index
+from comoe.data.example import task_index
 from comoe.evaluation.runner import eval_examples, load_for_eval
 from comoe.files import atomic_write_text
 

@@ -1,10 +1,14 @@
-"""Data: examples, the task registry (source, template, scoring), the LLM-Adapters files, built-in
-generators, prompt templates, and tokenisation/collation."""
+"""Data: examples (each carrying its template), the task registry (source, splits, scoring), the
+LLM-Adapters files, built-in generators, your own files and their record formats, example selection,
+prompt templates and rendering, and tokenisation/collation."""
 
 from comoe.data.builtin import BUILTIN_TASKS, builtin_examples
 from comoe.data.example import Example
+from comoe.data.formats import RECORD_FORMATS, RecordFormat, register_format
 from comoe.data.llm_adapters import COMMONSENSE_TASKS, MATH_TASKS, MATH_TRAIN, load_task
-from comoe.data.tasks import TASKS, Task, answer_kind, get_task, load_examples, register_task, render_prompt
+from comoe.data.prompts import render_prompt
+from comoe.data.selection import load_examples, select_examples
+from comoe.data.tasks import TASKS, Task, answer_kind, get_task, register_task
 from comoe.data.templates import format_prompt
 
 __all__ = [
@@ -12,8 +16,10 @@ __all__ = [
     "COMMONSENSE_TASKS",
     "MATH_TASKS",
     "MATH_TRAIN",
+    "RECORD_FORMATS",
     "TASKS",
     "Example",
+    "RecordFormat",
     "Task",
     "answer_kind",
     "builtin_examples",
@@ -21,6 +27,8 @@ __all__ = [
     "get_task",
     "load_examples",
     "load_task",
+    "register_format",
     "register_task",
     "render_prompt",
+    "select_examples",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from comoe.data.chat import Segments
 from comoe.data.example import Example
-from comoe.data.tasks import training_segments
+from comoe.data.prompts import training_segments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -91,7 +91,7 @@ def tokenize_segments(
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase, examples: list[Example], cutoff: int
 ) -> tuple[list[Tokenized], int]:
-    """Every example as its task's template renders it for training (prompt + reference response, or a
+    """Every example as its template renders it for training (prompt + reference response, or a
     conversation with its assistant turns learned); and how many were cut."""
     items = []
     for example in examples:

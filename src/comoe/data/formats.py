@@ -1,35 +1,149 @@
-"""Record formats of user data: which one a record is in, and the Example it becomes under a template.
+"""Record formats of user data: the registry of formats, which one a record is in, and the Example it
+becomes under a template.
 
-Three formats, as PEFT/TRL, MoE-PEFT and torchtune users keep their data:
+A format is one `RecordFormat` object in `RECORD_FORMATS`: its name, the fields that identify it, its
+response field, the template it trains with by default, and how a record becomes an Example. Three are
+built in, as PEFT/TRL, MoE-PEFT and torchtune users keep their data:
 - instruction: {instruction, input?, output, answer?} (Alpaca / LLM-Adapters);
 - prompt_completion: {prompt, completion} (TRL's prompt-completion datasets);
 - messages: {messages: [{role, content}, ...]} (conversations; roles system, user, assistant).
-Any record may also carry `task` (what per-task metrics and routing analysis group by), `answer` (the gold
-answer evaluation compares against; default: the response) and `choices` (a multiple-choice item's
-options, `answer` being one of them). Every check names the record and the field, since a user fixes a
-file by its line, not by a Python traceback.
+Any record may also carry the SHARED_FIELDS: `task` (what per-task metrics and routing analysis group by),
+`answer` (the gold answer evaluation compares against; default: the response) and `choices` (a
+multiple-choice item's options, `answer` being one of them). Every check names the record and the field,
+since a user fixes a file by its line, not by a Python traceback.
+
+Adding a format is one subclass of RecordFormat (its `content`) and one `register_format` entry below; the
+command line's --format choices (comoe.settings.FORMAT_CHOICES, pure Python) list the built-in names, and
+tests/data/test_formats.py checks that they agree.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from comoe.data.chat import ROLES
 from comoe.data.example import Example
-from comoe.data.templates import plain_prompt
+from comoe.data.templates import TEMPLATE_NAMES, plain_prompt
+from comoe.validation import check_choice
 
-FORMATS = ("instruction", "prompt_completion", "messages")
-# The fields that identify a format, all required (instruction records may add `input`).
-REQUIRED = {
-    "instruction": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "messages": ("messages",),
-}
-RESPONSES = ("output", "completion")  # optional when a record gives `answer` (evaluation items)
-# The template each format is trained with unless --template says otherwise: Alpaca for instruction
-# records (the papers' format), plain concatenation for prompt/completion, the chat template for messages.
-DEFAULT_TEMPLATE = {"instruction": "alpaca", "prompt_completion": "none", "messages": "chat"}
+SHARED_FIELDS = ("task", "answer", "choices")  # optional in every format, so they identify none
+
+Messages = tuple[tuple[str, str], ...]
+
+
+class Content(NamedTuple):
+    """What a record says, whatever its format: the instruction and input that text templates render,
+    the response, and the conversation the chat template renders."""
+
+    instruction: str
+    input: str
+    output: str
+    messages: Messages
+
+
+@dataclass(frozen=True)
+class RecordFormat(ABC):
+    """One record format. `required` fields must all be present (those not in SHARED_FIELDS identify the
+    format); `response` is the field that holds the response, which an evaluation record may leave out when
+    it gives `answer`; `default_template` renders its records under --template auto. A subclass reads a
+    record's `content`; `to_example` adds what every format shares (answer, choices, template)."""
+
+    name: str
+    required: tuple[str, ...]
+    default_template: str
+    response: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(f"format {self.name!r} default_template", self.default_template, TEMPLATE_NAMES)
+
+    @property
+    def identifying(self) -> tuple[str, ...]:
+        """The fields whose presence says a record is in this format."""
+        return tuple(key for key in self.required if key not in SHARED_FIELDS)
+
+    def accepts(self, template: str) -> bool:
+        """Whether records of this format can be rendered with `template` (any, unless a format says)."""
+        return template in TEMPLATE_NAMES
+
+    @abstractmethod
+    def content(self, record: dict[str, Any], template: str, where: str) -> Content:
+        """The record's instruction, input, response and conversation (checked field by field)."""
+
+    def to_example(self, record: dict[str, Any], template: str, task: str, where: str) -> Example:
+        """The Example a record becomes when trained with `template` ('alpaca', 'none' or 'chat'; under
+        'chat' it keeps the conversation, a one-turn one for formats without turns)."""
+        content = self.content(record, template, where)
+        answer = text_field(record, "answer", where, required=False) or content.output
+        return Example(
+            task,
+            content.instruction,
+            content.input,
+            content.output,
+            answer,
+            messages=content.messages if template == "chat" else (),
+            choices=_choices(record, answer, where),
+            template=template,
+        )
+
+
+class InstructionFormat(RecordFormat):
+    """{instruction, input?, output}: Alpaca / LLM-Adapters records (the chat template's user turn is the
+    instruction with its input)."""
+
+    def content(self, record: dict[str, Any], template: str, where: str) -> Content:
+        instruction = nonempty_field(record, "instruction", where)
+        source = text_field(record, "input", where, required=False)
+        output = response_field(record, "output", where)
+        return Content(
+            instruction, source, output, (("user", plain_prompt(instruction, source)), ("assistant", output))
+        )
+
+
+class PromptCompletionFormat(RecordFormat):
+    """{prompt, completion}: TRL's prompt-completion records."""
+
+    def content(self, record: dict[str, Any], template: str, where: str) -> Content:
+        prompt = nonempty_field(record, "prompt", where)
+        output = response_field(record, "completion", where)
+        return Content(prompt, "", output, (("user", prompt), ("assistant", output)))
+
+
+class MessagesFormat(RecordFormat):
+    """{messages: [{role, content}, ...]}: a conversation, whose last assistant turn is the response and
+    last user turn before it the instruction. Only the chat template renders it."""
+
+    def accepts(self, template: str) -> bool:
+        return template == "chat"
+
+    def content(self, record: dict[str, Any], template: str, where: str) -> Content:
+        if not self.accepts(template):
+            raise ValueError(
+                f"{where}: a messages record needs --template chat (got {template!r}): a conversation has "
+                "no Alpaca or plain form"
+            )
+        messages = parse_messages(record["messages"], where)
+        last_assistant = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
+        users = [content for role, content in messages[:last_assistant] if role == "user"]
+        return Content(users[-1] if users else "", "", messages[last_assistant][1], messages)
+
+
+RECORD_FORMATS: dict[str, RecordFormat] = {}
+
+
+def register_format(fmt: RecordFormat) -> RecordFormat:
+    """Add (or replace) a record format; returns it. Detection tries formats in registration order."""
+    RECORD_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+# The default templates: Alpaca for instruction records (the papers' format), plain concatenation for
+# prompt/completion, the chat template for conversations.
+register_format(InstructionFormat("instruction", ("instruction", "output"), "alpaca", response="output"))
+register_format(PromptCompletionFormat("prompt_completion", ("prompt", "completion"), "none", "completion"))
+register_format(MessagesFormat("messages", ("messages",), "chat"))
 
 
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
@@ -41,28 +155,31 @@ def answer_format_options(instruction: str) -> list[str] | None:
     return match.group(1).split("/") if match else None
 
 
-def record_format(record: Any, where: str) -> str:
+def record_format(record: Any, where: str) -> RecordFormat:
     """The format of one record, from the fields it fills (a field that is null counts as absent)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object with fields, got {type(record).__name__}")
     present = {key for key, value in record.items() if value is not None}
-    found = [name for name in FORMATS if any(key in present for key in REQUIRED[name])]
+    found = [fmt for fmt in RECORD_FORMATS.values() if any(key in present for key in fmt.identifying)]
     if len(found) != 1:
-        expected = "; ".join(f"{name}: {', '.join(REQUIRED[name])}" for name in FORMATS)
+        expected = "; ".join(f"{fmt.name}: {', '.join(fmt.required)}" for fmt in RECORD_FORMATS.values())
         has = ", ".join(sorted(present)) or "none"
         reason = "fields of several formats" if found else "no known format"
         raise ValueError(f"{where}: {reason} (fields: {has}); expected one of {expected}")
-    name = found[0]
+    fmt = found[0]
     # An evaluation item may give only its answer (with choices, or scored by match): it is the response.
     missing = [
-        key for key in REQUIRED[name] if key not in present and not (key in RESPONSES and "answer" in present)
+        key
+        for key in fmt.required
+        if key not in present and not (key == fmt.response and "answer" in present)
     ]
     if missing:
-        raise ValueError(f"{where}: the record lacks field(s) {missing} of the {name} format")
-    return name
+        raise ValueError(f"{where}: the record lacks field(s) {missing} of the {fmt.name} format")
+    return fmt
 
 
-def _text(record: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+def text_field(record: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    """A string field of a record ('' when absent and not required)."""
     value = record.get(key)
     if value is None:
         if required:
@@ -73,21 +190,22 @@ def _text(record: dict[str, Any], key: str, where: str, required: bool = True) -
     return value
 
 
-def _nonempty(record: dict[str, Any], key: str, where: str) -> str:
-    value = _text(record, key, where)
+def nonempty_field(record: dict[str, Any], key: str, where: str) -> str:
+    """A string field that must have more than whitespace."""
+    value = text_field(record, key, where)
     if not value.strip():
         raise ValueError(f"{where}: field {key!r} is empty")
     return value
 
 
-def _response(record: dict[str, Any], key: str, where: str) -> str:
+def response_field(record: dict[str, Any], key: str, where: str) -> str:
     """The response field, or the answer for an evaluation item that gives only that."""
     if record.get(key) is None and record.get("answer") is not None:
-        return _nonempty(record, "answer", where)
-    return _nonempty(record, key, where)
+        return nonempty_field(record, "answer", where)
+    return nonempty_field(record, key, where)
 
 
-def parse_messages(turns: Any, where: str, need_assistant: bool = True) -> tuple[tuple[str, str], ...]:
+def parse_messages(turns: Any, where: str, need_assistant: bool = True) -> Messages:
     """A conversation as (role, content) pairs, checked turn by turn (an assistant turn is required for
     training and scoring; a prompt to answer ends with the user's turn instead)."""
     if not isinstance(turns, list) or not turns:
@@ -97,10 +215,10 @@ def parse_messages(turns: Any, where: str, need_assistant: bool = True) -> tuple
         at = f"{where}: messages[{index}]"
         if not isinstance(turn, dict):
             raise ValueError(f"{at} must be an object with 'role' and 'content', got {type(turn).__name__}")
-        role = _text(turn, "role", at)
+        role = text_field(turn, "role", at)
         if role not in ROLES:
             raise ValueError(f"{at}: role {role!r} is invalid: expected one of {', '.join(ROLES)}")
-        content = _text(turn, "content", at)
+        content = text_field(turn, "content", at)
         if role == "assistant" and not content.strip():
             raise ValueError(f"{at}: the assistant turn is empty")
         messages.append((role, content))
@@ -130,41 +248,6 @@ def record_task(record: dict[str, Any], default: str, where: str) -> str:
     if not isinstance(task, str) or not task.strip():
         raise ValueError(f"{where}: field 'task' must be a non-empty string, got {task!r:.60}")
     return task
-
-
-def to_example(record: dict[str, Any], fmt: str, template: str, task: str, where: str) -> Example:
-    """The Example a record of format `fmt` becomes when trained with `template` ('alpaca', 'none' or
-    'chat'; instruction and prompt/completion records become a one-turn conversation under 'chat')."""
-    if fmt == "messages":
-        if template != "chat":
-            raise ValueError(
-                f"{where}: a messages record needs --template chat (got {template!r}): a conversation has "
-                "no Alpaca or plain form"
-            )
-        messages = parse_messages(record["messages"], where)
-        last_assistant = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
-        output = messages[last_assistant][1]
-        users = [content for role, content in messages[:last_assistant] if role == "user"]
-        instruction, source = (users[-1] if users else ""), ""
-    elif fmt == "instruction":
-        instruction = _nonempty(record, "instruction", where)
-        source = _text(record, "input", where, required=False)
-        output = _response(record, "output", where)
-        messages = (("user", plain_prompt(instruction, source)), ("assistant", output))
-    else:
-        instruction, source = _nonempty(record, "prompt", where), ""
-        output = _response(record, "completion", where)
-        messages = (("user", instruction), ("assistant", output))
-    answer = _text(record, "answer", where, required=False) or output
-    return Example(
-        task,
-        instruction,
-        source,
-        output,
-        answer,
-        messages=messages if template == "chat" else (),
-        choices=_choices(record, answer, where),
-    )
 
 
 def rename_columns(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:

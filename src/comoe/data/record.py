@@ -8,18 +8,20 @@ from collections import Counter
 from pathlib import Path
 
 from comoe.data.example import Example
-from comoe.data.tasks import get_task
 from comoe.files import atomic_write_text
 
 DATA_RECORD = "comoe_data.json"
 
 
 def write_data_record(folder: Path, examples: list[Example]) -> None:
-    """`comoe_data.json` in an adapter folder: each training task's example count and template, and the
-    template (when all tasks share one) that `comoe generate` and `comoe eval --data` then prompt with."""
+    """`comoe_data.json` in an adapter folder: each training task's example count and template (that of
+    its first example), and the template (when all examples share one) that `comoe generate` and `comoe
+    eval --data` then prompt with."""
     counts = Counter(e.task for e in examples)
-    templates = {task: get_task(task).template for task in counts}
-    shared = set(templates.values())
+    templates: dict[str, str] = {}
+    for example in examples:
+        templates.setdefault(example.task, example.template)
+    shared = {example.template for example in examples}
     record = {
         "template": shared.pop() if len(shared) == 1 else None,
         "tasks": {task: {"examples": n, "template": templates[task]} for task, n in counts.items()},

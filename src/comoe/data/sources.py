@@ -1,6 +1,6 @@
 """User data from files: `--data [name=]path` specs read with the `datasets` library, checked record by
-record, turned into Examples and registered as tasks (so evaluation scores them and analysis groups by
-them).
+record and turned into Examples that carry their template and how their answers are scored (so
+evaluation scores them and analysis groups them by their tasks, with no global state).
 
 Files: .json (a list of records), .jsonl, .parquet, .csv, or a folder written by `Dataset.save_to_disk`
 (a DatasetDict's split is chosen by the caller: train for training, test or validation for evaluation).
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from comoe.data.example import Example
+from comoe.data.example import Example, group_by_task
 from comoe.data.formats import (
-    DEFAULT_TEMPLATE,
-    FORMATS,
+    RECORD_FORMATS,
     answer_format_options,
     record_format,
     record_task,
     rename_columns,
-    to_example,
 )
-from comoe.data.tasks import Task, group_by_task, register_task
 from comoe.data.templates import TEMPLATE_NAMES
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -118,54 +115,58 @@ def examples_from_records(
     columns: dict[str, str] | None = None,
     task_field: bool = True,
     auto_template: str | None = None,
-) -> tuple[list[Example], dict[str, str]]:
-    """Examples from records of one format, and each task's template. `where` names the source in errors
-    ('<path>: record <i>: ...'); `fmt` 'auto' detects the format from the first record; the task is a
-    record's `task` field if it has one (and task_field is True), else `default_task`. Under template
-    'auto', records get their format's default template, or `auto_template` (e.g. the one an adapter was
-    trained with) where it applies: to any format for 'chat', to all but conversations otherwise."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {', '.join(FORMATS)}")
+) -> list[Example]:
+    """Examples from records of one format, each with its template and its task's scoring. `where` names
+    the source in errors ('<path>: record <i>: ...'); `fmt` 'auto' detects the format from the first
+    record; the task is a record's `task` field if it has one (and task_field is True), else
+    `default_task`. Under template 'auto', records get their format's default template, or `auto_template`
+    (e.g. the one an adapter was trained with) where the format accepts it (conversations: only 'chat')."""
+    if fmt != "auto" and fmt not in RECORD_FORMATS:
+        raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {', '.join(RECORD_FORMATS)}")
     if template != "auto" and template not in TEMPLATE_NAMES:
         names = ", ".join(TEMPLATE_NAMES)
         raise ValueError(f"template={template!r} is invalid: expected auto or one of {names}")
-    examples, templates = [], {}
+    examples = []
     first: str | None = None if fmt == "auto" else fmt
     for index, raw in enumerate(records):
         at = f"{where}: record {index}"
         record = rename_columns(raw, columns or {}) if isinstance(raw, dict) else raw
         found = record_format(record, at)
         if first is None:
-            first = found
-        if found != first:
+            first = found.name
+        if found.name != first:
             origin = "--format" if fmt != "auto" else "record 0"
-            raise ValueError(f"{at} is a {found} record but {origin} says {first}: one format per source")
+            raise ValueError(
+                f"{at} is a {found.name} record but {origin} says {first}: one format per source"
+            )
         chosen = template
         if template == "auto":
-            fits = auto_template == "chat" or (auto_template is not None and found != "messages")
-            chosen = auto_template if fits else DEFAULT_TEMPLATE[found]
+            fits = auto_template is not None and found.accepts(auto_template)
+            chosen = auto_template if fits else found.default_template
         task = record_task(record, default_task, at) if task_field else default_task
-        examples.append(to_example(record, found, chosen, task, at))
-        templates.setdefault(task, chosen)
+        examples.append(found.to_example(record, chosen, task, at))
     if not examples:
         raise ValueError(f"{where}: no records")
-    return examples, templates
+    return with_scoring(examples)
 
 
-def register_tasks(examples: list[Example], templates: dict[str, str]) -> None:
-    """Register each task of user data with its template and how its answers are scored: 'choice' when every
-    item has choices (or, LLM-Adapters style, an 'Answer format: a/b' line naming its answer), 'number'
-    when every answer is a number, otherwise normalised exact match."""
+def answer_scoring(examples: list[Example]) -> str:
+    """How a task of user data is scored, from its examples: 'choice' when every item has choices (or,
+    LLM-Adapters style, an 'Answer format: a/b' line naming its answer), 'number' when every answer is a
+    number, otherwise normalised exact match."""
+    if all(e.choices or e.answer in (answer_format_options(e.instruction) or ()) for e in examples):
+        return "choice"
+    if all(_NUMBER.match(e.answer) for e in examples):
+        return "number"
+    return "exact"
+
+
+def with_scoring(examples: list[Example]) -> list[Example]:
+    """The examples of one source, each carrying its task's scoring (answer_scoring over the task's
+    examples in this source)."""
     groups = group_by_task(examples)
-    for task, template in templates.items():
-        answers = [examples[i] for i in groups[task]]
-        if all(e.choices or e.answer in (answer_format_options(e.instruction) or ()) for e in answers):
-            scoring = "choice"
-        elif all(_NUMBER.match(e.answer) for e in answers):
-            scoring = "number"
-        else:
-            scoring = "exact"
-        register_task(Task(task, "file", scoring, template))
+    scoring = {task: answer_scoring([examples[i] for i in indices]) for task, indices in groups.items()}
+    return [replace(example, scoring=scoring[example.task]) for example in examples]
 
 
 def load_data(
@@ -177,13 +178,13 @@ def load_data(
     flag: str = "--data",
     auto_template: str | None = None,
 ) -> list[Example]:
-    """The examples of every --data spec, in order, their tasks registered (auto_template: see
+    """The examples of every --data spec, in order, each with its template and scoring (auto_template: see
     examples_from_records)."""
     examples: list[Example] = []
     for text in specs:
         spec = DataSpec.parse(text)
         records = read_records(spec.path, split, flag)
-        found, templates = examples_from_records(  # name=path names every record's task
+        examples += examples_from_records(  # name=path names every record's task
             records,
             str(spec.path),
             spec.default_task,
@@ -193,6 +194,4 @@ def load_data(
             task_field=spec.name is None,
             auto_template=auto_template,
         )
-        register_tasks(found, templates)
-        examples += found
     return examples

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
-from comoe.data.tasks import render_prompt
+from comoe.data.prompts import render_prompt
 from comoe.evaluation.loglik import context_length
 
 

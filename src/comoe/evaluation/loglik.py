@@ -20,7 +20,7 @@ from transformers import GenerationMixin
 
 from comoe.data.collate import IGNORE_INDEX, pad_batch, prompt_ids, tokenize_example
 from comoe.data.example import Example
-from comoe.data.tasks import render_prompt
+from comoe.data.prompts import render_prompt
 from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.head import head_logits, response_logits
 

@@ -11,13 +11,12 @@ from typing import Any
 from comoe.data.example import Example
 from comoe.data.formats import parse_messages
 from comoe.data.record import trained_template
-from comoe.data.tasks import Task, register_task
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.runner import load_for_eval
 from comoe.evaluation.settings import GenerateArgs
 from comoe.files import atomic_write_text
 
-PROMPT_TASK = "prompt"  # the task the prompts are registered under (it carries the template)
+PROMPT_TASK = "prompt"  # the task the prompts are tagged with
 
 
 def read_prompts(args: GenerateArgs) -> list[Any]:
@@ -56,12 +55,13 @@ def read_prompts(args: GenerateArgs) -> list[Any]:
 
 
 def prompt_example(prompt: Any, template: str) -> Example:
-    """A prompt as an example of the prompt task (a conversation needs the chat template)."""
+    """A prompt as an example of the prompt task, rendered with `template` (a conversation needs the chat
+    template)."""
     if isinstance(prompt, tuple):
         if template != "chat":
             raise ValueError(f"a messages prompt needs --template chat (got {template!r})")
-        return Example(PROMPT_TASK, prompt[-1][1], "", "", "", messages=prompt)
-    return Example(PROMPT_TASK, prompt, "", "", "", messages=(("user", prompt),))
+        return Example(PROMPT_TASK, prompt[-1][1], "", "", "", messages=prompt, template=template)
+    return Example(PROMPT_TASK, prompt, "", "", "", messages=(("user", prompt),), template=template)
 
 
 def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
@@ -70,7 +70,6 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     template = args.template
     if template == "auto":
         template = (trained_template(args.adapter) if args.adapter else None) or "none"
-    register_task(Task(PROMPT_TASK, "file", "exact", template))
     examples = [prompt_example(prompt, template) for prompt in prompts]
     model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
     texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)

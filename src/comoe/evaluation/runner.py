@@ -16,8 +16,8 @@ from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
 from comoe.data.record import trained_template
-from comoe.data.sources import load_data
-from comoe.data.tasks import answer_kind, load_examples, sample_per_task
+from comoe.data.selection import SourceSettings, select_examples
+from comoe.data.tasks import scoring_of
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.loglik import option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
@@ -37,7 +37,7 @@ def predict(
 ) -> list[Prediction]:
     """Score every example: 'loglik' for choice tasks (others always generate), or 'generate'."""
     predictions: list[Prediction | None] = [None] * len(examples)
-    scored = [i for i, e in enumerate(examples) if mode == "loglik" and answer_kind(e.task) == "choice"]
+    scored = [i for i, e in enumerate(examples) if mode == "loglik" and scoring_of(e) == "choice"]
     generated = sorted(set(range(len(examples))) - set(scored))
     if scored:
         chosen = [examples[i] for i in scored]
@@ -51,7 +51,7 @@ def predict(
         chosen = [examples[i] for i in generated]
         texts, cut = generate_responses(model, tokenizer, chosen, batch_size, max_new_tokens)
         for i, example, text, truncated in zip(generated, chosen, texts, cut, strict=True):
-            kind = answer_kind(example.task)
+            kind = scoring_of(example)
             options = choice_options(example) if kind == "choice" else None
             guess = extract_answer(kind, text, options)
             correct = is_correct(kind, guess, example.answer)
@@ -92,37 +92,22 @@ def check_report_path(output: str | None) -> None:
         raise PermissionError(f"--output {path}: {parent} is not writable")
 
 
-class HeldOutArgs(Protocol):
-    """The settings that choose held-out examples (EvalArgs, AnalyzeArgs)."""
+class HeldOutArgs(SourceSettings, Protocol):
+    """The settings that choose held-out examples (EvalArgs, AnalyzeArgs): where they come from, the
+    adapter whose trained template prompts --data records, and the per-task sample."""
 
-    data: list[str] | None
-    format: str
-    template: str
-    columns: dict[str, str]
     adapter: str | None
-    data_dir: str | None
-    tasks: list[str] | None
     limit: int | None
     seed: int
 
 
 def eval_examples(args: HeldOutArgs) -> list[Example]:
-    """The examples to score: --data files (their 'test' split for datasets folders), prompted with
-    --template, or under 'auto' with the template the adapter was trained with where the records allow it;
-    else the LLM-Adapters or built-in tasks."""
+    """The examples to score (select_examples): --data files (their 'test' split for datasets folders),
+    prompted with --template, or under 'auto' with the template the adapter was trained with where the
+    records allow it; else the LLM-Adapters or built-in tasks."""
     split = getattr(args, "split", "test")  # analysis routes test examples
-    if not args.data:
-        return load_examples(args.data_dir, args.tasks, split, args.limit, args.seed)
-    trained = trained_template(args.adapter) if args.adapter else None
-    examples = load_data(
-        args.data,
-        split,
-        args.format,
-        args.template,
-        args.columns,
-        auto_template=trained,
-    )
-    return sample_per_task(examples, args.limit, args.seed)
+    trained = trained_template(args.adapter) if args.data and args.adapter else None
+    return select_examples(args, split, args.limit, args.seed, auto_template=trained)
 
 
 def run_eval(args: EvalArgs) -> dict[str, Any]:
@@ -132,7 +117,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
-        max_new_tokens = 256 if any(answer_kind(e.task) in ("number", "letter") for e in examples) else 32
+        max_new_tokens = 256 if any(scoring_of(e) in ("number", "letter") for e in examples) else 32
     start = time.perf_counter()
     predictions = predict(model, tokenizer, examples, args.mode, args.batch_size, max_new_tokens)
     report = summarise(predictions)

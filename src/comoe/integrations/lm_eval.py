@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
-from comoe.data.tasks import render_prompt
+from comoe.data.prompts import render_prompt
 from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.loading import load_base
 

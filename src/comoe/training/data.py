@@ -7,9 +7,9 @@ import math
 import random
 from typing import Any
 
-from comoe.data.example import Example
-from comoe.data.sources import examples_from_records, load_data, register_tasks
-from comoe.data.tasks import group_by_task, load_examples, sample_per_task
+from comoe.data.example import Example, group_by_task
+from comoe.data.selection import sample_per_task, select_examples
+from comoe.data.sources import examples_from_records, load_data
 from comoe.training.settings import TrainArgs
 
 
@@ -18,11 +18,8 @@ def training_data(args: TrainArgs, dataset: Any = None) -> tuple[list[Example], 
     validation: list[Example] = []
     if dataset is not None:
         train, validation = dataset_examples(dataset, args)
-    elif args.data:
-        train = load_data(args.data, "train", args.format, args.template, args.columns)
-        train = sample_per_task(train, args.train_limit, args.seed)
     else:
-        train = load_examples(args.data_dir, args.tasks, "train", args.train_limit, args.seed)
+        train = select_examples(args, "train", args.train_limit, args.seed)
     if args.eval_data:
         validation = load_data(
             args.eval_data, "validation", args.format, args.template, args.columns, flag="--eval-data"
@@ -59,11 +56,9 @@ def dataset_examples(dataset: Any, args: TrainArgs) -> tuple[list[Example], list
     def examples(split: str) -> list[Example]:
         records = splits[split]
         records = records.to_list() if hasattr(records, "to_list") else list(records)
-        found, templates = examples_from_records(
+        return examples_from_records(
             records, f"dataset[{split!r}]", "data", args.format, args.template, args.columns
         )
-        register_tasks(found, templates)
-        return found
 
     train = sample_per_task(examples("train"), args.train_limit, args.seed)
     use_split = "validation" in splits and not (args.eval_data or args.val_fraction)

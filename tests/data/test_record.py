@@ -1,0 +1,43 @@
+"""The data record of an adapter folder: counts and templates read from the training examples themselves,
+and the template `comoe generate` and `comoe eval --data` prompt with."""
+
+import json
+
+import pytest
+
+from comoe.data import Example
+from comoe.data.record import DATA_RECORD, trained_template, write_data_record
+
+
+def test_the_record_counts_each_task_and_names_the_shared_template(tmp_path):
+    examples = [Example("a", "q", "", "o", "o", template="chat")] * 3 + [
+        Example("b", "q", "", "o", "o", template="chat")
+    ]
+    write_data_record(tmp_path, examples)
+    record = json.loads((tmp_path / DATA_RECORD).read_text())
+    assert record == {
+        "template": "chat",
+        "tasks": {"a": {"examples": 3, "template": "chat"}, "b": {"examples": 1, "template": "chat"}},
+    }
+    assert trained_template(tmp_path) == "chat"
+
+
+def test_mixed_templates_share_none_and_builtin_tasks_record_alpaca(tmp_path):
+    examples = [Example("chain_sum", "q", "", "o", "o"), Example("mine", "q", "", "o", "o", template="none")]
+    write_data_record(tmp_path, examples)
+    record = json.loads((tmp_path / DATA_RECORD).read_text())
+    assert record["template"] is None
+    assert {task: row["template"] for task, row in record["tasks"].items()} == {
+        "chain_sum": "alpaca",
+        "mine": "none",
+    }
+    assert trained_template(tmp_path) is None
+
+
+def test_an_old_or_missing_record_reads_as_unknown_and_a_broken_one_is_refused(tmp_path):
+    assert trained_template(None) is None and trained_template(tmp_path) is None
+    (tmp_path / DATA_RECORD).write_text(json.dumps({"template": "none", "tasks": {"t": {"examples": 2}}}))
+    assert trained_template(tmp_path) == "none"
+    (tmp_path / DATA_RECORD).write_text("[oops")
+    with pytest.raises(ValueError, match="not a valid comoe data record"):
+        trained_template(tmp_path)

@@ -1,0 +1,44 @@
+"""`comoe generate`'s prompts: read from a text or JSONL file, and each an example carrying the template it
+is rendered with (nothing registered)."""
+
+import json
+
+import pytest
+
+from comoe.data import TASKS
+from comoe.data.prompts import render_prompt
+from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts
+from comoe.evaluation.settings import GenerateArgs
+
+
+def test_generate_reads_prompt_files(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("first question\n\n  second question  \n")
+    assert read_prompts(GenerateArgs(prompts=str(text))) == ["first question", "  second question  "]
+    rows = tmp_path / "prompts.jsonl"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rows.write_text(json.dumps({"prompt": "p"}) + "\n" + json.dumps({"messages": conversation}) + "\n")
+    prompts = read_prompts(GenerateArgs(prompts=str(rows)))
+    assert prompts == ["p", (("system", "Be brief."), ("user", "Hi"))]
+    assert prompt_example(prompts[1], "chat").messages == prompts[1]
+    with pytest.raises(ValueError, match="a messages prompt needs --template chat"):
+        prompt_example(prompts[1], "alpaca")
+    rows.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: expected an object with 'prompt'"):
+        read_prompts(GenerateArgs(prompts=str(rows)))
+    with pytest.raises(ValueError, match="exactly one of --prompt TEXT or --prompts FILE"):
+        GenerateArgs()
+
+
+def test_a_prompt_carries_its_template_and_registers_nothing(smol_tokenizer):
+    plain = prompt_example("2+2?", "none")
+    assert (plain.task, plain.template, render_prompt(plain)) == (PROMPT_TASK, "none", "2+2?")
+    assert render_prompt(prompt_example("2+2?", "alpaca")).endswith(
+        "### Instruction:\n2+2?\n\n### Response:\n"
+    )
+    chat = prompt_example("2+2?", "chat")
+    rendered = render_prompt(chat, smol_tokenizer)  # SmolLM2's template adds its default system turn
+    assert rendered.endswith("<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert PROMPT_TASK not in TASKS
+    with pytest.raises(ValueError, match="task 'prompt' template='jinja' is invalid"):
+        prompt_example("2+2?", "jinja")
