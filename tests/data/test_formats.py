@@ -1,7 +1,6 @@
 """The record-format registry: each format is one object (fields, default template, conversion), detection
 and the command line's --format choices come from it, and a new format is one class and one entry."""
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -72,7 +71,6 @@ def test_each_format_becomes_an_example_in_its_template():
     assert not RECORD_FORMATS["messages"].accepts("none") and RECORD_FORMATS["instruction"].accepts("none")
 
 
-@dataclass(frozen=True)
 class QuestionAnswer(RecordFormat):
     """{question, answer}: the whole of a new format (its registration is in the test)."""
 
@@ -94,7 +92,7 @@ def test_a_new_format_is_one_class_and_one_registry_entry(tmp_path):
             ("quiz", "3+3?", "6", "6"),
         ]
         assert {(e.template, e.scoring) for e in examples} == {("none", "number")}
-        (chat,) = load_data([str(path)], template="chat")[:1]
+        chat = load_data([str(path)], template="chat")[0]
         assert chat.messages == (("user", "2+2?"), ("assistant", "4"))
         # `answer` is shared by every format: only `question` identifies the new one
         assert record_format({"instruction": "q", "output": "o", "answer": "a"}, "r").name == "instruction"
