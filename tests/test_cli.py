@@ -1,12 +1,34 @@
 """Every user error at the command line is one line and exit 2, Ctrl-C one line and exit 130 (findings 5
-and 7 of the reliability review); each case fails fast, before work that would be lost."""
+and 7 of the reliability review); each case fails fast, before work that would be lost. The progress and
+warnings the library logs are shown on stdout while a command runs."""
+
+import logging
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import comoe.training.loop as loop
+from comoe.cli import main
 from tests.helpers import one_line_error, tiny_config, tiny_llama
+
+
+def test_train_shows_the_library_progress_and_warnings_as_plain_lines(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "a.yaml").write_text("adapter_config: {r: 4, num_experts: 4}\n")
+    run = tmp_path / "r"
+    argv = ["train", "--model", str(tiny_model_dir), "--train-limit", "4", "--batch-size", "4"]
+    argv += ["--cutoff", "96", "--max-steps", "4", "--save-steps", "2", "--max-grad-norm", "0.001"]
+    argv += ["--config", str(tmp_path / "a.yaml"), "--output", str(run)]
+    logger = logging.getLogger("comoe")
+    before = (list(logger.handlers), logger.level)
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training comoe on 20 examples (0 cut at 96 tokens), 4 steps")  # no prefix
+    assert sum("was clipped to 0.001" in line for line in lines) == 1
+    assert lines[-1] == f"adapter saved to {run / 'adapter'}"
+    assert main([*argv, "--resume"]) == 0  # the run is complete: it resumes from its last checkpoint
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} (step 2)" in capsys.readouterr().out.splitlines()
+    assert (list(logger.handlers), logger.level) == before  # as it was: nothing printed outside the CLI
 
 
 def test_missing_model_folder(capsys, tmp_path):
@@ -131,7 +153,8 @@ def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch, command):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
+    # pipeline first: imported while runner's is patched, it would keep `stop` after this test is undone
+    monkeypatch.setattr("comoe.analysis.pipeline.load_for_eval", stop)
     monkeypatch.setattr("comoe.evaluation.runner.load_for_eval", stop)
     argv = [command, "--adapter", "x", "--output", "y"] if command == "analyze" else [command]
-    monkeypatch.setattr("comoe.analysis.pipeline.load_for_eval", stop)
     assert one_line_error(capsys, argv, code=130) == "comoe: interrupted"

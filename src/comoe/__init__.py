@@ -2,11 +2,16 @@
 
 The names below are imported on first use (PEP 562), so `import comoe` and the command line's --help load
 neither torch nor peft until a name that needs them is touched.
+
+The library prints nothing: progress and warnings go to the "comoe" logger (each module logs to its child
+logger, `comoe.training.loop`, ...), silent until the application configures logging; the command line
+shows them on stdout.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +33,10 @@ _EXPORTS = {
     "train": "comoe.training.loop",
     "TrainArgs": "comoe.training.settings",
 }
+
+# The standard library's convention for libraries: a NullHandler on the top logger, so that nothing is
+# written (not even warnings, by logging's last-resort handler) unless the application asks for it.
+logging.getLogger("comoe").addHandler(logging.NullHandler())
 
 __all__ = [
     "AutoComoeModelForCausalLM",

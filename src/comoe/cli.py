@@ -3,14 +3,19 @@
 Each subcommand's flags come from its settings dataclass (comoe.*.settings, pure Python), so `comoe --help`
 and `comoe train --help` never load torch, transformers or peft. The modules that do the work are imported
 inside the handler of the subcommand that runs, for that reason only.
+
+The library prints nothing itself; while a subcommand runs, the CLI shows the "comoe" logger's progress and
+warnings on stdout, one plain line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from comoe.analysis.settings import AnalyzeArgs
@@ -61,8 +66,11 @@ def _analyze(args: AnalyzeArgs) -> None:
 
 def _demo(args: DemoArgs) -> None:
     from comoe.recipes.demo import run_demo
+    from comoe.recipes.report import REPORT_NAME, accuracy_table
 
-    run_demo(args)
+    report = run_demo(args) / REPORT_NAME
+    print(accuracy_table(report))
+    print(f"report: {report}")
 
 
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
@@ -92,12 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _showing_progress() -> Iterator[None]:
+    """The "comoe" logger's records at INFO and above on stdout, as plain lines (the message only); the
+    logger is left as it was found afterwards, so that main() can be called more than once in a process."""
+    logger = logging.getLogger("comoe")
+    level = logger.level
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings, handler, _ = COMMANDS[args.command]
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
     try:
-        handler(load_settings(settings, args.config, flags))
+        with _showing_progress():
+            handler(load_settings(settings, args.config, flags))
     except KeyboardInterrupt as error:  # Interrupted (training) says where it stopped and how to go on
         if args.debug:
             raise

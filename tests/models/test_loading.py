@@ -184,7 +184,7 @@ def test_conversion_logs_once_and_honours_env_cache(
         load_base(ALIAS)
     assert model.config.hidden_size == 32
     assert (tmp_path / ALIAS / "config.json").is_file()
-    converting = [r for r in caplog.records if r.name == "comoe" and "converting" in r.getMessage()]
+    converting = [r for r in caplog.records if r.name == "comoe.models.gguf" and "converting" in r.getMessage()]
     assert len(converting) == 1
 
 

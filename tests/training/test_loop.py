@@ -1,6 +1,7 @@
 """End to end on a tiny random LLaMA: train -> checkpoint -> resume -> save -> eval, and the loss path."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -125,7 +126,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_gradient_norms_router_change_and_the_clipping_warning_are_logged(tiny_model_dir, tmp_path, capsys):
+def test_gradient_norms_router_change_and_the_clipping_warning_are_logged(
+    tiny_model_dir, tmp_path, capsys, caplog
+):
+    caplog.set_level(logging.INFO, logger="comoe")
     run = train(train_args(tiny_model_dir, tmp_path / "run", max_steps=4, stats_steps=2, max_grad_norm=1e-3))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all(row["grad_norm"] > 0 for row in log)  # every step, before clipping
@@ -139,8 +143,13 @@ def test_gradient_norms_router_change_and_the_clipping_warning_are_logged(tiny_m
         )
         assert row["router_change"] > 0
     assert watched[1]["router_change"] > watched[0]["router_change"]
-    out = capsys.readouterr().out
-    assert out.count("was clipped to 0.001") == 1  # said once, though every step was clipped
+    clipped = [r for r in caplog.records if "was clipped to 0.001" in r.getMessage()]
+    assert len(clipped) == 1  # said once, though every step was clipped
+    assert clipped[0].levelno == logging.WARNING and clipped[0].name == "comoe.training.loop"
+    started = [r for r in caplog.records if r.getMessage().startswith("training comoe on 20 examples")]
+    assert len(started) == 1 and started[0].levelno == logging.INFO
+    assert capsys.readouterr().out == ""  # the library logs; only the command line prints
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("comoe").handlers)
 
 
 def test_router_lr_ratio_moves_the_routers_faster_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):

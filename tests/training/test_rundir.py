@@ -2,6 +2,7 @@
 identity on --resume, an exclusive lock held by two real processes, and a failed start leaving the output
 folder as it was."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -88,13 +89,13 @@ def test_a_failed_start_leaves_the_output_folder_as_it_was(tiny_model_dir, tmp_p
     assert list(empty.iterdir()) == []
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / LOCK_NAME).write_text(f"{dead.pid}\n")
     lock = RunLock(tmp_path)
     lock.acquire()
-    assert f"left by pid {dead.pid} (no longer running)" in capsys.readouterr().out
+    assert f"left by pid {dead.pid} (no longer running)" in caplog.text  # a warning of the "comoe" logger
     assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
     lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
@@ -133,7 +134,7 @@ def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tiny_m
     assert main([*cli_train(tiny_model_dir, tmp_path / "other")]) == 0  # other folders are unaffected
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, capsys):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, capsys, caplog):
     straight = train(train_args(tiny_model_dir, tmp_path / "straight", max_steps=4, save_steps=1))
     run = tmp_path / "run"
     train(train_args(tiny_model_dir, run, max_steps=4, save_steps=1))
@@ -141,10 +142,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir
     (run / "checkpoints" / "step-000003" / "optimizer.safetensors").write_bytes(b"\x00" * 20)
     (run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{not json")
     capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="comoe")
     train(train_args(tiny_model_dir, run, max_steps=4, save_steps=1, resume=True))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "skipping step-000003" in out and "skipping step-000002" in out and "resumed from" in out
     assert "step-000001 (step 1)" in out
+    assert capsys.readouterr().out == ""  # logged, not printed
     expected = load_file(Path(straight) / "adapter" / "adapter_model.safetensors")
     got = load_file(run / "adapter" / "adapter_model.safetensors")
     assert all((expected[k] == got[k]).all() for k in expected)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-logger = logging.getLogger("comoe")
+logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "COMOE_CACHE"
 # A conversion takes well under a minute, so a temporary folder this old was left by a killed process.

@@ -10,6 +10,8 @@ import yaml
 
 from comoe.files import atomic_write_text
 
+REPORT_NAME = "report.md"  # in the run directory
+
 
 def training_curve(run: Path, points: int = 10) -> list[dict[str, Any]]:
     """About `points` evenly spaced rows of log.jsonl (always the first and the last step)."""
@@ -67,6 +69,11 @@ def write_report(run: Path, base: dict[str, Any], tuned: dict[str, Any]) -> Path
         "`eval.json` (both evaluations with every prediction).",
         "",
     ]
-    path = run / "report.md"
+    path = run / REPORT_NAME
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def accuracy_table(report: Path) -> str:
+    """The per-task accuracy table of a report.md (what `comoe demo` shows at the end)."""
+    return report.read_text(encoding="utf-8").split("## Accuracy", 1)[1].split("\n", 1)[1]

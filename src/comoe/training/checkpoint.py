@@ -7,6 +7,7 @@ place whole, so a kill at any moment leaves the previous checkpoint intact and r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from torch import nn
 from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import WEIGHTS_NAME, assign_weights, read_safetensors
 from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer, scheduler) -> None:
@@ -85,16 +88,16 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer, scheduler) -> int:
     step. A checkpoint that cannot be read whole is skipped, saying so, for the one before it."""
     found = sorted((run / "checkpoints").glob("step-*"), reverse=True)
     if not found:
-        print(f"--resume: no checkpoint in {run / 'checkpoints'} yet, starting at step 0")
+        logger.warning(f"--resume: no checkpoint in {run / 'checkpoints'} yet, starting at step 0")
         return 0
     for checkpoint in found:
         try:
             saved = read_checkpoint(checkpoint)
         except (ValueError, OSError) as error:
-            print(f"--resume: skipping {checkpoint.name}, which is unreadable ({error})")
+            logger.warning(f"--resume: skipping {checkpoint.name}, which is unreadable ({error})")
             continue
         _restore(saved, model, optimizer, scheduler)
-        print(f"resumed from {checkpoint} (step {saved.step})")
+        logger.info(f"resumed from {checkpoint} (step {saved.step})")
         return saved.step
     raise ValueError(f"--resume: none of the {len(found)} checkpoints in {run / 'checkpoints'} is intact")
 

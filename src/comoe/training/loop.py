@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import shutil
 import time
@@ -19,8 +20,9 @@ from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
-from comoe.data.example import Example, task_index
+from comoe.data.example import Example
 from comoe.data.record import write_data_record
+from comoe.data.tasks import task_index
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.models.head import unwrap_model
 from comoe.moe.record import LayerRecord
@@ -34,6 +36,8 @@ from comoe.training.rundir import RunDirectory, truncate_log
 from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
 from comoe.training.validation import validation_loss
+
+logger = logging.getLogger(__name__)
 
 BEST_ADAPTER = "best-adapter"  # in the run directory, with --save-best
 BEST_RECORD = "validation.json"  # in best-adapter/: the step and validation loss it was saved at
@@ -94,7 +98,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
         truncate_log(run / "log.jsonl", step)
         skipped_note = f"; {empty} skipped: no response token within the cutoff" if empty else ""
         val_note = f", validating on {len(val_items)} ({val_cut} cut)" if val_items else ""
-        print(
+        logger.info(
             f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens"
             f"{skipped_note}){val_note}, {total} steps, {world.size} process(es); run directory {run}"
         )
@@ -140,7 +144,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                 warned_clipping = True
                 if world.is_main:
                     scale = parts["grad_norm"] / args.max_grad_norm
-                    print(
+                    logger.warning(
                         f"warning: step {step}: the gradient norm {parts['grad_norm']:.3g} was clipped to "
                         f"{args.max_grad_norm:g}, a {scale:.0f}x smaller step (said once; grad_norm per step "
                         "and grad_norm_<component> every --stats-steps are in log.jsonl)"

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from comoe.files import atomic_write_text
 from comoe.settings import settings_from_dict
 from comoe.training.distributed import World
 from comoe.training.settings import TrainArgs
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "config.yaml"
 LOCK_NAME = ".lock"
@@ -61,7 +64,7 @@ class RunLock:
         previous = self._holder()
         if previous is not None and previous != os.getpid():
             state = "no longer running" if not _pid_running(previous) else "not holding it"
-            print(f"taking over the lock of {self.path.parent} left by pid {previous} ({state})")
+            logger.warning(f"taking over the lock of {self.path.parent} left by pid {previous} ({state})")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
