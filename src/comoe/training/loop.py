@@ -20,9 +20,8 @@ from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
-from comoe.data.example import Example
+from comoe.data.example import Example, task_index
 from comoe.data.record import write_data_record
-from comoe.data.tasks import task_index
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.models.head import unwrap_model
 from comoe.moe.record import LayerRecord
