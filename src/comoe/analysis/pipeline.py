@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from comoe.adapter.model import ComoeModel
+from comoe.adapter.method import method_of
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.analysis.plots import plot_summary
 from comoe.analysis.report import specialisation_section
@@ -24,18 +24,19 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
     """Route held-out examples (prompt and reference response) through a comoe adapter and measure."""
     examples = eval_examples(args)  # data errors before the model is loaded
     model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
-    if not isinstance(model, ComoeModel):
+    method = method_of(model)
+    if method is None or not method.has_routing:
         raise ValueError(
             f"--adapter {args.adapter}: analysis needs a comoe adapter (routing), not a PEFT one"
         )
     task_names, task_ids = task_index(examples)
-    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names)
+    accumulator = SpecialisationAccumulator(method.routed_layers(model), task_names)
     device = next(model.parameters()).device
     for start in range(0, len(examples), args.batch_size):
         items, _ = encode_examples(tokenizer, examples[start : start + args.batch_size], args.cutoff)
         batch = {k: v.to(device) for k, v in pad_batch(items, tokenizer.pad_token_id).items()}
         rows = torch.tensor(task_ids[start : start + args.batch_size], device=device)
-        with torch.no_grad(), model.record_routing() as records:
+        with torch.no_grad(), method.record_routing(model) as records:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             accumulator.update(records, token_tasks(rows, batch["attention_mask"]), batch["input_ids"])
     summary = accumulator.summary()

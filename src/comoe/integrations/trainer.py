@@ -23,18 +23,20 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
+from comoe.adapter.method import method_of
 from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import WEIGHTS_NAME
-
-COMPONENTS = ("task", "balance", "contrastive")
 
 
 class ComoeTrainerMixin:
     """Overrides of transformers.Trainer for a ComoeModel; any other model takes Trainer's own path."""
 
-    def _comoe_model(self) -> ComoeModel | None:
-        model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
-        return model if isinstance(model, ComoeModel) else None
+    def _comoe_model(self, model: nn.Module | None = None) -> ComoeModel | None:
+        """The trained model when its adapter method routes (a comoe preset), else None."""
+        if model is None:
+            model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        method = method_of(model)
+        return model if method is not None and method.has_routing else None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         comoe = self._comoe_model()
@@ -66,11 +68,10 @@ class ComoeTrainerMixin:
         return value * steps if normalised else value
 
     def _add_components(self, comoe: ComoeModel, task: float) -> None:
-        sums = self.__dict__.setdefault("_comoe_sums", dict.fromkeys(COMPONENTS, 0.0))
-        losses = comoe.last_aux_losses()
-        sums["task"] += task
-        for name in ("balance", "contrastive"):
-            sums[name] += losses[name]
+        sums = self.__dict__.setdefault("_comoe_sums", {})
+        losses = {**comoe.last_aux_losses(), "task": task}  # every active objective's component, by name
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value
         self.__dict__["_comoe_count"] = self.__dict__.get("_comoe_count", 0) + 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -92,9 +93,9 @@ class ComoeTrainerMixin:
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        comoe = self._comoe_model() if model is None else model
+        comoe = self._comoe_model(model)
         weights = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-        if isinstance(comoe, ComoeModel) and os.path.isfile(weights):
+        if comoe is not None and os.path.isfile(weights):
             comoe.load_adapter_weights(weights)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]

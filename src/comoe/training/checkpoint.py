@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import set_peft_model_state_dict
 from torch import nn
 
-from comoe.adapter.model import ComoeModel
-from comoe.adapter.serialization import WEIGHTS_NAME, assign_weights, read_safetensors
+from comoe.adapter.method import method_of
+from comoe.adapter.serialization import WEIGHTS_NAME, read_safetensors
 from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -103,10 +102,10 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer, scheduler) -> int:
 
 
 def _restore(saved: SavedCheckpoint, model: nn.Module, optimizer, scheduler) -> None:
-    if isinstance(model, ComoeModel):
-        assign_weights(model.adapter_state_dict(), saved.adapter, saved.path / "adapter" / WEIGHTS_NAME)
-    else:
-        set_peft_model_state_dict(model, saved.adapter)
+    method = method_of(model)
+    if method is None:
+        raise TypeError(f"{type(model).__name__} carries no adapter to restore {saved.path} into")
+    method.load_adapter_state(model, saved.adapter, str(saved.path / "adapter" / WEIGHTS_NAME))
     tensors = dict(saved.optimizer)
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_rng = tensors.pop("rng.cuda", None)

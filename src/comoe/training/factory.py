@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft import get_peft_model
 from torch import nn
 
-from comoe.adapter.lora import matched_lora_config
-from comoe.adapter.model import get_comoe_model
+from comoe.adapter.method import method_for
 from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
 from comoe.training.settings import TrainArgs
@@ -22,12 +20,5 @@ def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype))
-    config = args.comoe_config()
-    if args.preset == "lora":
-        if args.gradient_checkpointing:
-            base.activation_checkpointing_enable()  # non-reentrant: no input grads needed
-        return get_peft_model(base, matched_lora_config(config, base)).to(device), tokenizer
-    model = get_comoe_model(base, config)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+    model = method_for(args.preset).build(base, args.comoe_config(), args.gradient_checkpointing)
     return model.to(device), tokenizer

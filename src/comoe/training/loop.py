@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
@@ -30,7 +29,7 @@ from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from comoe.training.data import training_data
 from comoe.training.distributed import SINGLE, World
 from comoe.training.factory import build_model
-from comoe.training.loss import aux_components, response_loss, share
+from comoe.training.loss import adapter_method, aux_components, response_loss, share
 from comoe.training.rundir import RunDirectory, truncate_log
 from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
@@ -72,6 +71,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     run = run_dir.path
     examples, validation = training_data(args, dataset)  # data errors before the model is loaded
     model, tokenizer = build_model(args)
+    method = adapter_method(model)
     initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
     items, truncated = encode_examples(tokenizer, examples, args.cutoff)
     kept = trainable_items(items, args.cutoff)
@@ -110,9 +110,10 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     best = best_validation(run) if args.resume else math.inf
     try:
         while step < total:
-            watch = isinstance(model, ComoeModel) and args.stats_steps and (step + 1) % args.stats_steps == 0
+            every = args.stats_steps and (step + 1) % args.stats_steps == 0
+            watch = bool(every) and method.has_routing
             step_start = time.perf_counter()
-            with model.record_routing() if watch else contextlib.nullcontext() as records:
+            with method.record_routing(model) if watch else contextlib.nullcontext() as records:
                 parts, batch_tokens, last_batch = optimizer_step(
                     forward_model,
                     batches,
@@ -234,7 +235,8 @@ def optimizer_step(
     non-finite loss was skipped (with --skip-nonfinite; otherwise training stops). All processes see the
     same components, so they decide alike. With component_norms (one process), the gradient norm of each
     loss component on the first micro-batch is added: grad_norm_task, grad_norm_balance, ..."""
-    parts = torch.zeros(3, dtype=torch.float64)
+    parts: torch.Tensor | None = None
+    names: list[str] = []
     tokens = 0
     extra: dict[str, float] = {}
     device = params[0].device
@@ -243,9 +245,11 @@ def optimizer_step(
         tokens += int(world.sum(batch["attention_mask"].sum()))
         task, aux = response_loss(model, batch, world)
         weight = share(int(batch["attention_mask"].sum()), world)
-        local = [float(task.detach()), *(weight * value for value in aux_components(model))]
+        aux_parts = aux_components(model)  # the same names on every process: they follow the config
+        names = ["task", *aux_parts]
+        local = [float(task.detach()), *(weight * value for value in aux_parts.values())]
         components = world.sum(torch.tensor(local, dtype=torch.float64)) / world.size
-        named = dict(zip(("task", "balance", "contrastive"), components.tolist(), strict=True))
+        named = dict(zip(names, components.tolist(), strict=True))
         bad = [name for name, value in named.items() if not math.isfinite(value)]
         if bad:
             optimizer.zero_grad(set_to_none=True)
@@ -263,12 +267,12 @@ def optimizer_step(
         if component_norms and micro == 0 and world.size == 1:
             extra = component_grad_norms(model, task, params)
         ((task + aux) / args.grad_accum).backward()
-        parts += components / args.grad_accum
+        parts = components / args.grad_accum + (0 if parts is None else parts)
     limit = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: measure, do not clip
     grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit)))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    named = dict(zip(("task", "balance", "contrastive"), parts.tolist(), strict=True))
+    named = dict(zip(names, parts.tolist(), strict=True))  # type: ignore[union-attr]
     return {**named, "grad_norm": grad_norm, **extra}, tokens, batch
 
 
@@ -292,10 +296,11 @@ def component_grad_norms(
 
 
 def routing_snapshot(
-    model: ComoeModel, records: dict[str, LayerRecord], batch: dict[str, torch.Tensor], task_names: list[str]
+    model: nn.Module, records: dict[str, LayerRecord], batch: dict[str, torch.Tensor], task_names: list[str]
 ) -> dict[str, float]:
     """Specialisation of the last micro-batch, averaged over layers: I(task; expert), load entropy and CV."""
-    accumulator = SpecialisationAccumulator(model.comoe_layers(), task_names, similarity=False)
+    layers = adapter_method(model).routed_layers(unwrap_model(model))
+    accumulator = SpecialisationAccumulator(layers, task_names, similarity=False)
     accumulator.update(records, token_tasks(batch["task_ids"], batch["attention_mask"]))
     summary = accumulator.summary()
     layers = summary["layers"].values()
@@ -307,13 +312,9 @@ def routing_snapshot(
 
 
 def router_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every router's weight (empty for a PEFT model)."""
-    if not isinstance(model, ComoeModel):
-        return {}
-    return {
-        name: full_tensor(layer.router.weight).detach().clone()
-        for name, layer in model.comoe_layers().items()
-    }
+    """A copy of every router's weight (empty for a method without routing)."""
+    layers = adapter_method(model).routed_layers(unwrap_model(model))
+    return {name: full_tensor(layer.router.weight).detach().clone() for name, layer in layers.items()}
 
 
 def router_change(model: nn.Module, initial: dict[str, torch.Tensor]) -> float:
@@ -325,11 +326,12 @@ def router_change(model: nn.Module, initial: dict[str, torch.Tensor]) -> float:
 
 def param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
     """One AdamW group, or with router_lr_ratio != 1 two: experts at lr, routers at lr * router_lr_ratio."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if args.router_lr_ratio == 1.0 or not isinstance(model, ComoeModel):
-        return [{"params": [p for _, p in trainable]}]
-    routers = [p for name, p in trainable if ".router." in name]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layers = adapter_method(model).routed_layers(unwrap_model(model))
+    if args.router_lr_ratio == 1.0 or not layers:
+        return [{"params": trainable}]
+    routers = {id(layer.router.weight) for layer in layers.values()}
     return [
-        {"params": [p for name, p in trainable if ".router." not in name]},
-        {"params": routers, "lr": args.lr * args.router_lr_ratio},
+        {"params": [p for p in trainable if id(p) not in routers]},
+        {"params": [p for p in trainable if id(p) in routers], "lr": args.lr * args.router_lr_ratio},
     ]

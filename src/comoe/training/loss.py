@@ -3,13 +3,11 @@ the global batch so that N processes compute the gradient one process would."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comoe.adapter.model import ComoeModel
+from comoe.adapter.method import AdapterMethod, method_of
 from comoe.models.head import response_logits, unwrap_model
 from comoe.training.distributed import SINGLE, World
 
@@ -24,10 +22,10 @@ def response_loss(
     holding the whole batch (per-token means of the task loss and of the per-token auxiliary losses).
     """
     inner = unwrap_model(model)
-    comoe = inner if isinstance(inner, ComoeModel) else None
-    with comoe.caller_adds_aux_loss() if comoe is not None else contextlib.nullcontext():
+    method = adapter_method(inner)
+    with method.caller_adds_aux_loss(inner):
         logits, targets = response_logits(model, batch)
-    aux = comoe.weighted_aux_loss if comoe is not None else torch.zeros(())
+    aux = method.weighted_aux_loss(inner)
     if world.size == 1:
         return F.cross_entropy(logits, targets), aux
     task = F.cross_entropy(logits, targets, reduction="sum") * share(targets.numel(), world) / targets.numel()
@@ -40,10 +38,16 @@ def share(count: int, world: World) -> float:
     return count * world.size / float(world.sum(torch.tensor(float(count)))) if world.size > 1 else 1.0
 
 
-def aux_components(model: nn.Module) -> list[float]:
-    """Balance and contrastive losses of the last forward (zeros for a PEFT model)."""
+def adapter_method(model: nn.Module) -> AdapterMethod:
+    """The adapter method of a model being trained (unwrapped from DDP/FSDP); TypeError if it has none."""
+    method = method_of(unwrap_model(model))
+    if method is None:
+        raise TypeError(f"{type(unwrap_model(model)).__name__} carries no comoe or PEFT LoRA adapter")
+    return method
+
+
+def aux_components(model: nn.Module) -> dict[str, float]:
+    """The auxiliary loss components of the last forward, by name (balance and contrastive for comoe
+    presets, and any other active objective's; none for a method without auxiliary losses)."""
     inner = unwrap_model(model)
-    if not isinstance(inner, ComoeModel):
-        return [0.0, 0.0]
-    losses = inner.last_aux_losses()
-    return [losses["balance"], losses["contrastive"]]
+    return adapter_method(inner).aux_components(inner)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from comoe.config import PRESETS, ComoeConfig
+from comoe.config import BASELINES, PRESETS, ComoeConfig
 from comoe.settings import (
     DEVICE_HELP,
     DTYPES,
@@ -17,7 +17,7 @@ from comoe.settings import (
 )
 from comoe.validation import InvalidSetting, check_choice, check_int, check_number
 
-METHODS = [*PRESETS, "lora"]
+METHODS = [*PRESETS, *BASELINES]
 
 
 @dataclass
@@ -88,7 +88,7 @@ class TrainArgs(DataArgs):
             raise ValueError("save_best needs validation data: give --eval-data or --val-fraction")
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
-        if self.fsdp and (self.resume or self.preset == "lora"):
+        if self.fsdp and (self.resume or self.preset in BASELINES):
             raise ValueError(
                 "fsdp=True is invalid with resume or preset 'lora': FSDP runs save the final comoe adapter "
                 "only (no resumable checkpoints yet); use DDP (the default) for those"
@@ -97,7 +97,7 @@ class TrainArgs(DataArgs):
     def comoe_config(self) -> ComoeConfig:
         """The adapter this run trains: the preset plus adapter_config overrides (for 'lora', the comoe
         preset whose trainable-parameter count the LoRA rank matches)."""
-        preset = "comoe" if self.preset == "lora" else self.preset
+        preset = BASELINES.get(self.preset, self.preset)
         try:
             return ComoeConfig.from_preset(preset, self.adapter_config, where="adapter_config")
         except InvalidSetting as error:
