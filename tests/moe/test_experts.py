@@ -41,3 +41,37 @@ def test_grouped_matmul_equals_one_matmul_per_group(k_dim, n_dim):
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
     assert torch.equal(got[1][2], torch.zeros(k_dim, n_dim))
+
+
+def test_a_registered_strategy_is_what_auto_chooses_where_it_prefers_the_shape():
+    """The strategy seam: a toy strategy registered here (no other module edited) that auto picks on CPU
+    for n = 8; the model then computes through it, exactly as blocks does."""
+    from comoe import ComoeConfig, get_comoe_model
+    from comoe.moe.experts import MixStrategy, mix_blocks, register_strategy, unregister_strategy
+    from tests.helpers import tiny_llama
+
+    calls = []
+
+    def counted(z, routing, lora_B, scaling):
+        calls.append(z.shape[0])
+        return mix_blocks(z, routing, lora_B, scaling)
+
+    register_strategy(MixStrategy("toy", counted, lambda device, n, k: 9.0 if device == "cpu" and n == 8 else 0))
+    try:
+        assert choose_strategy("auto", 8, 2) == "toy"
+        assert choose_strategy("auto", 4, 2) == "blocks" and choose_strategy("auto", 8, 2, "cuda") == "blocks"
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+        config = ComoeConfig.preset("mixlora", r=4, lora_dropout=0.0)
+        model = get_comoe_model(tiny_llama(), config).eval()
+        for layer in model.comoe_layers().values():
+            torch.nn.init.normal_(layer.lora_B, 0, 0.2)
+        with torch.no_grad():
+            auto = model(ids).logits
+            assert len(calls) == 8 and calls[0] == 12  # 2 layers x q/k/v/o, 12 tokens each
+            for layer in model.comoe_layers().values():
+                layer.expert_compute = "blocks"
+            torch.testing.assert_close(model(ids).logits, auto)
+        assert len(calls) == 8
+    finally:
+        unregister_strategy("toy")
+    assert choose_strategy("auto", 8, 2) == "blocks"
