@@ -1,0 +1,68 @@
+"""The adapter-method protocol: one answer per operation for a comoe preset and the PEFT LoRA baseline, so
+training, checkpointing and integrations never test the model's class."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+
+from comoe import ComoeConfig
+from comoe.adapter.method import COMOE, LORA, METHODS, method_for, method_of
+from tests.helpers import tiny_llama
+
+
+class Wrapper(torch.nn.Module):
+    """What DistributedDataParallel looks like from outside: the model under `module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "lora"])
+def test_each_preset_builds_a_model_its_method_owns(preset):
+    method = method_for(preset)
+    assert method is (LORA if preset == "lora" else COMOE)
+    model = method.build(
+        tiny_llama(), ComoeConfig.preset("comoe" if preset == "lora" else preset, r=4), False
+    )
+    assert isinstance(model, PeftModel) == (preset == "lora")
+    assert method_of(model) is method and method_of(Wrapper(model)) is method
+    assert method.has_routing == (preset != "lora")
+    assert len(method.routed_layers(model)) == (0 if preset == "lora" else 8)
+
+
+def test_auxiliary_losses_are_the_models_or_zero():
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    comoe = COMOE.build(tiny_llama(), ComoeConfig.preset("mixlora", r=4), False).train()
+    with COMOE.caller_adds_aux_loss(comoe):
+        comoe(input_ids=ids)
+    components = COMOE.aux_components(comoe)
+    assert set(components) == {"balance", "contrastive"} and components["balance"] > 0.5
+    assert float(COMOE.weighted_aux_loss(comoe)) == pytest.approx(0.01 * components["balance"], rel=1e-6)
+    lora = LORA.build(tiny_llama(), ComoeConfig.preset("comoe", r=4), False).train()
+    with LORA.caller_adds_aux_loss(lora), LORA.record_routing(lora) as records:
+        lora(input_ids=ids)
+    assert records == {} and float(LORA.weighted_aux_loss(lora)) == 0.0
+    assert LORA.aux_components(lora) == {"balance": 0.0, "contrastive": 0.0}
+    assert method_of(tiny_llama()) is None
+    assert set(METHODS) >= {"comoe", "lora"}
+
+
+@pytest.mark.parametrize("method", [COMOE, LORA])
+def test_adapter_state_loads_back_into_a_fresh_model(method):
+    config = ComoeConfig.preset("comoe", r=4)
+    trained = method.build(tiny_llama(), config, False)
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.1)
+    if method is COMOE:
+        state = {name: tensor.detach().clone() for name, tensor in trained.adapter_state_dict().items()}
+    else:
+        state = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(trained).items()}
+    fresh = method.build(tiny_llama(), config, False)
+    method.load_adapter_state(fresh, state, "checkpoint")
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
