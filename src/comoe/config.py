@@ -2,8 +2,8 @@
 
 Field names follow PEFT's LoraConfig where the meaning is the same (r, lora_alpha, lora_dropout,
 target_modules, layers_to_transform), so a PEFT user can read a comoe config at a glance. Pure Python (no
-torch, no peft): the command line reads the presets without loading either. Reading and writing
-adapter_config.json is comoe.adapter.serialization's job.
+torch, no peft): the command line reads the presets without loading either. Reading adapter_config.json
+is comoe.adapter.folder's job, writing it comoe.adapter.serialization's.
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self.__dict__["_injection"] = injection  # plain attributes: the layers are registered inside model
         self.__dict__["_layers"] = injection.layers
         self._encoder_decoder = is_encoder_decoder(model)
+        self._has_objectives = bool(injection.config.objective_weights)  # else no record is needed
         backbone = self.base_model
         self._can_carry = backbone is not model
         if self._can_carry:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
@@ -156,7 +157,8 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
 
     def _begin(self, call: ForwardCall) -> None:
         self._call = call
-        self._context.keep_records = call.mode is not Delivery.NONE or self._recorded is not None
+        wanted = call.mode is not Delivery.NONE and self._has_objectives
+        self._context.keep_records = wanted or self._recorded is not None
 
     def _records(self) -> dict[str, LayerRecord]:
         """This forward's layer records, each with its token stream's mask."""

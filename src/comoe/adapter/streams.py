@@ -70,6 +70,8 @@ class TokenMasks:
     """The [batch, length] padding mask of each token stream of one call (absent or None: all real)."""
 
     by_stream: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    # (stream, tokens) -> the flattened mask: computed once per call, not once per layer
+    _flat: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def bind(cls, arguments: dict[str, Any], encoder_decoder: bool) -> TokenMasks:
@@ -89,6 +91,8 @@ class TokenMasks:
         mask = self.by_stream.get(stream)
         if mask is None:
             return None
+        if (stream, num_tokens) in self._flat:
+            return self._flat[stream, num_tokens]
         rows, columns = mask.shape
         length = num_tokens // rows if rows else 0
         if rows == 0 or length * rows != num_tokens or length > columns:
@@ -97,7 +101,9 @@ class TokenMasks:
                 f"of the {stream} attention mask of shape {tuple(mask.shape)}: the auxiliary losses "
                 "cannot tell its padding"
             )
-        return mask[:, columns - length :].reshape(-1).bool()
+        flat = mask[:, columns - length :].reshape(-1).bool()
+        self._flat[stream, num_tokens] = flat
+        return flat
 
 
 def _two_dimensional(mask: Any) -> torch.Tensor | None:
