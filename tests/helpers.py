@@ -70,14 +70,16 @@ def make_layer(d_in, d_out, n, k, r, strategy, dtype=torch.float32, routing="top
 
 
 def dense_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
-    """Every expert computed for every token, then masked by the renormalised top-k gates."""
+    """Every expert computed for every token, then masked by the top-k gates (renormalised unless the layer
+    keeps the router's probabilities, as top-1 does by default)."""
     flat = x.reshape(-1, layer.in_features).double()
     probs = torch.softmax(flat @ layer.router.weight.double().t(), dim=-1)
     if layer.soft:
         gates = probs
     else:
         top, idx = probs.topk(layer.top_k, dim=-1)
-        gates = torch.zeros_like(probs).scatter(1, idx, top / top.sum(-1, keepdim=True))
+        top = top / top.sum(-1, keepdim=True) if layer.normalize_gates else top
+        gates = torch.zeros_like(probs).scatter(1, idx, top)
     outs = torch.einsum("td,nrd->tnr", flat, layer.lora_A.double())
     outs = torch.einsum("tnr,nro->tno", outs, layer.lora_B.double()) * layer.scaling
     delta = (outs * gates.unsqueeze(-1)).sum(1)
@@ -187,6 +189,7 @@ def assert_auxiliary_gradient(trainer, model) -> None:
     without = gradient(task, retain=True)
     torch.testing.assert_close(got, gradient(task + aux), rtol=1e-4, atol=1e-7)
     assert (got - without).norm() > 1e-3 * without.norm()
+
 
 def count_config_reads(monkeypatch) -> list[Path]:
     """Every adapter_config.json that comoe.adapter.folder reads from now on (the test's monkeypatch undoes

@@ -23,6 +23,8 @@ ANCHORS = ("all", "random")
 # Fields added after format version 1 whose defaults are left out of adapter_config.json, so that a folder
 # saved with the defaults reads exactly as before (and in older comoe versions).
 OMITTED_DEFAULTS = {"aux_objectives": {}, "expert_bank": "lora"}
+# norm_topk_prob is left out too where it resolves to renormalised gates; a folder without it was written
+# before the field existed, when top-k gates were always renormalised (see adapter.folder).
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -58,6 +60,12 @@ class ComoeConfig:
     routing: str = _field(
         "topk",
         "'topk': sparse top-k routing with renormalised gates; 'soft': every expert, softmax-weighted.",
+    )
+    norm_topk_prob: bool | None = _field(
+        None,
+        "Renormalise the top-k gates to sum to 1 (transformers' norm_topk_prob) or keep the router's "
+        "probabilities (the Switch Transformer's gate); None: renormalise for top_k >= 2, not for top_k = 1, "
+        "whose renormalised gate would be 1 and give the router no task gradient.",
     )
     balance_weight: float = _field(
         0.0, "Weight of the Switch-style load-balancing loss n * sum_i f_i * P_i (>= 0; 0 turns it off)."
@@ -139,6 +147,8 @@ class ComoeConfig:
         check_choice("balance_scope", self.balance_scope, ("local", "global"))
         check_choice("contrastive", self.contrastive, CONTRASTIVES)
         check_choice("anchor", self.anchor, ANCHORS)
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            fail("norm_topk_prob", self.norm_topk_prob, "true, false or null")
         _check_name("expert_compute", self.expert_compute)  # the strategy registry checks it exists
         _check_name("expert_bank", self.expert_bank)  # the bank registry checks it exists
         self._validate_objectives()
@@ -210,6 +220,11 @@ class ComoeConfig:
         return self.num_experts if self.routing == "soft" else self.top_k
 
     @property
+    def normalize_gates(self) -> bool:
+        """Whether top-k gates are renormalised (norm_topk_prob resolved; see its help)."""
+        return self.norm_topk_prob if self.norm_topk_prob is not None else self.top_k > 1
+
+    @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
@@ -231,6 +246,8 @@ class ComoeConfig:
         for key, default in OMITTED_DEFAULTS.items():
             if values[key] == default:
                 del values[key]
+        if self.norm_topk_prob is None and self.normalize_gates:  # reads back as before: renormalised
+            del values["norm_topk_prob"]
         return values
 
     @classmethod

@@ -1,12 +1,17 @@
 """The fast expert paths (blocks, grouped) against a plain dense reference: outputs and all gradients."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
+from comoe import get_comoe_model
 from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.analysis.metrics import SpecialisationAccumulator, routing_stats
 from comoe.config import ComoeConfig
-from tests.helpers import dense_reference, grads, make_layer
+from comoe.objectives.balance import balance_loss
+from tests.helpers import dense_reference, grads, make_layer, tiny_llama
 
 CASES = [  # d_in, d_out, n, k, r
     (16, 24, 2, 1, 4),
@@ -84,3 +89,69 @@ def test_zero_B_returns_base_output_exactly():
 def test_rejects_non_linear():
     with pytest.raises(TypeError, match="nn.Linear"):
         ComoeLinear(nn.Conv1d(3, 3, 1), ComoeConfig(), ComoeContext())
+
+
+ROUTING_MODES = {
+    "top1": dict(top_k=1),
+    "top2": dict(top_k=2),
+    "top2-unnormalised": dict(top_k=2, norm_topk_prob=False),
+    "soft": dict(routing="soft"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(ROUTING_MODES))
+def test_every_routing_mode_gives_the_router_a_task_gradient(mode):
+    """Top-1 used to renormalise its gate to p / p = 1: the router learned nothing from the task."""
+    config = ComoeConfig(
+        num_experts=4, contrastive="none", balance_weight=0, lora_dropout=0.0, **ROUTING_MODES[mode]
+    )
+    model = get_comoe_model(tiny_llama(), config)
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.2)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    norm = sum(float(layer.router.weight.grad.norm()) for layer in model.comoe_layers().values())
+    assert norm > 1e-3
+    if mode == "top1":  # asking for renormalised top-1 gates gives them back, without a router gradient
+        forced = get_comoe_model(tiny_llama(), ComoeConfig(**{**config.to_dict(), "norm_topk_prob": True}))
+        with torch.no_grad():
+            for a, b in zip(forced.comoe_layers().values(), model.comoe_layers().values(), strict=True):
+                a.lora_B.copy_(b.lora_B)
+        forced(input_ids=ids, labels=ids).loss.backward()
+        assert sum(float(layer.router.weight.grad.norm()) for layer in forced.comoe_layers().values()) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["top1", "top2", "soft"])
+def test_a_collapsed_router_is_flagged_and_its_balance_loss_pushes_back(mode):
+    """A router putting 99.8% of its mass on expert 0: reported collapsed (routing statistics and the
+    analysis summary), and a balance loss above its uniform value 1 with a gradient; a uniform router is
+    neither."""
+    config = ComoeConfig(num_experts=4, balance_weight=0.01, lora_dropout=0.0, **ROUTING_MODES[mode])
+    x = torch.randn(40, 16)
+    x[:, 0] = 1.0
+    results = {}
+    for name, logit in (("collapsed", math.log(0.998 * 3 / 0.002)), ("uniform", 0.0)):
+        context = ComoeContext()
+        context.keep_records = True
+        layer = ComoeLinear(nn.Linear(16, 8), config, context)
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[0, 0] = logit
+        layer(x)
+        record = layer.record
+        loss = balance_loss(record, config)
+        (gradient,) = torch.autograd.grad(loss, layer.router.weight)
+        summary = SpecialisationAccumulator({"q": layer}, ["task"], similarity=False)
+        summary.update({"q": record}, torch.zeros(40, dtype=torch.long))
+        flagged = summary.summary()["layers"]["q"]["collapsed"]
+        stats = routing_stats(record.routing.indices, record.routing.probs)
+        results[name] = (float(loss), float(gradient.norm()), flagged, stats["collapsed"], stats["mass"][0])
+    loss, gradient, flagged, stats_flag, mass = results["collapsed"]
+    assert mass == pytest.approx(0.998, abs=1e-4)
+    assert flagged and stats_flag
+    assert loss > 1.5 and gradient > 1e-3
+    uniform_loss, _, uniform_flag, uniform_stats_flag, _ = results["uniform"]
+    assert uniform_loss == pytest.approx(1.0, abs=1e-6)
+    # (a uniform top-k router ties, and its argmax sends every token to the same experts: that is collapse)
+    assert mode != "soft" or not (uniform_flag or uniform_stats_flag)

@@ -79,3 +79,22 @@ def test_a_file_of_another_shape_is_refused_naming_the_tensors(tmp_path):
 def test_safe_serialization_off_is_refused(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         trained(ComoeConfig.preset("moe", r=4)).save_pretrained(tmp_path, safe_serialization=False)
+
+
+def test_top_1_folders_keep_the_gates_they_were_trained_with(tmp_path):
+    """Top-1 gates were always renormalised (to 1) before norm_topk_prob existed: a folder without the
+    field reads so; a new top-1 folder records that its gate is the router's probability."""
+    model = trained(ComoeConfig(num_experts=4, top_k=1, r=4))
+    model.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert saved["norm_topk_prob"] is None
+    assert not ComoeModel.from_pretrained(tiny_llama(), tmp_path / "new").comoe_config.normalize_gates
+    del saved["norm_topk_prob"]  # as written before the field
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(saved))
+    (tmp_path / "old" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "new" / "adapter_model.safetensors").read_bytes()
+    )
+    old = ComoeModel.from_pretrained(tiny_llama(), tmp_path / "old")
+    assert old.comoe_config.norm_topk_prob is True
+    assert all(layer.normalize_gates for layer in old.comoe_layers().values())

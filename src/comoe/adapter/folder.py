@@ -50,6 +50,8 @@ def config_from_json(values: dict[str, Any], path: Path) -> ComoeConfig:
         raise ValueError(
             f"{path}: format_version {version!r} is not supported (this comoe reads {FORMAT_VERSION})"
         )
+    if "norm_topk_prob" not in values:  # written before the field: top-k gates were always renormalised
+        values["norm_topk_prob"] = True if values.get("top_k") == 1 else None
     try:
         return ComoeConfig.from_dict(values)
     except (ValueError, TypeError) as error:

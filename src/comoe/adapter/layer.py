@@ -88,6 +88,7 @@ class ComoeLinear(nn.Module):
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
         self.soft = config.routing == "soft"
+        self.normalize_gates = config.normalize_gates
         self.expert_compute = config.expert_compute
         if self.expert_compute != "auto":
             choose_strategy(self.expert_compute, self.num_experts, self.active_experts)  # registered?
@@ -115,7 +116,7 @@ class ComoeLinear(nn.Module):
         if not self.context.adapters_enabled:
             return result
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
-        routing = route(self.router(flat), self.top_k, soft=self.soft)
+        routing = route(self.router(flat), self.top_k, soft=self.soft, normalize=self.normalize_gates)
         z = self.bank.down_project(self, self.lora_dropout(flat))
         lora_B = self.bank.up_weight(self)
         delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)

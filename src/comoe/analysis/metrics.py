@@ -60,22 +60,32 @@ def mutual_information_from_counts(joint: torch.Tensor, bias_correction: bool = 
     return max(0.0, mi)
 
 
-def load_stats(counts: torch.Tensor, k: int) -> dict[str, Any]:
-    """From routed (token, slot) counts per expert: load, its entropy and imbalance, dead/collapsed flags.
+def load_stats(counts: torch.Tensor, k: int, mass: torch.Tensor | None = None) -> dict[str, Any]:
+    """From routed (token, slot) counts per expert: load, its entropy and imbalance, dead/collapsed flags;
+    with `mass` (the router's probability mass per expert, summed over tokens) also its share.
 
-    Dead: an expert with under a tenth of the uniform load. Collapsed: k experts take over 90% of it.
+    Dead: an expert with under a tenth of the uniform load (it receives almost no tokens).
+    Collapsed: k experts take over 90% of the load, or one expert over 90% of the mass. For dense (soft)
+    routing, where every expert takes every token, pass the mass as `counts` and k = 1.
     """
     counts = counts.double()
     n = counts.numel()
-    load = counts / counts.sum().clamp_min(1)
-    return {
+    load = counts / counts.sum().clamp_min(1e-12)
+    share = None if mass is None else mass.double() / mass.double().sum().clamp_min(1e-12)
+    dead = [i for i in range(n) if load[i] < 0.1 / n]
+    collapsed = n > k and load.sort(descending=True).values[:k].sum() > 0.9
+    collapsed = collapsed or (share is not None and n > 1 and share.max() > 0.9)
+    stats = {
         "load": load.tolist(),
         "load_entropy_bits": entropy_bits(counts),
         "max_load_entropy_bits": math.log2(n),
         "load_cv": float(load.std(unbiased=False) / load.mean()) if n > 1 else 0.0,
-        "dead_experts": [i for i in range(n) if load[i] < 0.1 / n],
-        "collapsed": bool(n > k and load.sort(descending=True).values[:k].sum() > 0.9),
+        "dead_experts": dead,
+        "collapsed": bool(collapsed),
     }
+    if share is not None:
+        stats["mass"] = share.tolist()
+    return stats
 
 
 def mean_routing_entropy_bits(probs: torch.Tensor) -> float:
@@ -90,10 +100,12 @@ def routing_stats(
     """Routing statistics of one layer over real tokens: `indices` [T, k] active experts, `probs` [T, n]."""
     if mask is not None:
         indices, probs = indices[mask], probs[mask]
-    counts = torch.bincount(indices.reshape(-1), minlength=probs.shape[1])
+    mass = probs.double().sum(0)
+    dense = indices.shape[1] == probs.shape[1]  # soft routing: the load is the probability mass
+    counts = mass if dense else torch.bincount(indices.reshape(-1), minlength=probs.shape[1])
     return {
         "tokens": int(indices.shape[0]),
-        **load_stats(counts, indices.shape[1]),
+        **load_stats(counts, 1 if dense else indices.shape[1], mass),
         "routing_entropy_bits": mean_routing_entropy_bits(probs),
     }
 
@@ -114,14 +126,25 @@ def expert_similarity(z: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor 
     return float(cosines[:, pairs[0], pairs[1]].mean())
 
 
+def _holders(layer: ComoeLinear) -> int:
+    """How many experts may hold a layer's load without it counting as collapsed: top_k, or 1 for dense
+    routing (whose load is probability mass)."""
+    return 1 if layer.active_experts == layer.num_experts else layer.top_k
+
+
 TOKEN_BUCKETS = 64  # token identity is bucketed as id mod 64 for I(token; expert)
 
 
-def _count_pairs(table: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> None:
-    """Add every (row label, routed expert) pair of [T] labels and [T, k] expert indices to a count table."""
+def _count_pairs(
+    table: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None = None
+) -> None:
+    """Add every (row label, routed expert) pair of [T] labels and [T, k] expert indices to a count table
+    (each pair weighted by `weights` [T, k] when given: the probability mass of dense routing)."""
     n = table.shape[1]
     flat = rows.repeat_interleave(indices.shape[1]) * n + indices.reshape(-1)
-    table += torch.bincount(flat, minlength=table.numel()).view_as(table).to(table.device)  # GPU counts
+    flat_weights = None if weights is None else weights.reshape(-1).double()
+    counts = torch.bincount(flat, weights=flat_weights, minlength=table.numel())
+    table += counts.view_as(table).to(table.device, table.dtype)
 
 
 class SpecialisationAccumulator:
@@ -145,6 +168,7 @@ class SpecialisationAccumulator:
         self.entropy_sum = dict.fromkeys(layers, 0.0)
         self.similarity_sum = dict.fromkeys(layers, 0.0)
         self.tokens = dict.fromkeys(layers, 0)
+        self.mass = {n: torch.zeros(layer.num_experts, dtype=torch.float64) for n, layer in layers.items()}
 
     @torch.no_grad()
     def update(
@@ -158,9 +182,14 @@ class SpecialisationAccumulator:
         for name, record in records.items():
             mask = token_tasks >= 0 if record.mask is None else record.mask & (token_tasks >= 0)
             indices = record.routing.indices[mask]
-            _count_pairs(self.joint[name], token_tasks[mask], indices)
+            probs = record.routing.probs[mask]
+            # dense routing: every expert takes every token, so the table counts probability mass
+            weights = probs if indices.shape[1] == probs.shape[1] else None
+            _count_pairs(self.joint[name], token_tasks[mask], indices, weights)
             if token_ids is not None:
-                _count_pairs(self.token_joint[name], token_ids.reshape(-1)[mask] % TOKEN_BUCKETS, indices)
+                buckets = token_ids.reshape(-1)[mask] % TOKEN_BUCKETS
+                _count_pairs(self.token_joint[name], buckets, indices, weights)
+            self.mass[name] += probs.double().sum(0).to(self.mass[name].device)
             count = int(mask.sum())
             self.entropy_sum[name] += mean_routing_entropy_bits(record.routing.probs[mask]) * count
             if self.similarity:
@@ -175,7 +204,7 @@ class SpecialisationAccumulator:
             mi = mutual_information_from_counts(joint)
             layers[name] = {
                 "tokens": self.tokens[name],
-                **load_stats(joint.sum(0), self.layers[name].active_experts),
+                **load_stats(joint.sum(0), _holders(self.layers[name]), self.mass[name]),
                 "routing_entropy_bits": self.entropy_sum[name] / tokens,
                 "mi_task_expert_bits": mi,
                 "nmi_task_expert": mi / task_entropy if task_entropy > 0 else 0.0,

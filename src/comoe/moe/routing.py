@@ -29,17 +29,22 @@ class Routing:
         return torch.zeros_like(self.probs).scatter(1, self.indices, self.gates)
 
 
-def route(logits: torch.Tensor, top_k: int, soft: bool = False) -> Routing:
-    """Softmax over experts, then top-k with gates renormalised over the chosen experts.
+def route(logits: torch.Tensor, top_k: int, soft: bool = False, normalize: bool = True) -> Routing:
+    """Softmax over experts, then top-k; the gates are the chosen probabilities, renormalised to sum to 1
+    over the chosen experts when `normalize` (transformers' `norm_topk_prob`; Mixtral, CoMoE, MoELoRA),
+    or as they are (the Switch Transformer's top-1 gate p_i, Fedus et al. 2021, eq. 2). With top_k = 1
+    a renormalised gate is p / p = 1 and gives the router no task gradient.
 
     Soft routing keeps every expert with its softmax weight: the same layout with k = n.
+    Shapes: logits [T, n] -> probs [T, n] (float32), indices and gates [T, k].
     """
     probs = torch.softmax(logits.float(), dim=-1)
     if soft:
         indices = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape[0], -1)
         return Routing(probs, indices, probs)
     top_probs, indices = probs.topk(top_k, dim=-1)
-    return Routing(probs, indices, top_probs / top_probs.sum(dim=-1, keepdim=True))
+    gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if normalize else top_probs
+    return Routing(probs, indices, gates)
 
 
 @dataclass

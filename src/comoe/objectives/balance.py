@@ -70,9 +70,28 @@ def global_expert_fraction(record: LayerRecord) -> Tensor | None:
     return (counts / counts.sum().clamp_min(1)).to(routing.probs.dtype)
 
 
+def mass_fraction(record: LayerRecord, across_processes: bool = False) -> Tensor:
+    """f_i for dense (soft) routing: expert i's share of the router's probability mass over real tokens,
+    detached as the Switch count is. Every expert is active there, so the counted f would be uniform and
+    n * sum_i f_i P_i = 1 for any router; with f = P-bar the loss is n * sum_i P-bar_i^2 (1 when uniform,
+    n when one expert takes all) and its gradient pushes mass off the heavy experts."""
+    probs = record.routing.probs.detach()
+    mask = record.mask
+    weights = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.to(probs)
+    sums = torch.cat([(probs * weights.unsqueeze(1)).sum(0), weights.sum().unsqueeze(0)]).double()
+    if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return (sums[:-1] / sums[-1].clamp_min(1)).to(probs.dtype)
+
+
 def balance_loss(record: LayerRecord, config: ComoeConfig) -> Tensor:
-    """Switch load balancing of one layer, with expert load counted locally or over all processes."""
-    fraction = global_expert_fraction(record) if config.balance_scope == "global" else None
+    """Switch load balancing of one layer, with expert load counted locally or over all processes; for
+    dense routing (k = n) the load is the probability mass (mass_fraction)."""
+    across = config.balance_scope == "global"
+    if record.routing.indices.shape[1] == record.routing.num_experts:
+        fraction = mass_fraction(record, across)
+    else:
+        fraction = global_expert_fraction(record) if across else None
     return load_balance_loss(record.routing.probs, record.routing.indices, record.mask, fraction)
 
 
