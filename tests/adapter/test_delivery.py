@@ -12,21 +12,22 @@ from tests.helpers import tiny_llama
 
 
 @pytest.mark.parametrize(
-    ("wants", "labels", "caller", "carry", "direct", "mode"),
+    ("wants", "labels", "caller", "carry", "direct", "training", "mode"),
     [
-        (False, True, False, True, False, Delivery.NONE),  # adapters off, or evaluation without labels
-        (True, True, False, True, False, Delivery.INTO_LOSS),
-        (True, True, True, True, False, Delivery.INTO_LOSS),  # labels win over the caller's block
-        (True, False, True, True, False, Delivery.TO_CALLER),
-        (True, False, False, True, False, Delivery.CARRIED),
-        (True, False, False, False, False, Delivery.TO_CALLER),  # no backbone to carry on
-        (True, True, False, True, True, Delivery.CARRIED),  # a direct backbone call never sees labels
-        (True, False, True, True, True, Delivery.TO_CALLER),
+        (False, True, False, True, False, True, Delivery.NONE),  # adapters off, or evaluation without labels
+        (True, True, False, True, False, True, Delivery.INTO_LOSS),
+        (True, True, False, True, False, False, Delivery.REPORTED),  # evaluation with labels: loss = task
+        (True, True, True, True, False, True, Delivery.INTO_LOSS),  # labels win over the caller's block
+        (True, False, True, True, False, True, Delivery.TO_CALLER),
+        (True, False, False, True, False, True, Delivery.CARRIED),
+        (True, False, False, False, False, True, Delivery.TO_CALLER),  # no backbone to carry on
+        (True, True, False, True, True, True, Delivery.CARRIED),  # a direct backbone call never sees labels
+        (True, False, True, True, True, True, Delivery.TO_CALLER),
     ],
 )
-def test_the_mode_of_each_kind_of_call(wants, labels, caller, carry, direct, mode):
+def test_the_mode_of_each_kind_of_call(wants, labels, caller, carry, direct, training, mode):
     got = choose_delivery(
-        wants_aux=wants, has_labels=labels, caller_adds=caller, can_carry=carry, direct=direct
+        wants_aux=wants, has_labels=labels, caller_adds=caller, can_carry=carry, direct=direct, training=training
     )
     assert got is mode
 
@@ -94,6 +95,9 @@ def test_each_mode_through_the_model():
     assert float(model.take_carried_aux_loss()) == pytest.approx(float(model.weighted_aux_loss), rel=1e-6)
     model.eval()
     with torch.no_grad():
+        reported = model(input_ids=ids, labels=ids)  # REPORTED: computed, the loss the task's alone
+        assert float(reported.loss) == pytest.approx(model.last_aux_losses()["task"])
+        assert model.last_aux_losses()["balance"] > 0.5
         model(input_ids=ids)  # NONE: nothing computed, nothing kept
     assert all(layer.record is None for layer in model.comoe_layers().values())
     assert model._call is None

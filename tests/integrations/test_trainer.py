@@ -158,3 +158,22 @@ def test_unsupported_adapter_management_raises_instead_of_reaching_the_wrapped_m
             getattr(model, name)
     assert model.config is model.wrapped_model.config  # other names still reach the wrapped model
     assert model.base_model is model.wrapped_model.model  # transformers: base_model is the backbone
+
+
+@pytest.mark.parametrize("trainer_class", [Trainer, ComoeTrainer])
+def test_eval_loss_is_the_task_loss_as_comoe_validation_reports_it(tmp_path, trainer_class):
+    """In evaluation the auxiliary losses are reported, not added: Trainer's eval_loss is the mean task
+    cross-entropy, the quantity of comoe's own validation loss (docs/data.md)."""
+    torch.manual_seed(0)
+    base = tiny_llama(seed=0)
+    model = get_comoe_model(base, ComoeConfig.preset("mixlora", r=4, lora_dropout=0.0, balance_weight=5.0))
+    data = dataset(rows=8)
+    trainer = trainer_class(model=model, args=arguments(tmp_path, save_strategy="no"), eval_dataset=data)
+    metrics = trainer.evaluate()
+    model.eval()
+    batch = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        task = model(**batch).loss
+    assert model.last_aux_losses()["balance"] > 0.9  # 5 x balance would have moved eval_loss by > 4.5
+    assert float(task) == pytest.approx(model.last_aux_losses()["task"])
+    assert metrics["eval_loss"] == pytest.approx(float(task), rel=1e-4)

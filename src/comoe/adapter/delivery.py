@@ -10,6 +10,9 @@ reach the optimiser depends on who computes the task loss:
 - CARRIED: the caller computes the task loss from the outputs without telling the model (TRL's fused LM
   head calls the backbone directly; label smoothing): the gradient of `aux_gradient_scale * aux` rides on
   the backbone's output (adapter/aux_gradient.py);
+- REPORTED: an evaluation forward with labels computes them for `last_aux_losses()` but leaves
+  `output.loss` the task loss, so an evaluation loss (Trainer's `eval_loss`) is the quantity comoe's own
+  validation loss is;
 - NONE: no auxiliary losses (evaluation without labels, adapters disabled).
 
 `choose_delivery` decides the mode from the call; `LossDelivery` applies it and keeps what each mode
@@ -32,20 +35,28 @@ from comoe.objectives.auxiliary import ALWAYS_REPORTED, AuxiliaryLosses
 class Delivery(enum.Enum):
     NONE = "none"
     INTO_LOSS = "into_loss"
+    REPORTED = "reported"
     TO_CALLER = "to_caller"
     CARRIED = "carried"
 
 
 def choose_delivery(
-    *, wants_aux: bool, has_labels: bool, caller_adds: bool, can_carry: bool, direct: bool = False
+    *,
+    wants_aux: bool,
+    has_labels: bool,
+    caller_adds: bool,
+    can_carry: bool,
+    direct: bool = False,
+    training: bool = True,
 ) -> Delivery:
     """The mode of one call. `wants_aux`: adapters on and (training or labels given); `caller_adds`: inside
     caller_adds_aux_loss(); `can_carry`: the model has a backbone whose output can carry a gradient;
-    `direct`: the backbone was called without the model's forward (then labels never reach the model)."""
+    `direct`: the backbone was called without the model's forward (then labels never reach the model);
+    `training`: the model is in training mode."""
     if not wants_aux:
         return Delivery.NONE
     if has_labels and not direct:
-        return Delivery.INTO_LOSS
+        return Delivery.INTO_LOSS if training else Delivery.REPORTED
     if caller_adds or not can_carry:
         return Delivery.TO_CALLER
     return Delivery.CARRIED

@@ -105,9 +105,9 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; with labels (or in training) the auxiliary losses are computed and
-        delivered as the call's mode says (adapter/delivery.py): into `output.loss` with labels; in training
-        without labels, to the caller inside `caller_adds_aux_loss()`, else carried by the backbone's
-        output."""
+        delivered as the call's mode says (adapter/delivery.py): into `output.loss` with labels in training
+        (reported only, in evaluation); in training without labels, to the caller inside
+        `caller_adds_aux_loss()`, else carried by the backbone's output."""
         arguments = bound_arguments(self.wrapped_model.forward, args, kwargs)
         has_labels = arguments.get("labels") is not None
         mode = choose_delivery(
@@ -115,14 +115,17 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             has_labels=has_labels,
             caller_adds=self.delivery.caller_adds,
             can_carry=self._can_carry,
+            training=self.training,
         )
         self._begin(ForwardCall(mode, TokenMasks.bind(arguments, self._encoder_decoder)))
         try:
             output = self.wrapped_model(*args, **kwargs)
-            if mode in (Delivery.INTO_LOSS, Delivery.TO_CALLER):
+            if mode in (Delivery.INTO_LOSS, Delivery.TO_CALLER, Delivery.REPORTED):
                 self.delivery.keep(self._auxiliary_losses())
             if mode is Delivery.INTO_LOSS:
                 self.delivery.into_loss(output, token_share(arguments))
+            elif mode is Delivery.REPORTED and getattr(output, "loss", None) is not None:
+                self.delivery.last_task = output.loss.detach()
         finally:
             self._end_forward()
         return output
