@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from transformers import LlamaForCausalLM
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from comoe.models import load_base
 from tests.helpers import tiny_llama
@@ -24,5 +25,18 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     """A tiny random LLaMA with SmolLM2's tokenizer saved as a local model folder (for end-to-end runs)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(vocab=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random GPT-2 whose context is 32 positions (learned position embeddings: a longer sequence
+    indexes past them), with SmolLM2's tokenizer, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    config = GPT2Config(n_positions=32, n_embd=64, n_layer=2, n_head=4, vocab_size=len(smol_tokenizer), **ids)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder

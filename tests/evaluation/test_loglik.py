@@ -2,13 +2,30 @@
 caches and heads differ: Llama, Gemma 3 (sliding-window layers), Gemma 2 (logit soft-capping), and a
 comoe-adapted model (routing per token must not depend on the cache)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+)
 
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
-from comoe.evaluation.loglik import option_loglikelihoods, plain_scores, sliding_window, tokenize_question
+from comoe.evaluation.loglik import (
+    context_length,
+    option_loglikelihoods,
+    plain_scores,
+    sliding_window,
+    tokenize_question,
+    within_context,
+)
 from tests.helpers import TINY_SIZES, questions, tiny_llama
 
 
@@ -103,3 +120,21 @@ def test_prompt_cache_off_is_the_plain_path(smol_tokenizer):
     off, _ = option_loglikelihoods(model, smol_tokenizer, examples, 4, prompt_cache=False)
     plain, _ = plain_scores(model, smol_tokenizer, examples, 4, window=128)
     assert off == plain
+
+
+def test_the_context_is_read_from_the_config_of_each_family_and_cuts_the_cutoff():
+    """One lookup for evaluation, generation, training and analysis: max_position_embeddings (GPT-2's
+    n_positions, a multimodal model's text_config), else the caller's default."""
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=64))
+    assert context_length(gpt2) == 32 and within_context(gpt2, 256) == 32 and within_context(gpt2, 16) == 16
+    llama = tiny_llama()  # max_position_embeddings=128
+    assert (
+        context_length(llama) == 128 and within_context(llama, 256) == 128 and within_context(llama, 96) == 96
+    )
+    multimodal = SimpleNamespace(
+        config=SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=64))
+    )
+    assert within_context(multimodal, 256) == 64
+    relative = SimpleNamespace(config=T5Config())  # relative positions: the config names no context
+    assert context_length(relative) == 2048 and within_context(relative, 256) == 256
+    assert within_context(SimpleNamespace(), 300) == 300  # no config at all

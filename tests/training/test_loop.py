@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from comoe import ComoeConfig, get_comoe_model
 from comoe.cli import main
@@ -18,7 +19,7 @@ from comoe.evaluation.settings import EvalArgs
 from comoe.training.loop import optimizer_step, train
 from comoe.training.loss import response_loss
 from comoe.training.settings import TrainArgs
-from tests.helpers import tiny_llama, train_args
+from tests.helpers import one_line_error, tiny_config, tiny_llama, train_args, write_jsonl
 
 
 def test_response_loss_equals_full_head_loss(smol_tokenizer):
@@ -198,3 +199,80 @@ def test_bf16_base_with_gradient_checkpointing_trains_float32_adapters(tmp_path,
     assert len(rows) == 2 and all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in rows)
     tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+# ---- the model's context: training, validation and analysis cut at min(--cutoff, context) ------------------
+def context_records(long: int, short: int) -> list[dict]:
+    """`long` records of 41 tokens (a 21-token prompt) and `short` ones of 5, with SmolLM2's tokenizer."""
+    rows = [
+        {
+            "prompt": f"Repeat the word after me, please, {' '.join(['sun'] * 10)} {i}:",
+            "completion": " sun moon" * 10,
+        }
+        for i in range(long)
+    ]
+    return rows + [{"prompt": f"Say {i}:", "completion": " sun"} for i in range(short)]
+
+
+def test_training_on_gpt2_cuts_at_its_context_of_32_and_counts_the_cut_examples(
+    tiny_gpt2_dir, tmp_path, capsys
+):
+    data = write_jsonl(tmp_path / "c13.jsonl", context_records(long=5, short=3))
+    held = write_jsonl(tmp_path / "held.jsonl", context_records(long=2, short=1))
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_gpt2_dir), "--data", str(data), "--eval-data", str(held)]
+    assert main([*argv, "--max-steps", "2", "--preset", "moe", "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "training moe on 8 examples (5 cut at 32 tokens, the model's context; --cutoff 256), validating on 3 "
+        "(2 cut), 2 steps" in out
+    )
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and math.isfinite(rows[-1]["val_loss"])
+    assert all(row["batch_tokens"] <= 8 * 32 for row in rows)
+    # analysis routes the same examples at --cutoff 256 by default: cut to the context as well
+    analysis = [
+        "analyze",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--adapter",
+        str(run / "adapter"),
+        "--data",
+        str(data),
+    ]
+    assert main([*analysis, "--output", str(tmp_path / "analysis")]) == 0
+
+
+def test_a_context_that_leaves_no_response_token_is_one_error_naming_it(tiny_gpt2_dir, tmp_path, capsys):
+    long_prompts = [{"prompt": "sun " * 40, "completion": " moon"} for _ in range(2)]
+    data = write_jsonl(tmp_path / "long.jsonl", long_prompts)
+    argv = ["train", "--model", str(tiny_gpt2_dir), "--data", str(data), "--output", str(tmp_path / "run")]
+    assert one_line_error(capsys, argv) == (
+        "comoe: error: the model's context of 32 tokens (below --cutoff 256) leaves no response token in any "
+        "of the 2 examples: their prompts fill it; shorten the prompts or use a model with a longer context "
+        "(run with --debug for the traceback)"
+    )
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
+
+
+def test_a_llama_with_a_short_max_position_embeddings_is_cut_there(smol_tokenizer, tmp_path, caplog):
+    folder = tmp_path / "llama-32"
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(vocab_size=len(smol_tokenizer), max_position_embeddings=32)).save_pretrained(
+        folder
+    )
+    smol_tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "c.jsonl", context_records(long=3, short=1))
+    with caplog.at_level(logging.INFO, logger="comoe"):
+        run = train(train_args(folder, tmp_path / "run", data=[str(data)], max_steps=2, cutoff=96))
+    assert "on 4 examples (3 cut at 32 tokens, the model's context; --cutoff 96), 2 steps" in caplog.text
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert max(row["batch_tokens"] for row in rows) <= 4 * 32
+
+
+def test_a_model_with_a_longer_context_keeps_the_cutoff(tiny_model_dir, tmp_path, caplog):
+    data = write_jsonl(tmp_path / "c.jsonl", context_records(long=3, short=1))
+    with caplog.at_level(logging.INFO, logger="comoe"):  # the tiny LLaMA's context is 128 positions
+        train(train_args(tiny_model_dir, tmp_path / "run", data=[str(data)], max_steps=1, cutoff=30))
+    assert "on 4 examples (3 cut at 30 tokens), 1 steps" in caplog.text
+    assert "context" not in caplog.text

@@ -16,6 +16,7 @@ from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.data.collate import encode_examples, pad_batch
 from comoe.data.example import task_index
+from comoe.evaluation.loglik import within_context
 from comoe.evaluation.runner import eval_examples, load_for_eval
 from comoe.files import atomic_write_text
 
@@ -32,8 +33,9 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
     task_names, task_ids = task_index(examples)
     accumulator = SpecialisationAccumulator(method.routed_layers(model), task_names)
     device = next(model.parameters()).device
+    cutoff = within_context(model, args.cutoff)  # never past the model's position embeddings
     for start in range(0, len(examples), args.batch_size):
-        items, _ = encode_examples(tokenizer, examples[start : start + args.batch_size], args.cutoff)
+        items, _ = encode_examples(tokenizer, examples[start : start + args.batch_size], cutoff)
         batch = {k: v.to(device) for k, v in pad_batch(items, tokenizer.pad_token_id).items()}
         rows = torch.tensor(task_ids[start : start + args.batch_size], device=device)
         with torch.no_grad(), method.record_routing(model) as records:

@@ -10,6 +10,7 @@ from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.loglik import context_length
+from comoe.validation import InvalidSetting
 
 
 @torch.no_grad()
@@ -17,8 +18,17 @@ def generate_responses(
     model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
 ) -> tuple[list[str], list[bool]]:
     """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
-    (from the start) so that prompt and answer fit the model's context length."""
-    room = max(1, context_length(model) - max_new_tokens)
+    (from the start) so that prompt and answer fit the model's context length. A max_new_tokens that
+    leaves no room for a prompt in the context is refused (generating past it indexes past the model's
+    position embeddings)."""
+    context = context_length(model)
+    if max_new_tokens >= context:
+        raise InvalidSetting(
+            "max_new_tokens",
+            f"max_new_tokens={max_new_tokens} is invalid for this model: expected at most {context - 1} "
+            f"(its context is {context} tokens, prompt included)",
+        )
+    room = context - max_new_tokens
     texts = [render_prompt(e, tokenizer) for e in examples]
     encoded = [prompt_ids(tokenizer, text) for text in texts]
     truncated = [len(ids) > room for ids in encoded]

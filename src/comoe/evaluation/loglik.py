@@ -205,10 +205,26 @@ def plain_scores(
     return grouped, truncated
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions")  # GPT-2's config maps the first to the second
+
+
 def context_length(model: nn.Module, default: int = 2048) -> int:
-    """The number of positions the model was trained for (config.max_position_embeddings)."""
+    """The number of positions the model was trained for: its config's max_position_embeddings (GPT-2:
+    n_positions; a multimodal model's text_config), or `default` when the config names none (T5, BLOOM:
+    relative or ALiBi positions). Evaluation, generation, training and analysis all cut to it."""
     config = getattr(model, "config", None)
-    return int(getattr(config, "max_position_embeddings", None) or default)
+    config = getattr(config, "text_config", None) or config
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def within_context(model: nn.Module, cutoff: int) -> int:
+    """The length examples are cut at: `cutoff`, or the model's context when that is shorter (a longer
+    sequence would index past its position embeddings); `cutoff` for a model whose config names none."""
+    return min(cutoff, context_length(model, default=cutoff))
 
 
 def sliding_window(model: nn.Module) -> int | None:

@@ -19,7 +19,7 @@ from comoe.data.record import trained_template
 from comoe.data.selection import SourceSettings, select_examples
 from comoe.data.tasks import scoring_of
 from comoe.evaluation.generation import generate_responses
-from comoe.evaluation.loglik import option_loglikelihoods
+from comoe.evaluation.loglik import context_length, option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
 from comoe.evaluation.settings import EvalArgs
 from comoe.files import atomic_write_text
@@ -118,6 +118,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
         max_new_tokens = 256 if any(scoring_of(e) in ("number", "letter") for e in examples) else 32
+        max_new_tokens = min(max_new_tokens, max(1, context_length(model) // 2))  # half a short context
     start = time.perf_counter()
     predictions = predict(model, tokenizer, examples, args.mode, args.batch_size, max_new_tokens)
     report = summarise(predictions)

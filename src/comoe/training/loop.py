@@ -22,6 +22,7 @@ from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
 from comoe.data.example import Example, task_index
 from comoe.data.record import write_data_record
 from comoe.errors import Interrupted, NonFiniteLoss
+from comoe.evaluation.loglik import within_context
 from comoe.models.head import unwrap_model
 from comoe.moe.record import LayerRecord
 from comoe.training.batches import micro_batches
@@ -54,14 +55,23 @@ def train(args: TrainArgs, dataset: Any = None) -> Path:
         return _train(args, world, run_dir, dataset)
 
 
-def trainable_items(items: list[Tokenized], cutoff: int) -> list[int]:
-    """Indices of the examples that keep at least one response token within the cutoff; a clear error
-    when none does (nothing to learn), rather than a loss of 0/0 reported as divergence."""
+def trainable_items(
+    items: list[Tokenized], cutoff: int, context: int | None = None, what: str = "examples"
+) -> list[int]:
+    """Indices of the examples that keep at least one response token within the cutoff (or the model's
+    `context`, when that is shorter); a clear error when none does (nothing to learn), rather than a loss of
+    0/0 reported as divergence."""
     kept = [i for i, item in enumerate(items) if any(label != IGNORE_INDEX for label in item.labels[1:])]
     if not kept:
+        if context is not None and context < cutoff:
+            raise ValueError(
+                f"the model's context of {context} tokens (below --cutoff {cutoff}) leaves no response token "
+                f"in any of the {len(items)} {what}: their prompts fill it; shorten the prompts or use a "
+                "model with a longer context"
+            )
         longest = max(len(item.input_ids) for item in items)
         raise ValueError(
-            f"cutoff={cutoff} leaves no response token in any of the {len(items)} examples (prompts and "
+            f"cutoff={cutoff} leaves no response token in any of the {len(items)} {what} (prompts and "
             f"responses run to {longest} tokens here): raise --cutoff"
         )
     return kept
@@ -73,12 +83,13 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     model, tokenizer = build_model(args)
     method = adapter_method(model)
     initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
-    items, truncated = encode_examples(tokenizer, examples, args.cutoff)
-    kept = trainable_items(items, args.cutoff)
+    cutoff = within_context(model, args.cutoff)  # never past the model's position embeddings
+    items, truncated = encode_examples(tokenizer, examples, cutoff)
+    kept = trainable_items(items, args.cutoff, cutoff)
     empty = len(items) - len(kept)
     items, examples = [items[i] for i in kept], [examples[i] for i in kept]
-    val_items, val_cut = encode_examples(tokenizer, validation, args.cutoff)
-    val_kept = trainable_items(val_items, args.cutoff) if validation else []
+    val_items, val_cut = encode_examples(tokenizer, validation, cutoff)
+    val_kept = trainable_items(val_items, args.cutoff, cutoff, "validation examples") if validation else []
     val_items, validation = [val_items[i] for i in val_kept], [validation[i] for i in val_kept]
     val_names, val_ids = task_index(validation)
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
@@ -95,11 +106,13 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     run_dir.record_settings()
     if world.is_main:
         truncate_log(run / "log.jsonl", step)
-        skipped_note = f"; {empty} skipped: no response token within the cutoff" if empty else ""
+        context_note = f", the model's context; --cutoff {args.cutoff}" if cutoff < args.cutoff else ""
+        skipped_note = f"; {empty} skipped: no response token within {cutoff} tokens" if empty else ""
         val_note = f", validating on {len(val_items)} ({val_cut} cut)" if val_items else ""
         logger.info(
-            f"training {args.preset} on {len(items)} examples ({truncated} cut at {args.cutoff} tokens"
-            f"{skipped_note}){val_note}, {total} steps, {world.size} process(es); run directory {run}"
+            f"training {args.preset} on {len(items)} examples ({truncated} cut at {cutoff} tokens"
+            f"{context_note}{skipped_note}){val_note}, {total} steps, {world.size} process(es); "
+            f"run directory {run}"
         )
     task_names, task_ids = task_index(examples)
     pad_id = tokenizer.pad_token_id
