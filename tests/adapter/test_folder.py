@@ -45,22 +45,6 @@ def test_folder_records_base_model_version_and_a_model_card(tiny_model_dir, tmp_
     assert "**training data:** chain_sum, syllogism (built-in)" in card
 
 
-def test_auto_model_loads_base_and_adapter_from_the_folder_alone(tiny_model_dir, tmp_path):
-    model = adapted(tiny_model_dir)
-    model.save_pretrained(tmp_path)
-    loaded = AutoComoeModelForCausalLM.from_pretrained(tmp_path)
-    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert not any(p.requires_grad for p in loaded.parameters())
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config["base_model_name_or_path"] = None
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="does not record its base model"):
-        AutoComoeModelForCausalLM.from_pretrained(tmp_path)
-    assert AutoComoeModelForCausalLM.from_pretrained(tmp_path, base_model=str(tiny_model_dir)) is not None
-
-
 def test_save_pretrained_takes_the_keywords_transformers_passes(tiny_model_dir, tmp_path):
     model = adapted(tiny_model_dir)
     whole = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # as Trainer gathers it

@@ -1,4 +1,5 @@
-"""Specialisation measures: the MI estimator on synthetic data, statistics against plain loops, figures."""
+"""Specialisation measures: the MI estimator on synthetic data, statistics against plain loops, the
+statistics training logs (analyze() and its files are tested in test_pipeline.py)."""
 
 import json
 import math
@@ -16,8 +17,6 @@ from comoe.analysis.metrics import (
     routing_stats,
     token_tasks,
 )
-from comoe.analysis.pipeline import analyze
-from comoe.analysis.settings import AnalyzeArgs
 from comoe.objectives.reference import cosine_similarity_matrix
 from comoe.training.loop import train
 from tests.helpers import tiny_llama, train_args
@@ -120,30 +119,6 @@ def test_accumulator_counts_equal_a_plain_loop():
         mutual_information_from_counts(table.double())
     )
     assert summary["layers"][name]["tokens"] == 19
-
-
-def test_analyze_writes_summary_report_and_figures(tiny_model_dir, tmp_path):
-    run = train(train_args(tiny_model_dir, tmp_path / "run", max_steps=2))
-    summary = analyze(
-        AnalyzeArgs(
-            model=str(tiny_model_dir),
-            adapter=str(run / "adapter"),
-            tasks=["chain_sum", "syllogism"],
-            limit=4,
-            output=str(tmp_path / "an"),
-        )
-    )
-    saved = json.loads((tmp_path / "an" / "summary.json").read_text())
-    assert saved["tasks"] == ["chain_sum", "syllogism"] and len(saved["layers"]) == 8
-    layers = list(saved["layers"].values())
-    for key in ("mi_task_expert_bits", "nmi_task_expert", "expert_similarity", "load_cv"):
-        assert summary[f"mean_{key}"] == pytest.approx(sum(row[key] for row in layers) / len(layers))
-    for figure in ("task_expert_heatmaps.png", "per_layer_curves.png"):
-        data = (tmp_path / "an" / figure).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert "I(task; expert)" in (tmp_path / "an" / "report.md").read_text()
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert all("mi_task_expert_bits" not in row for row in log)  # stats_steps=10 > 2 steps
 
 
 def test_training_logs_routing_statistics(tiny_model_dir, tmp_path):

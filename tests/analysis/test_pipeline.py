@@ -1,0 +1,122 @@
+"""comoe.analysis.pipeline: `comoe analyze` routes held-out examples through a comoe adapter and writes the
+summary, the figures and the report; it refuses a PEFT adapter and bad data before loading a model."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from comoe.adapter.model import get_comoe_model
+from comoe.analysis import pipeline
+from comoe.analysis.pipeline import analyze
+from comoe.analysis.report import specialisation_section
+from comoe.analysis.settings import AnalyzeArgs
+from comoe.config import ComoeConfig
+from comoe.models.loading import load_base
+from comoe.training.loop import train
+from tests.helpers import train_args
+
+
+def saved_comoe(model_dir, folder) -> None:
+    base, _ = load_base(str(model_dir))
+    model = get_comoe_model(base, ComoeConfig(num_experts=4, top_k=2, r=2, lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.3)
+    model.save_pretrained(folder)
+
+
+def test_analyze_writes_summary_report_and_figures(tiny_model_dir, tmp_path):
+    run = train(train_args(tiny_model_dir, tmp_path / "run", max_steps=2))
+    summary = analyze(
+        AnalyzeArgs(
+            model=str(tiny_model_dir),
+            adapter=str(run / "adapter"),
+            tasks=["chain_sum", "syllogism"],
+            limit=4,
+            output=str(tmp_path / "an"),
+        )
+    )
+    saved = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert saved["tasks"] == ["chain_sum", "syllogism"] and len(saved["layers"]) == 8
+    layers = list(saved["layers"].values())
+    for key in ("mi_task_expert_bits", "nmi_task_expert", "expert_similarity", "load_cv"):
+        assert summary[f"mean_{key}"] == pytest.approx(sum(row[key] for row in layers) / len(layers))
+    for figure in ("task_expert_heatmaps.png", "per_layer_curves.png"):
+        data = (tmp_path / "an" / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "I(task; expert)" in (tmp_path / "an" / "report.md").read_text()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all("mi_task_expert_bits" not in row for row in log)  # stats_steps=10 > 2 steps
+
+
+def test_the_files_hold_what_analyze_returns(tiny_model_dir, tmp_path, monkeypatch):
+    saved_comoe(tiny_model_dir, tmp_path / "adapter")
+    drawn = []
+    real_plot = pipeline.plot_summary
+
+    def plot(summary, output):
+        drawn.append(summary)
+        return real_plot(summary, output)
+
+    monkeypatch.setattr(pipeline, "plot_summary", plot)
+    args = AnalyzeArgs(
+        model=str(tiny_model_dir),
+        adapter=str(tmp_path / "adapter"),
+        tasks=["chain_sum", "syllogism"],
+        limit=3,
+        batch_size=2,
+        output=str(tmp_path / "out"),
+    )
+    summary = analyze(args)
+    out = tmp_path / "out"
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert drawn == [summary]
+    figures = [out / "task_expert_heatmaps.png", out / "per_layer_curves.png"]
+    assert (out / "report.md").read_text() == specialisation_section(summary, figures)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "per_layer_curves.png",
+        "report.md",
+        "summary.json",
+        "task_expert_heatmaps.png",
+    ]
+    assert (
+        summary["examples"] == 6 and summary["limit"] == 3 and summary["tasks"] == ["chain_sum", "syllogism"]
+    )
+    assert (summary["model"], summary["adapter"], summary["data"], summary["data_dir"]) == (
+        str(tiny_model_dir),
+        str(tmp_path / "adapter"),
+        None,
+        None,
+    )
+    for row in summary["layers"].values():  # every real token routed to top-2 of 4 experts
+        assert row["tokens"] > 0 and sum(row["load"]) == pytest.approx(1.0)
+        assert all(sum(task_row) == pytest.approx(1.0) for task_row in row["task_expert_load"])
+
+
+def test_a_peft_adapter_is_refused(tiny_model_dir, tmp_path):
+    base, _ = load_base(str(tiny_model_dir))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    args = AnalyzeArgs(
+        model=str(tiny_model_dir),
+        adapter=str(tmp_path / "lora"),
+        tasks=["syllogism"],
+        limit=2,
+        output=str(tmp_path / "out"),
+    )
+    with pytest.raises(ValueError, match=r"analysis needs a comoe adapter \(routing\), not a PEFT one"):
+        analyze(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_tasks_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_for_eval", no_loading)
+    args = AnalyzeArgs(
+        adapter=str(tmp_path / "adapter"), tasks=["no_such_task"], output=str(tmp_path / "out")
+    )
+    with pytest.raises(ValueError, match="no_such_task"):
+        analyze(args)

@@ -1,0 +1,78 @@
+"""comoe.evaluation.generation: batched greedy generation with left padding equals a plain argmax loop per
+prompt; over-long prompts are cut from their start to fit the context and reported."""
+
+import pytest
+import torch
+
+from comoe.data import Example
+from comoe.data.collate import prompt_ids
+from comoe.data.prompts import render_prompt
+from comoe.evaluation.generation import generate_responses, left_pad
+from tests.helpers import tiny_llama
+
+
+def argmax_loop(model, tokenizer, ids: list[int], new_tokens: int) -> str:
+    """Greedy decoding by hand: the full sequence through the model for every new token, no cache."""
+    ids = list(ids)
+    generated = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            generated.append(token)
+            ids.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def examples() -> list[Example]:
+    return [
+        Example("gcd", "What is the gcd of 12 and 18?", "", "", "6"),
+        Example("boolq", "Is water wet?\n\nAnswer format: true/false", "", "", "true"),
+        Example("chain_sum", "Add 1, 2, 3 and 4 and then subtract 5 from the total", "", "", "5"),
+    ]
+
+
+def test_batched_greedy_generation_equals_an_argmax_loop(smol_tokenizer):
+    model = tiny_llama(vocab=len(smol_tokenizer))
+    items = examples()
+    responses, truncated = generate_responses(model, smol_tokenizer, items, batch_size=2, max_new_tokens=5)
+    assert truncated == [False, False, False]
+    for example, response in zip(items, responses, strict=True):
+        ids = prompt_ids(smol_tokenizer, render_prompt(example, smol_tokenizer))
+        assert response == argmax_loop(model, smol_tokenizer, ids, 5)
+    assert any(responses)  # a random model still says something
+    one_at_a_time, _ = generate_responses(model, smol_tokenizer, items, batch_size=1, max_new_tokens=5)
+    assert one_at_a_time == responses  # left padding changes nothing
+
+
+def test_an_over_long_prompt_keeps_its_end_and_is_reported(smol_tokenizer):
+    model = tiny_llama(vocab=len(smol_tokenizer))  # 128 positions
+    long = Example("gcd", "word " * 200 + "What is the gcd of 4 and 6?", "", "", "2")
+    short = examples()[0]
+    responses, truncated = generate_responses(
+        model, smol_tokenizer, [long, short], batch_size=2, max_new_tokens=4
+    )
+    assert truncated == [True, False]
+    ids = prompt_ids(smol_tokenizer, render_prompt(long, smol_tokenizer))
+    assert len(ids) > 124
+    assert responses[0] == argmax_loop(model, smol_tokenizer, ids[-124:], 4)  # 128 - 4 new tokens of room
+
+
+def test_left_pad_aligns_every_prompt_to_the_right():
+    batch = left_pad([[5, 6, 7], [8], [9, 10]], pad_token_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_left_padding_gives_the_unpadded_next_token_logits(pad):
+    model = tiny_llama()
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    batch = left_pad(prompts, pad, torch.device("cpu"))
+    with torch.no_grad():
+        padded = model(**batch).logits[:, -1]
+        for row, prompt in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+            torch.testing.assert_close(padded[row], alone, rtol=1e-4, atol=1e-5)
