@@ -52,7 +52,8 @@ class ComoeConfig:
     target_modules: list[str] | str = _field(
         ATTENTION_MODULES,
         "Linear layers to adapt: a list of names matched against the end of each module path "
-        "(as PEFT), or one regular expression that must match the whole path.",
+        "(as PEFT), or one regular expression that must match the whole path, or 'all-linear' (PEFT's "
+        "shorthand: every linear layer except the output head; the adapter records the resolved list).",
     )
     layers_to_transform: list[int] | None = _field(
         None, "Only adapt modules inside these transformer block indices (None: every block)."

@@ -8,7 +8,8 @@ families. On a family that names or fuses them differently, `resolve_targets` ke
 model has and adds PEFT's own default targets for its model type (TRANSFORMERS_MODELS_TO_LORA_TARGET_
 MODULES_MAPPING: c_attn for GPT-2, query_key_value for GPT-NeoX, query/value for BERT, q/v for T5) and
 any fused attention projection it has (Phi-3's qkv_proj), saying what it chose. Explicit targets are
-taken as given, with a warning naming those that match nothing.
+taken as given, with a warning naming those that match nothing. PEFT's shorthand "all-linear" becomes
+every linear (and Conv1D) layer except the output head, as PEFT resolves it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 
 from comoe.adapter.layer import ADAPTABLE, ComoeLinear
 from comoe.config import ATTENTION_MODULES, ComoeConfig
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (INCLUDE_LINEAR_LAYERS_SHORTHAND), any case
 
 # Fused projections that hold the attention's query/key/value in one linear, by family.
 FUSED_ATTENTION = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
@@ -65,6 +68,8 @@ def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
     """The config with target_modules made concrete for this model (see the module docstring); the result
     is what the adapter folder records, so a reload adapts exactly the same layers."""
     targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return dataclasses.replace(config, target_modules=all_linear_targets(model))
     if isinstance(targets, str):
         return config
     missing = [t for t in targets if not any(matches(n, [t]) for n, _ in model.named_modules() if n)]
@@ -91,6 +96,32 @@ def resolve_targets(model: nn.Module, config: ComoeConfig) -> ComoeConfig:
             stacklevel=3,
         )
     return config
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The module path(s) of the model's output embedding (lm_head), which "all-linear" leaves out."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def all_linear_targets(model: nn.Module) -> list[str]:
+    """PEFT's "all-linear" for this model: every nn.Linear / Conv1D except the output head, as a target
+    list -- the layers' names (q_proj, c_fc, ...) where every module so named is such a layer, else the
+    full paths of those that are -- so the adapter folder records the layers and a reload adapts the same."""
+    heads = output_head_names(model)
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    linears = {name for name, module in modules if isinstance(module, ADAPTABLE) and name not in heads}
+    if not linears:
+        raise ValueError(
+            f"target_modules='{ALL_LINEAR}': this {type(model).__name__} has no nn.Linear or Conv1D layer "
+            f"besides its output head {sorted(heads)}"
+        )
+    targets: list[str] = []
+    for leaf in sorted({name.rsplit(".", 1)[-1] for name in linears}):
+        named = [name for name, _ in modules if matches(name, [leaf])]
+        targets += [leaf] if all(name in linears for name in named) else sorted(set(named) & linears)
+    return sorted(targets)
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
