@@ -13,18 +13,20 @@ def test_demo_defaults():
 
 
 @pytest.mark.parametrize(
-    ("values", "message"),
+    ("values", "expected"),
     [
-        ({"max_steps": 0}, "max_steps=0 is invalid: expected an integer >= 1"),
-        ({"max_steps": 2.5}, "max_steps=2.5 is invalid: expected an integer >= 1"),
-        ({"limit": 0}, "limit=0 is invalid: expected an integer >= 1"),
-        ({"limit": True}, "limit=True is invalid: expected an integer >= 1"),
+        ({"max_steps": 0}, "an integer >= 1"),
+        ({"limit": 0}, "an integer >= 1"),
+        ({"max_steps": 2.5}, "an integer"),  # a float is not coerced
+        ({"limit": True}, "an integer"),  # nor a switch
     ],
 )
-def test_bad_values_name_the_field_and_range(values, message):
+def test_bad_values_name_the_field_and_range(values, expected):
+    ((field, value),) = values.items()
     with pytest.raises(InvalidSetting) as info:
         DemoArgs(**values)
-    assert str(info.value) == message and info.value.field == next(iter(values))
+    assert str(info.value).startswith(f"{field}={value!r} is invalid: expected {expected}")
+    assert info.value.field == field
 
 
 def test_demo_settings_from_yaml_and_flags(tmp_path):
