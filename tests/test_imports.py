@@ -160,3 +160,19 @@ for argv in (["--help"], *([name, "--help"] for name in ("train", "eval", "gener
 print(sorted(m for m in ("torch", "transformers", "peft", "numpy") if m in sys.modules))
 """
     assert run_python(code).strip() == "[]"
+
+
+def mirrored_test(name: str) -> Path:
+    """tests/<package path>/test_<module>.py for comoe.<package path>.<module>."""
+    parts = name.split(".")[1:]
+    return SRC.parent / "tests" / Path(*parts[:-1]) / f"test_{parts[-1]}.py"
+
+
+def test_every_module_has_its_mirrored_test_file():
+    packages = {name for name in MODULES if (SRC / name.replace(".", "/")).is_dir()}
+    missing = [
+        f"{name} -> {mirrored_test(name).relative_to(SRC.parent)}"
+        for name in MODULES
+        if name not in packages and not mirrored_test(name).is_file()
+    ]
+    assert not missing, "modules without their test file:\n" + "\n".join(missing)
