@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.errors import USER_ERRORS
@@ -85,8 +85,16 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a bad choice, an empty --columns) are one line and exit 2, as
+    every other user error is, instead of the usage block; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"comoe: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="comoe",
         description="Mixtures of LoRA experts with contrastive "
         "expert objectives (CoMoE, MoELoRA): train, evaluate, analyse.",
@@ -118,7 +126,10 @@ def _showing_progress() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or flags argparse refused (2: said in one line)
+        return stop.code if isinstance(stop.code, int) else 2
     settings, handler, _ = COMMANDS[args.command]
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
     try:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from comoe.validation import InvalidSetting, check_choice, check_device, check_type, reject_unknown
+from comoe.validation import InvalidSetting, check_choice, check_device, check_type, fail, reject_unknown
 
 DTYPES = ("float32", "bfloat16", "float16")  # the base model's dtype (--dtype)
 DEVICE_HELP = "where the model runs: auto (the GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps"
@@ -48,8 +48,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if loaded is None:
-        return {}
+    if loaded is None:  # an empty file (or only comments) is more likely a wrong path than "all defaults"
+        raise ValueError(
+            f"--config {path}: no settings in the file (it is empty or only comments); expected a mapping of "
+            "settings, e.g. 'lr: 0.0002'"
+        )
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
     return {str(key).replace("-", "_"): value for key, value in loaded.items()}
@@ -72,7 +75,7 @@ def load_settings(cls: type[S], config_file: str | Path | None, overrides: dict[
                 flag + message[len(error.field) :]
                 if message.startswith(error.field)
                 else f"{flag}: {message}"
-            )
+            ).removesuffix(" or null")  # a flag cannot say null: it is left out
             raise InvalidSetting(error.field, message) from None
         if error.field in {renamed.get(key, key) for key in from_file}:
             raise InvalidSetting(error.field, f"{config_file}: {error}") from None
@@ -99,13 +102,17 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _pairs(text: str) -> dict[str, str]:
-    """'a=x,b=y' -> {'a': 'x', 'b': 'y'} (a mapping given on the command line)."""
+    """'a=x,b=y' -> {'a': 'x', 'b': 'y'} (a mapping given on the command line; never empty)."""
     pairs = {}
     for item in _comma_list(text):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise argparse.ArgumentTypeError(f"{item!r} is not name=value")
+            raise argparse.ArgumentTypeError(f"{item!r} is not name=value (e.g. instruction=question)")
         pairs[key.strip()] = value.strip()
+    if not pairs:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names no column: expected name=value pairs, e.g. instruction=question,output=response"
+        )
     return pairs
 
 
@@ -175,6 +182,8 @@ class DataArgs:
         check_choice("template", self.template, TEMPLATE_CHOICES)
         if self.data is not None and not self.data:
             raise ValueError("data: give at least one [name=]path")
+        if getattr(self, "tasks", None) == []:  # `--tasks ,` or `tasks: []`: not "every built-in task"
+            fail("tasks", [], "at least one task name (leave tasks out for every built-in task)")
         if self.data and (getattr(self, "data_dir", None) or getattr(self, "tasks", None)):
             raise ValueError(
                 "data is exclusive with data_dir/tasks: --data names your files, --data-dir/--tasks the "

@@ -75,9 +75,30 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
+# What a text setting must hold beyond its type: no empty or whitespace-only text (a path, a model name, a
+# prompt, a task name, a column name); a list may be empty (the field's own check says when it must not be).
+_NON_EMPTY: dict[str, str] = {
+    "str": "a non-empty string",
+    "list[str]": "a list of non-empty strings",
+    "dict[str, str]": "a mapping of non-empty strings to non-empty strings",
+}
+
+
+def _blank(value: Any, base: str) -> bool:
+    """Whether a value of the declared type holds empty or whitespace-only text."""
+    if base == "str":
+        return not value.strip()
+    if base == "list[str]":
+        return any(not item.strip() for item in value)
+    if base == "dict[str, str]":
+        return any(not key.strip() or not item.strip() for key, item in value.items())
+    return False
+
+
 def check_type(name: str, value: Any, annotation: str) -> None:
     """`value` has the declared type, with no coercion: no bool for an int, no float for an int, no string
-    for a number or a switch, and finite floats only."""
+    for a number or a switch, and finite floats only; and no empty or whitespace-only text in a string,
+    a list of strings or a mapping of strings."""
     optional = annotation.endswith(" | None")
     base = annotation.removesuffix(" | None")
     if value is None:
@@ -97,3 +118,5 @@ def check_type(name: str, value: Any, annotation: str) -> None:
         ok = all(isinstance(key, str) and isinstance(item, str) for key, item in value.items())
     if not ok:
         fail(name, value, wording + (" or null" if optional else ""))
+    if _blank(value, base):
+        fail(name, value, _NON_EMPTY[base] + (" or null" if optional else ""))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import DEVICE_HELP, DTYPES, DataArgs, check_placement, setting
+from comoe.settings import DEVICE_HELP, DTYPES, DataArgs, check_field_types, check_placement, setting
 from comoe.validation import check_int
 
 
@@ -31,6 +31,7 @@ class AnalyzeArgs(DataArgs):
         for name in ("adapter", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required (--{name} on the command line)")
+        check_field_types(self)  # after `required`, which an empty adapter or output is told first
         check_int("batch_size", self.batch_size, low=1)
         check_int("cutoff", self.cutoff, low=1)
         if self.limit is not None:

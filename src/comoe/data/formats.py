@@ -76,7 +76,8 @@ class RecordFormat(ABC):
         """The Example a record becomes when trained with `template` ('alpaca', 'none' or 'chat'; under
         'chat' it keeps the conversation, a one-turn one for formats without turns)."""
         content = self.content(record, template, where)
-        answer = text_field(record, "answer", where, required=False) or content.output
+        given = record.get("answer") is not None  # given, it must say something: it is what is scored
+        answer = nonempty_field(record, "answer", where) if given else content.output
         return Example(
             task,
             content.instruction,
@@ -219,8 +220,8 @@ def parse_messages(turns: Any, where: str, need_assistant: bool = True) -> Messa
         if role not in ROLES:
             raise ValueError(f"{at}: role {role!r} is invalid: expected one of {', '.join(ROLES)}")
         content = text_field(turn, "content", at)
-        if role == "assistant" and not content.strip():
-            raise ValueError(f"{at}: the assistant turn is empty")
+        if role != "system" and not content.strip():  # an empty system turn may mean "no system prompt"
+            raise ValueError(f"{at}: the {role} turn is empty")
         messages.append((role, content))
     if need_assistant and not any(role == "assistant" for role, _ in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn (nothing to learn or to score)")
@@ -231,9 +232,13 @@ def _choices(record: dict[str, Any], answer: str, where: str) -> tuple[str, ...]
     choices = record.get("choices")
     if choices is None:
         return ()
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
         raise ValueError(
-            f"{where}: field 'choices' must be a list of at least two strings, got {choices!r:.80}"
+            f"{where}: field 'choices' must be a list of at least two non-empty strings, got {choices!r:.80}"
         )
     if answer not in choices:
         raise ValueError(f"{where}: field 'answer' {answer!r:.60} is not one of its choices {choices!r:.80}")

@@ -8,6 +8,7 @@ Files: .json (a list of records), .jsonl, .parquet, .csv, or a folder written by
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -25,6 +26,19 @@ from comoe.data.formats import (
 from comoe.data.templates import TEMPLATE_NAMES
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# What a file of each type holds, for the errors about one that holds none.
+CONTENTS = {
+    ".json": "a JSON list of records",
+    ".jsonl": "one JSON record per line",
+    ".parquet": "a table of records",
+    ".csv": "a header row, then one record per row",
+}
+# What a file of each type that `datasets` finds no rows in holds instead.
+NO_ROWS = {
+    ".json": "an empty list, or records with no fields",
+    ".jsonl": "only records with no fields",
+    ".csv": "a header row alone",
+}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _NUMBER = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*$")
 
@@ -59,51 +73,100 @@ def read_records(path: Path, split: str = "train", flag: str = "--data") -> list
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if path.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise ValueError(
-                f"{flag} {path}: a folder must be a dataset written by save_to_disk (no dataset_info.json "
-                "or dataset_dict.json found)"
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            wanted = [split] if split == "train" else [split, "validation", "test"]
-            chosen = next((name for name in wanted if name in loaded), None)
-            if chosen is None:
-                have = ", ".join(loaded)
-                raise ValueError(f"{flag} {path}: no {' or '.join(wanted)} split (it has {have})")
-            loaded = loaded[chosen]
-        return loaded.to_list()
+        return _read_dataset_folder(path, split, flag)
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
             f"{flag} {path}: unknown file type {path.suffix or '(none)'!r}; expected "
             f"{', '.join(BUILDERS)} or a folder written by save_to_disk"
         )
-    _check_utf8(path, flag)
+    _check_contents(path, flag)
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # pyarrow / datasets parse errors: one line naming the file
+        if "corresponds to no data" in str(error):  # `[]`, a header row alone, records without fields
+            suffix = path.suffix.lower()
+            raise ValueError(
+                f"{flag} {path}: no records ({NO_ROWS.get(suffix, 'no rows')}); expected {CONTENTS[suffix]}"
+            ) from None
         cause = " ".join(str(error).split()) or type(error).__name__
         raise ValueError(f"{flag} {path}: could not be read as {builder} ({cause:.300})") from None
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
+    if len(table) == 0:
+        raise ValueError(f"{flag} {path}: no records; expected {CONTENTS[path.suffix.lower()]}")
     return table.to_list()
 
 
-def _check_utf8(path: Path, flag: str) -> None:
-    """Text files must be UTF-8; name the byte offset and line of the first invalid byte."""
+def _read_dataset_folder(path: Path, split: str, flag: str) -> list[dict[str, Any]]:
+    """The records of a save_to_disk folder: a Dataset, or of a DatasetDict the chosen split only (for
+    evaluation, `split` then 'validation' then 'test'), read on its own, so that another split, empty or
+    large, is never loaded. A split or dataset of no rows is named (datasets' loader fails on one)."""
+    import datasets
+
+    where = f"{flag} {path}"
+    splits_file = path / "dataset_dict.json"
+    if splits_file.is_file():
+        try:
+            have = list(json.loads(splits_file.read_text(encoding="utf-8"))["splits"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{where}: dataset_dict.json does not list the splits") from None
+        wanted = [split] if split == "train" else [split, "validation", "test"]
+        chosen = next((name for name in wanted if name in have), None)
+        if chosen is None:
+            raise ValueError(f"{where}: no {' or '.join(wanted)} split (it has {', '.join(have)})")
+        path, where = path / chosen, f"{where}: the {chosen} split"
+    if _saved_without_rows(path):
+        raise ValueError(f"{where} has no records")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise ValueError(
+            f"{where}: a folder must be a dataset written by save_to_disk (no dataset_info.json or "
+            "dataset_dict.json found)"
+        ) from None
+    if len(loaded) == 0:
+        raise ValueError(f"{where} has no records")
+    return loaded.to_list()
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """Whether save_to_disk wrote this Dataset folder with no data file (a dataset of no rows)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
+def _check_contents(path: Path, flag: str) -> None:
+    """A file holds something: not empty, not only whitespace (text files), not a table of no rows
+    (parquet, read from its footer); and text files are UTF-8 (the line and byte offset of the first
+    invalid byte are named)."""
+    expected = CONTENTS[path.suffix.lower()]
     if path.suffix.lower() == ".parquet":
+        if path.stat().st_size == 0:
+            raise ValueError(f"{flag} {path}: the file is empty; expected {expected}")
+        import pyarrow.parquet as pq  # datasets' own dependency
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # not a parquet file: datasets names the cause
+            return
+        if rows == 0:
+            raise ValueError(f"{flag} {path}: no records; expected {expected}")
         return
     data = path.read_bytes()
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{flag} {path}: line {line} is not valid UTF-8 (byte {error.start})") from None
+    if not text.strip():
+        raise ValueError(f"{flag} {path}: the file is empty; expected {expected}")
 
 
 def examples_from_records(

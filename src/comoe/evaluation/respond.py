@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from comoe.data.example import Example
-from comoe.data.formats import parse_messages
+from comoe.data.formats import Messages, nonempty_field, parse_messages
 from comoe.data.record import trained_template
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.runner import load_for_eval
@@ -21,7 +21,8 @@ PROMPT_TASK = "prompt"  # the task the prompts are tagged with
 
 def read_prompts(args: GenerateArgs) -> list[Any]:
     """The prompts: --prompt, or a .txt file (one per non-empty line) or .jsonl file (rows with `prompt`,
-    a string, or `messages`, a conversation ending with the user's turn)."""
+    a non-empty string, or `messages`, a conversation ending with the user's turn); a file of none is
+    refused."""
     if args.prompt is not None:
         return [args.prompt]
     path = Path(args.prompts or "")
@@ -44,14 +45,28 @@ def read_prompts(args: GenerateArgs) -> list[Any]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
             if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                prompts.append(row["prompt"])
+                prompts.append(nonempty_field(row, "prompt", where))
             elif isinstance(row, dict) and "messages" in row:
-                prompts.append(parse_messages(row["messages"], where, need_assistant=False))
+                prompts.append(prompt_messages(row["messages"], where))
             else:
                 raise ValueError(f"{where}: expected an object with 'prompt' (a string) or 'messages'")
     if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts")
+        expected = "one JSON row per line" if path.suffix.lower() == ".jsonl" else "one prompt per line"
+        raise ValueError(f"--prompts {path}: no prompts (the file is empty or blank); expected {expected}")
     return prompts
+
+
+def prompt_messages(turns: Any, where: str) -> Messages:
+    """A conversation to answer: checked turn by turn, and ending with the user's turn, the one the model
+    answers (docs/data.md)."""
+    messages = parse_messages(turns, where, need_assistant=False)
+    role = messages[-1][0]
+    if role != "user":
+        raise ValueError(
+            f"{where}: the conversation ends with {'an' if role == 'assistant' else 'a'} {role} turn; a "
+            "prompt ends with the user's turn, which the model answers"
+        )
+    return messages
 
 
 def prompt_example(prompt: Any, template: str) -> Example:

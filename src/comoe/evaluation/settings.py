@@ -42,6 +42,7 @@ class EvalArgs(DataArgs):
     output: str | None = setting(None, "write the report JSON here")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.check_data()
         check_placement(self)
         check_choice("mode", self.mode, MODES)

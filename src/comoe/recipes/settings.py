@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comoe.settings import setting
+from comoe.settings import check_field_types, setting
 from comoe.validation import check_int
 
 
@@ -17,5 +17,6 @@ class DemoArgs:
     limit: int = setting(40, "test examples per task")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_int("max_steps", self.max_steps, low=1)
         check_int("limit", self.limit, low=1)

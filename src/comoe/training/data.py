@@ -41,7 +41,10 @@ def split_validation(
         count = min(len(indices) - 1, max(1, math.ceil(fraction * len(indices))))
         held.update(random.Random(f"{seed}:validation:{task}").sample(indices, count))
     if not held:
-        raise ValueError(f"val_fraction={fraction}: no task has two examples to split")
+        raise ValueError(
+            f"val_fraction={fraction} leaves no validation examples: no task has two examples to split (each "
+            f"task keeps one to train on; {len(examples)} example(s) here); add examples or give --eval-data"
+        )
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
 

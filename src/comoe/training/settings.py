@@ -15,7 +15,7 @@ from comoe.settings import (
     load_settings,
     setting,
 )
-from comoe.validation import InvalidSetting, check_choice, check_int, check_number
+from comoe.validation import InvalidSetting, check_choice, check_int, check_number, fail
 
 METHODS = [*PRESETS, *BASELINES]
 
@@ -82,6 +82,8 @@ class TrainArgs(DataArgs):
         check_number("lr", self.lr, low=0.0, low_open=True)
         check_number("router_lr_ratio", self.router_lr_ratio, low=0.0, low_open=True)
         check_number("val_fraction", self.val_fraction, low=0.0, high=1.0)
+        if self.eval_data == []:  # `eval_data: []` in YAML: not "no validation"
+            fail("eval_data", [], "at least one [name=]path (leave eval_data out for no validation)")
         if self.eval_data and self.val_fraction:
             raise ValueError("eval_data and val_fraction are exclusive: give one source of validation data")
         if self.save_best and not (self.eval_data or self.val_fraction):
