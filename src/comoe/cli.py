@@ -5,7 +5,16 @@ and `comoe train --help` never load torch, transformers or peft. The modules tha
 inside the handler of the subcommand that runs, for that reason only.
 
 The library prints nothing itself; while a subcommand runs, the CLI shows the "comoe" logger's progress and
-warnings on stdout, one plain line each.
+warnings on stdout, one plain line each (on stderr for `comoe generate`, whose stdout is its JSONL rows).
+
+Third-party noise is dropped while a command runs, message by message (THIRD_PARTY_NOISE): importing
+transformers imports torchao when it is installed (its quantizer registry does), and importing peft imports
+bitsandbytes; on every start both log about optional kernels this machine lacks, and torchao's import makes
+torch log a deprecation. Neither import can be left out: transformers imports torchao itself, and peft is
+imported by the modules that load an adapter folder of either kind (choosing by the folder's kind would
+take an import at run time, which comoe keeps to the handlers below). None of it concerns the command, so
+the CLI filters exactly those records (and THIRD_PARTY_WARNINGS: peft on a quantized base warns of a
+transformers deprecation); every other message of these libraries still shows.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -74,6 +85,8 @@ def _demo(args: DemoArgs) -> None:
 
 
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
+# Commands whose progress and warnings go to stderr: generate prints its JSONL rows on stdout.
+PROGRESS_ON_STDERR = {"generate"}
 
 # name: (settings class, handler, help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
@@ -108,13 +121,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Log records of third-party libraries that say nothing about a command's work, by logger name: the
+# patterns their messages match (see the module docstring). Each is dropped; nothing else is.
+THIRD_PARTY_NOISE: dict[str, tuple[str, ...]] = {
+    # torchao's CUDA-only kernels, on a CPU build of torch (or another CUDA): "Failed to load .../_C_mxfp8..."
+    "torchao": (r"Failed to load \S*torchao/_C\w*\.\S*\.so: ",),
+    # torchao registers Enum pytree constants, which torch 2.13 deprecates: "<enum '...'> is an Enum subclass"
+    "torch.utils._pytree": (
+        r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile",
+    ),
+    # bitsandbytes' optional CPU 4-bit kernel lives in the `kernels` package (not installed; a fallback runs)
+    "bitsandbytes.backends.cpu.ops": (r"Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # LLM.int8 (--load-in-8bit) computes in float16, and says so at every call for other dtypes
+    "bitsandbytes.autograd._functions": (r"MatMul8bitLt: inputs will be cast from \S+ to float16",),
+}
+# Python warnings of the same kind, by category and the start of their message: peft asks a quantized
+# base's transformers model for a property that transformers 5 renamed.
+THIRD_PARTY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+
+
+class _DropMatching(logging.Filter):
+    """Drops the records whose message matches one of `patterns`."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(pattern) for pattern in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.search(message) for pattern in self.patterns)
+
+
 @contextlib.contextmanager
-def _showing_progress() -> Iterator[None]:
-    """The "comoe" logger's records at INFO and above on stdout, as plain lines (the message only); the
+def _without_third_party_noise() -> Iterator[None]:
+    """THIRD_PARTY_NOISE filtered from the loggers that emit it, and THIRD_PARTY_WARNINGS ignored, while a
+    command runs."""
+    filters = [
+        (logging.getLogger(name), _DropMatching(patterns)) for name, patterns in THIRD_PARTY_NOISE.items()
+    ]
+    for logger, noise in filters:
+        logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            for category, message in THIRD_PARTY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, noise in filters:
+            logger.removeFilter(noise)
+
+
+@contextlib.contextmanager
+def _showing_progress(stream: Any) -> Iterator[None]:
+    """The "comoe" logger's records at INFO and above on `stream`, as plain lines (the message only); the
     logger is left as it was found afterwards, so that main() can be called more than once in a process."""
     logger = logging.getLogger("comoe")
     level = logger.level
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -133,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     settings, handler, _ = COMMANDS[args.command]
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
     try:
-        with _showing_progress():
+        with (
+            _without_third_party_noise(),
+            _showing_progress(sys.stderr if args.command in PROGRESS_ON_STDERR else sys.stdout),
+        ):
             handler(load_settings(settings, args.config, flags))
     except KeyboardInterrupt as error:  # Interrupted (training) says where it stopped and how to go on
         if args.debug:
