@@ -7,6 +7,10 @@ class NonFiniteLoss(RuntimeError):
     """Training met a non-finite loss (or skipped too many such batches): the run diverges."""
 
 
+class AdapterMismatch(ValueError):
+    """An adapter whose tensors do not fit the base model it is applied to (other shapes, other modules)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with the step reached and how to continue (still a KeyboardInterrupt)."""
 

@@ -34,9 +34,38 @@ def setting(default: Any, help: str, **metadata: Any) -> Any:
 
 
 def check_placement(settings: Any) -> None:
-    """The --dtype and --device of a command that loads a model (train, eval, analyze, generate)."""
+    """The --dtype and --device of a command that loads a model (train, eval, analyze, generate), and its
+    --load-in-4bit / --load-in-8bit where it has them (exclusive)."""
     check_choice("dtype", settings.dtype, DTYPES)
     check_device("device", settings.device)
+    for name in QUANTIZATION_FLAGS.values():
+        if hasattr(settings, name):
+            check_type(name, getattr(settings, name), "bool | None")
+    if sum(bool(getattr(settings, name, None)) for name in QUANTIZATION_FLAGS.values()) > 1:
+        raise ValueError(
+            "load_in_4bit and load_in_8bit are exclusive: the base is quantized to 4-bit NF4 or to 8-bit, "
+            "give one of them"
+        )
+
+
+# A quantized base (comoe.models.quantization): its name -> the setting (flag) that asks for it.
+QUANTIZATION_FLAGS = {"4bit": "load_in_4bit", "8bit": "load_in_8bit"}
+LOAD_IN_4BIT_HELP = (
+    "load the base's linears quantized to 4-bit NF4 with bitsandbytes (QLoRA: double quantisation, "
+    "bfloat16 compute, float16 under --dtype float16)"
+)
+LOAD_IN_8BIT_HELP = "load the base's linears quantized to 8-bit with bitsandbytes (LLM.int8, float16 compute)"
+RECORDED_QUANTIZATION_HELP = " (default: as the adapter was trained, recorded in its folder)"
+
+
+def quantization_of(settings: Any) -> str | None:
+    """'4bit' or '8bit' where the settings ask for a quantized base, else None."""
+    return next((kind for kind, name in QUANTIZATION_FLAGS.items() if getattr(settings, name, None)), None)
+
+
+def quantization_unset(settings: Any) -> bool:
+    """Neither quantization setting given, not even as false (then an adapter's record decides)."""
+    return all(getattr(settings, name, None) is None for name in QUANTIZATION_FLAGS.values())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

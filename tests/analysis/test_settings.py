@@ -10,7 +10,7 @@ from comoe.validation import InvalidSetting
 def test_defaults_route_fifty_seeded_examples_per_task_in_batches_of_eight():
     args = AnalyzeArgs(adapter="runs/x/adapter", output="out")
     assert (args.model, args.limit, args.batch_size, args.cutoff, args.seed) == (
-        "smollm2-135m",
+        None,  # the base the adapter records
         50,
         8,
         256,

@@ -12,7 +12,9 @@ from comoe.validation import InvalidSetting
 
 def test_eval_defaults_score_the_base_model_on_the_test_split_by_loglikelihood():
     args = EvalArgs()
-    assert (args.model, args.adapter, args.mode, args.split) == ("smollm2-135m", None, "loglik", "test")
+    # model None: the base the adapter records, else smollm2-135m (comoe.models.auto.base_model_name)
+    assert (args.model, args.adapter, args.mode, args.split) == (None, None, "loglik", "test")
+    assert (args.load_in_4bit, args.load_in_8bit) == (None, None)  # None: as the adapter was trained
     assert (args.batch_size, args.limit, args.max_new_tokens, args.seed, args.output) == (
         8,
         None,

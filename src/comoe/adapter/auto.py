@@ -8,21 +8,32 @@ from peft import PeftModel
 from torch import nn
 
 from comoe.adapter.folder import AdapterFolder, adapter_folder
+from comoe.adapter.injection import expected_shapes
 from comoe.adapter.model import ComoeModel
+from comoe.adapter.serialization import check_fits, tensor_shapes
+from comoe.errors import AdapterMismatch
 
 
 def load_adapter(
     base: nn.Module, directory: AdapterFolder | str | os.PathLike, is_trainable: bool = False
 ) -> nn.Module:
     """`base` wrapped with the adapter in `directory` (a path, or the AdapterFolder read from it), frozen
-    and in eval mode unless `is_trainable`."""
+    and in eval mode unless `is_trainable`. Weights of another base model (other shapes or modules) raise
+    AdapterMismatch, listing what differs; an unreadable weights file raises ValueError as itself."""
     folder = adapter_folder(directory)
     if folder.kind == "comoe":
+        saved = tensor_shapes(folder.weights)  # a truncated or corrupt file fails here, as what it is
+        try:
+            check_fits(expected_shapes(base, folder.comoe_config()), saved, folder.weights)
+        except ValueError as error:
+            raise AdapterMismatch(str(error)) from None
         return ComoeModel.from_pretrained(base, folder, is_trainable=is_trainable)  # not read again
     try:
         model = PeftModel.from_pretrained(base, os.fspath(folder.path), is_trainable=is_trainable)
     except (RuntimeError, KeyError, ValueError) as error:  # size mismatches, modules the base lacks
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else repr(error))
-        raise ValueError(f"{folder.path}: this PEFT adapter does not fit the base model ({reason})") from None
+        raise AdapterMismatch(
+            f"{folder.path}: this PEFT adapter does not fit the base model ({reason})"
+        ) from None
     return model if is_trainable else model.eval()

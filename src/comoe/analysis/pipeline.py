@@ -43,7 +43,7 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
             accumulator.update(records, token_tasks(rows, batch["attention_mask"]), batch["input_ids"])
     summary = accumulator.summary()
     summary.update(
-        model=args.model,
+        model=args.model or model.base_model_name_or_path,  # by default the base the adapter records
         adapter=args.adapter,
         data_dir=args.data_dir,
         data=args.data,

@@ -15,7 +15,10 @@ class AnalyzeArgs(DataArgs):
 
     adapter: str | None = setting(None, "a comoe adapter folder (required)")
     output: str | None = setting(None, "folder for summary.json, report.md and figures (required)")
-    model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
+    model: str | None = setting(
+        None,
+        "base model: alias, local folder or hub id (default: the one the adapter records, else smollm2-135m)",
+    )
     dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP)
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")

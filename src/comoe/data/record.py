@@ -1,11 +1,14 @@
 """The data record of an adapter folder (comoe_data.json): which tasks it was trained on, how many examples
-of each, and with which template, so that `comoe generate` and `comoe eval --data` prompt as training did."""
+of each, and with which template, so that `comoe generate` and `comoe eval --data` prompt as training did;
+and whether the base was quantized (`quantization`: '4bit' or '8bit', absent for a full-precision base),
+so that they load the base the same way."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from comoe.data.example import Example
 from comoe.files import atomic_write_text
@@ -13,10 +16,10 @@ from comoe.files import atomic_write_text
 DATA_RECORD = "comoe_data.json"
 
 
-def write_data_record(folder: Path, examples: list[Example]) -> None:
+def write_data_record(folder: Path, examples: list[Example], quantization: str | None = None) -> None:
     """`comoe_data.json` in an adapter folder: each training task's example count and template (that of
-    its first example), and the template (when all examples share one) that `comoe generate` and `comoe
-    eval --data` then prompt with."""
+    its first example), the template (when all examples share one) that `comoe generate` and `comoe
+    eval --data` then prompt with, and the base's quantization when it had one."""
     counts = Counter(e.task for e in examples)
     templates: dict[str, str] = {}
     for example in examples:
@@ -26,15 +29,34 @@ def write_data_record(folder: Path, examples: list[Example]) -> None:
         "template": shared.pop() if len(shared) == 1 else None,
         "tasks": {task: {"examples": n, "template": templates[task]} for task, n in counts.items()},
     }
+    if quantization is not None:
+        record["quantization"] = quantization
     atomic_write_text(folder / DATA_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def trained_template(adapter: str | Path | None) -> str | None:
     """The template an adapter folder was trained with (None: unknown, or several)."""
+    return _recorded(adapter, "template")
+
+
+def trained_quantization(adapter: str | Path | None) -> str | None:
+    """The quantization of the base an adapter folder was trained on ('4bit', '8bit'; None: full precision
+    or not recorded)."""
+    value = _recorded(adapter, "quantization")
+    if value not in (None, "4bit", "8bit"):
+        raise ValueError(
+            f"{Path(adapter or '') / DATA_RECORD}: quantization={value!r} is invalid: "
+            "expected '4bit', '8bit' or none"
+        )
+    return value
+
+
+def _recorded(adapter: str | Path | None, key: str) -> Any:
+    """One field of an adapter folder's data record (None without a record or the field)."""
     path = Path(adapter) / DATA_RECORD if adapter else None
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("template")
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
     except (ValueError, AttributeError):
         raise ValueError(f"{path}: not a valid comoe data record (JSON object expected)") from None

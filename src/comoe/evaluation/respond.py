@@ -12,7 +12,7 @@ from comoe.data.example import Example
 from comoe.data.formats import Messages, nonempty_field, parse_messages
 from comoe.data.record import trained_template
 from comoe.evaluation.generation import generate_responses
-from comoe.evaluation.runner import load_for_eval
+from comoe.evaluation.runner import eval_quantization, load_for_eval
 from comoe.evaluation.settings import GenerateArgs
 from comoe.files import atomic_write_text
 
@@ -86,7 +86,9 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     if template == "auto":
         template = (trained_template(args.adapter) if args.adapter else None) or "none"
     examples = [prompt_example(prompt, template) for prompt in prompts]
-    model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer = load_for_eval(
+        args.model, args.adapter, args.dtype, args.device, eval_quantization(args)
+    )
     texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
     rows = [
         {"prompt": [list(t) for t in p] if isinstance(p, tuple) else p, "response": text, "truncated": c}

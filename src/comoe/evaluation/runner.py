@@ -4,6 +4,7 @@ tasks (option log-likelihood or generation), and write the per-task report."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,19 +13,21 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
-from comoe.data.record import trained_template
+from comoe.data.record import trained_quantization, trained_template
 from comoe.data.selection import SourceSettings, select_examples
 from comoe.data.tasks import scoring_of
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.loglik import context_length, option_loglikelihoods
 from comoe.evaluation.scoring import Prediction, choice_options, extract_answer, is_correct, summarise
-from comoe.evaluation.settings import EvalArgs
+from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.files import atomic_write_text
+from comoe.models.auto import base_model_name, load_adapted
 from comoe.models.device import resolve_device
-from comoe.models.loading import load_base
+from comoe.settings import quantization_of, quantization_unset
+
+logger = logging.getLogger(__name__)
 
 
 def predict(
@@ -59,21 +62,42 @@ def predict(
     return predictions  # type: ignore[return-value]
 
 
+# load_for_eval's quantization: as the adapter folder's data record says (none without a record).
+AS_TRAINED = "as-trained"
+
+
 def load_for_eval(
-    model_name: str, adapter: AdapterFolder | str | None, dtype: str = "float32", device: str = "auto"
+    model_name: str | None,
+    adapter: AdapterFolder | str | None,
+    dtype: str = "float32",
+    device: str = "auto",
+    quantization: str | None = AS_TRAINED,
 ) -> tuple[nn.Module, Any]:
     """The base model (in `dtype`, on `device`), with a comoe or PEFT adapter folder applied when given
     (its path, or the AdapterFolder read from it).
 
-    The adapter folder (read once, here) and the device are checked before the (slower) base model is
-    loaded, so a bad path or a missing GPU fails fast.
+    `model_name` None is the base the adapter records (else smollm2-135m); another base is named in a
+    warning when the adapter fits it, and refused naming the recorded one when not (models.auto.
+    load_adapted). `quantization` is '4bit', '8bit', None (full precision) or AS_TRAINED. The adapter
+    folder (read once, here) and the device are checked before the (slower) base model is loaded, so a bad
+    path or a missing GPU fails fast.
     """
     folder = adapter_folder(adapter) if adapter is not None else None
     place = resolve_device(device)
-    model, tokenizer = load_base(model_name, dtype=getattr(torch, dtype))
-    if folder is not None:
-        model = load_adapter(model, folder)
-    return model.to(place), tokenizer
+    if quantization == AS_TRAINED:
+        quantization = trained_quantization(folder.path) if folder is not None else None
+        if quantization is not None:
+            logger.info("loading the base quantized to %s, as %s was trained", quantization, folder.path)
+    model, tokenizer = load_adapted(
+        folder, model_name, dtype=getattr(torch, dtype), quantization=quantization, device=place
+    )
+    # a quantized base was loaded onto `place` (bitsandbytes quantizes there) and its adapter made beside it
+    return (model if quantization else model.to(place)), tokenizer
+
+
+def eval_quantization(args: EvalArgs | GenerateArgs) -> str | None:
+    """The quantization --load-in-4bit / --load-in-8bit ask for, or AS_TRAINED when neither is given."""
+    return AS_TRAINED if quantization_unset(args) else quantization_of(args)
 
 
 def check_report_path(output: str | None) -> None:
@@ -114,7 +138,9 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     """Evaluate and (optionally) write the report JSON; returns it."""
     check_report_path(args.output)
     examples = eval_examples(args)  # data errors before the model is loaded
-    model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype, args.device)
+    folder = adapter_folder(args.adapter) if args.adapter else None
+    quantization = eval_quantization(args)
+    model, tokenizer = load_for_eval(args.model, folder, args.dtype, args.device, quantization)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
         max_new_tokens = 256 if any(scoring_of(e) in ("number", "letter") for e in examples) else 32
@@ -123,7 +149,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     predictions = predict(model, tokenizer, examples, args.mode, args.batch_size, max_new_tokens)
     report = summarise(predictions)
     report.update(
-        model=args.model,
+        model=base_model_name(args.model, folder),
         adapter=args.adapter,
         data_dir=args.data_dir,
         data=args.data,

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from comoe.settings import (
     DEVICE_HELP,
     DTYPES,
+    LOAD_IN_4BIT_HELP,
+    LOAD_IN_8BIT_HELP,
+    RECORDED_QUANTIZATION_HELP,
     TEMPLATE_CHOICES,
     DataArgs,
     check_field_types,
@@ -25,10 +28,15 @@ class EvalArgs(DataArgs):
     files with --data: records with choices + answer are scored as multiple choice, others by generation),
     how, and where the report goes. Under --template auto, --data prompts as the adapter was trained."""
 
-    model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
+    model: str | None = setting(
+        None,
+        "base model: alias, local folder or hub id (default: the one the adapter records, else smollm2-135m)",
+    )
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
     dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP)
+    load_in_4bit: bool | None = setting(None, LOAD_IN_4BIT_HELP + RECORDED_QUANTIZATION_HELP)
+    load_in_8bit: bool | None = setting(None, LOAD_IN_8BIT_HELP + RECORDED_QUANTIZATION_HELP)
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")
     tasks: list[str] | None = setting(None, "test tasks (comma list on the CLI)")
     limit: int | None = setting(None, "examples per task (a seeded sample)")
@@ -58,10 +66,15 @@ class EvalArgs(DataArgs):
 class GenerateArgs:
     """Prompts in, greedy responses out (JSONL), prompted as the adapter was trained (its template)."""
 
-    model: str = setting("smollm2-135m", "base model: alias, local folder or hub id")
+    model: str | None = setting(
+        None,
+        "base model: alias, local folder or hub id (default: the one the adapter records, else smollm2-135m)",
+    )
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
     dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP)
+    load_in_4bit: bool | None = setting(None, LOAD_IN_4BIT_HELP + RECORDED_QUANTIZATION_HELP)
+    load_in_8bit: bool | None = setting(None, LOAD_IN_8BIT_HELP + RECORDED_QUANTIZATION_HELP)
     prompt: str | None = setting(None, "one prompt (the user's turn under the chat template)")
     prompts: str | None = setting(
         None, "a file of prompts: .txt (one per line) or .jsonl (rows with prompt or messages)"

@@ -1,14 +1,97 @@
-"""Base model and adapter from an adapter folder alone (the base model's name is recorded in the folder)."""
+"""Base model and adapter from an adapter folder alone (the base model's name is recorded in the folder), and
+the check that an adapter runs on the base it was trained on."""
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
+import torch
 from torch import nn
 
 from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_folder
-from comoe.models.loading import load_base
+from comoe.errors import AdapterMismatch
+from comoe.models.loading import load_base, same_model
+
+logger = logging.getLogger(__name__)
+
+# The base model of a command given neither --model nor an adapter folder that records one.
+DEFAULT_BASE = "smollm2-135m"
+
+
+def base_model_name(model: str | None, folder: AdapterFolder | None) -> str:
+    """The base model to load: `model` when given, else the one the adapter folder records, else
+    smollm2-135m."""
+    recorded = folder.base_model_name_or_path if folder is not None else None
+    return model or recorded or DEFAULT_BASE
+
+
+def load_adapted(
+    folder: AdapterFolder | None,
+    model: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    device: torch.device | str | None = None,
+    is_trainable: bool = False,
+) -> tuple[nn.Module, Any]:
+    """The base model (base_model_name) with the adapter folder applied when there is one, and its tokenizer.
+
+    Without `model`, the adapter runs on the base it records (as PEFT's AutoPeftModel does). A `model` other
+    than the recorded one is named in a warning when the adapter fits it (same shapes, other weights?) and
+    refused, naming the recorded base, when it does not (AdapterMismatch, one line).
+    """
+    recorded = folder.base_model_name_or_path if folder is not None else None
+    name = base_model_name(model, folder)
+    try:
+        base, tokenizer = load_base(name, dtype=dtype, quantization=quantization, device=device)
+    except FileNotFoundError as error:
+        if folder is None or model is not None or recorded is None:
+            raise
+        raise FileNotFoundError(
+            f"{folder.path} was trained on base model {recorded}, which is not here ({error}); give --model"
+        ) from None
+    if folder is None:
+        return base, tokenizer
+    try:
+        adapted = load_adapter(base, folder, is_trainable=is_trainable)
+    except AdapterMismatch as error:
+        raise AdapterMismatch(_mismatch(folder, name, model, recorded, error)) from None
+    if model is not None and recorded is not None and not same_model(model, recorded):
+        logger.warning(
+            "%s was trained on base model %s; running it on %s, whose shapes fit it "
+            "(leave out --model to use the recorded base)",
+            folder.path,
+            recorded,
+            name,
+        )
+    return adapted, tokenizer
+
+
+def _mismatch(
+    folder: AdapterFolder, name: str, model: str | None, recorded: str | None, error: AdapterMismatch
+) -> str:
+    """On a base other than the recorded one: one line naming both and the first difference. Otherwise
+    (the recorded base, or none recorded) every difference, then the base it was tried on."""
+    if recorded is None:
+        default = (
+            "" if model is not None else ", the default: the adapter records no base model; give --model"
+        )
+        return f"{error}\n  (the base model is {name}{default})"
+    if same_model(name, recorded):  # the folder disagrees with its own base (edited, or the base changed)
+        return f"{error}\n  (the base model is {recorded}, the one the adapter records)"
+    # comoe's error: a first line, then one line per differing tensor (at most 20 of a kind); PEFT's: one line
+    differences = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    more = f"{len(differences) - 1}{'+' if len(differences) >= 20 else ''}"
+    summary = str(error).removeprefix(f"{folder.path}: ")
+    if differences:
+        summary = differences[0] + (f", and {more} more" if len(differences) > 1 else "")
+    return (
+        f"{folder.path} was trained on base model {recorded}, and {name} does not fit it ({summary}); "
+        f"leave out --model to use {recorded}"
+    )
 
 
 class AutoComoeModelForCausalLM:
@@ -24,14 +107,13 @@ class AutoComoeModelForCausalLM:
         is_trainable: bool = False,
     ) -> nn.Module:
         """The adapted model, frozen and in eval mode unless `is_trainable`; `base_model` overrides the
-        recorded name (a moved or renamed base). `directory` is a path or the AdapterFolder read from it;
-        the folder is checked before the base model is loaded."""
+        recorded name (a moved or renamed base; another one that fits is named in a warning). `directory`
+        is a path or the AdapterFolder read from it; the folder is checked before the base model is
+        loaded."""
         folder = adapter_folder(directory)
-        name = base_model or folder.base_model_name_or_path
-        if name is None:
+        if base_model is None and folder.base_model_name_or_path is None:
             raise ValueError(
                 f"{folder.path}: the adapter does not record its base model (base_model_name_or_path); "
                 "pass base_model=..."
             )
-        base, _ = load_base(name)
-        return load_adapter(base, folder, is_trainable=is_trainable)
+        return load_adapted(folder, base_model, is_trainable=is_trainable)[0]

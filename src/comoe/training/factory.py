@@ -10,15 +10,21 @@ from torch import nn
 from comoe.adapter.method import method_for
 from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
+from comoe.settings import quantization_of
 from comoe.training.settings import TrainArgs
 
 
 def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     """Base model (in args.dtype, with gradient checkpointing if asked) plus the method's adapter: a comoe
     preset, or PEFT LoRA matched to the comoe preset; on args.device. The adapter is initialised on the
-    CPU (the seeded init does not depend on the device) and moved with the model."""
+    CPU (the seeded init does not depend on the device) and moved with the model. A quantized base
+    (--load-in-4bit / --load-in-8bit) is loaded onto args.device, where bitsandbytes quantizes it, and the
+    adapter is made beside it."""
     device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
-    base, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype))
+    quantization = quantization_of(args)
+    base, tokenizer = load_base(
+        args.model, dtype=getattr(torch, args.dtype), quantization=quantization, device=device
+    )
     model = method_for(args.preset).build(base, args.comoe_config(), args.gradient_checkpointing)
-    return model.to(device), tokenizer
+    return (model if quantization else model.to(device)), tokenizer

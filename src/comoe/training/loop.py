@@ -24,6 +24,7 @@ from comoe.data.record import write_data_record
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.evaluation.loglik import within_context
 from comoe.models.head import unwrap_model
+from comoe.models.quantization import quantization_of_model
 from comoe.moe.record import LayerRecord
 from comoe.training.batches import micro_batches
 from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -194,7 +195,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     log.close()
     model.save_pretrained(run / "adapter", is_main_process=world.is_main)
     if world.is_main:
-        write_data_record(run / "adapter", examples)
+        write_data_record(run / "adapter", examples, quantization_of_model(model))
     world.barrier()
     # The DistributedDataParallel wrapper's reducer must go before its process group: destroyed after it
     # (at this function's return), gloo's destructor can deadlock on a lock the group already took down.
@@ -214,7 +215,7 @@ def save_best(
         shutil.rmtree(fresh, ignore_errors=True)
     model.save_pretrained(fresh, is_main_process=world.is_main)  # every process: FSDP gathers experts
     if world.is_main:
-        write_data_record(fresh, examples)
+        write_data_record(fresh, examples, quantization_of_model(model))
         (fresh / BEST_RECORD).write_text(json.dumps({"step": step, "val_loss": loss}) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if best.exists():

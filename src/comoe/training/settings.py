@@ -9,6 +9,8 @@ from comoe.config import BASELINES, PRESETS, ComoeConfig
 from comoe.settings import (
     DEVICE_HELP,
     DTYPES,
+    LOAD_IN_4BIT_HELP,
+    LOAD_IN_8BIT_HELP,
     DataArgs,
     check_field_types,
     check_placement,
@@ -34,6 +36,8 @@ class TrainArgs(DataArgs):
         choices=DTYPES,
     )
     device: str = setting("auto", DEVICE_HELP)
+    load_in_4bit: bool = setting(False, LOAD_IN_4BIT_HELP)
+    load_in_8bit: bool = setting(False, LOAD_IN_8BIT_HELP)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     adapter_config: dict[str, Any] = setting(
         {}, "ComoeConfig overrides on top of the preset (YAML only; key 'adapter' in older files)", flag=False
