@@ -10,7 +10,7 @@ from comoe.data import TASKS
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts
 from comoe.evaluation.settings import GenerateArgs
-from tests.helpers import one_line_error
+from tests.helpers import token_ids
 
 
 def test_generate_reads_prompt_files(tmp_path):
@@ -46,17 +46,22 @@ def test_a_prompt_carries_its_template_and_registers_nothing(smol_tokenizer):
         prompt_example("2+2?", "jinja")
 
 
-def test_generation_fits_the_models_context(tiny_gpt2_dir, tmp_path, capsys):
+def test_generation_fits_the_models_context(tiny_gpt2_dir, smol_tokenizer, tmp_path, capsys):
     """A GPT-2 of 32 positions: a long prompt is cut from its start to leave room for the answer; a
-    max_new_tokens that leaves no room is one line naming it; eval's default length halves to fit."""
+    max_new_tokens that leaves no room (the default 128) is fitted with a warning, the response stopping at
+    the context; eval's default length halves to fit."""
     model = ["--model", str(tiny_gpt2_dir)]
     assert main(["generate", *model, "--prompt", "sun " * 40, "--max-new-tokens", "8"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["truncated"] is True
-    assert one_line_error(capsys, ["generate", *model, "--prompt", "hi"]) == (  # --max-new-tokens 128
-        "comoe: error: max_new_tokens=128 is invalid for this model: expected at most 31 (its context is 32 "
-        "tokens, prompt included) (run with --debug for the traceback)"
+    assert main(["generate", *model, "--prompt", "sun " * 40]) == 0  # --max-new-tokens 128
+    out, err = capsys.readouterr()
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["truncated"] is True and len(token_ids(smol_tokenizer, row["response"])) <= 16
+    warning = (
+        "max_new_tokens=128 does not fit the model's context of 32 tokens: prompts keep their last 16 tokens"
     )
+    assert sum(warning in line for line in err.splitlines()) == 1
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "sun " * 40, "completion": "moon"}) + "\n")
     report = tmp_path / "eval.json"

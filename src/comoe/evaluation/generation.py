@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -10,7 +12,8 @@ from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.loglik import context_length
-from comoe.validation import InvalidSetting
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -19,16 +22,17 @@ def generate_responses(
 ) -> tuple[list[str], list[bool]]:
     """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
     (from the start) so that prompt and answer fit the model's context length. A max_new_tokens that
-    leaves no room for a prompt in the context is refused (generating past it indexes past the model's
-    position embeddings)."""
+    leaves no room for a prompt in the context (generating past the context would index past a model's
+    position embeddings) is fitted, with a warning: prompts keep up to half the context and responses stop
+    at its end."""
     context = context_length(model)
-    if max_new_tokens >= context:
-        raise InvalidSetting(
-            "max_new_tokens",
-            f"max_new_tokens={max_new_tokens} is invalid for this model: expected at most {context - 1} "
-            f"(its context is {context} tokens, prompt included)",
-        )
     room = context - max_new_tokens
+    if room < 1:
+        room = context - context // 2
+        logger.warning(
+            f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} tokens: prompts "
+            f"keep their last {room} tokens and responses stop at the context"
+        )
     texts = [render_prompt(e, tokenizer) for e in examples]
     encoded = [prompt_ids(tokenizer, text) for text in texts]
     truncated = [len(ids) > room for ids in encoded]
@@ -42,7 +46,7 @@ def generate_responses(
         width = batch["input_ids"].shape[1]
         generated = model.generate(
             **batch,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=min(max_new_tokens, context - width),  # never past the context
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
