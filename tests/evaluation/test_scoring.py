@@ -156,3 +156,9 @@ def test_summarise_keeps_task_order_counts_truncation_and_averages_tasks_not_exa
     assert report["tasks"]["a"] == {"accuracy": 0.5, "n": 2, "ci95": wilson_interval(1, 2), "truncated": 0}
     assert report["average"] == pytest.approx((2 / 3 + 0.5) / 2)  # not 3/5
     assert summarise([]) == {"tasks": {}, "average": 0.0}
+
+
+def test_a_choice_answer_without_options_is_none_not_an_empty_match():
+    assert extract_answer("choice", "anything at all", []) is None
+    assert extract_answer("choice", "anything at all", None) is None
+    assert extract_answer("choice", "the answer is yes", ["", "yes"]) == "yes"

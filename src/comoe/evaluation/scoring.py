@@ -43,7 +43,10 @@ def extract_answer(kind: str, text: str, options: list[str] | None = None) -> st
     letter: the letter in 'answer is (X)' if present, else the last standalone A-E; exact: the first line.
     """
     if kind == "choice":
-        found = re.findall("|".join(sorted(map(re.escape, options or []), key=len, reverse=True)), text)
+        words = [option for option in options or [] if option]
+        if not words:  # an empty pattern would match the empty string
+            return None
+        found = re.findall("|".join(sorted(map(re.escape, words), key=len, reverse=True)), text)
         return found[0] if found else None
     if kind == "number":
         found = _NUMBER.findall(text.replace(",", ""))
