@@ -21,20 +21,19 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
-import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from scipy import stats
 
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.settings import AnalyzeArgs
+from comoe.evaluation import stats
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
+from comoe.evaluation.stats import questions_to_detect, seed_interval, seed_means, seeds_to_detect
 from comoe.files import atomic_write_text
 from comoe.training.loop import train
 from comoe.training.settings import TrainArgs
@@ -149,71 +148,14 @@ def paired_answers(
     return diffs
 
 
-def seed_means(diffs: list[list[int]]) -> list[float]:
-    """Each paired seed's mean difference, from `paired_answers`."""
-    return [sum(seed_diffs) / len(seed_diffs) for seed_diffs in diffs]
-
-
 def paired_difference(
     a: list[dict], b: list[dict], samples: int = 2000, b_untrained: bool = False
 ) -> dict[str, Any]:
-    """Mean accuracy difference a - b over the same seeds and examples, with two 95% intervals.
-    `ci95`, a paired bootstrap (examples resampled within each seed; all tasks pooled, each task weighted
-    by its examples), measures the test questions' noise for these trained adapters only. `seed_ci95`,
-    Student's t over the per-seed differences (None below two seeds), also counts the spread between
-    training seeds, which on small models is often the larger one: it is the interval for "would another
-    training run agree?". Seeds are paired as `paired_answers` pairs them."""
-    diffs = paired_answers(a, b, b_untrained)
-    if not diffs:
-        return {}
-    rng = random.Random(0)
-    means = []
-    for _ in range(samples):
-        total = count = 0
-        for seed_diffs in diffs:
-            picks = [seed_diffs[rng.randrange(len(seed_diffs))] for _ in seed_diffs]
-            total, count = total + sum(picks), count + len(picks)
-        means.append(total / count)
-    means.sort()
-    questions = sum(map(len, diffs))
-    mean = sum(map(sum, diffs)) / questions
-    per_seed = seed_means(diffs)
-    ci95 = [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
-    discordant = sum(d != 0 for seed_diffs in diffs for d in seed_diffs) / questions
-    return {
-        "mean": mean,
-        "ci95": ci95,
-        "seed_ci95": seed_interval(per_seed),
-        "per_seed": per_seed,
-        "discordant": discordant,
-    }
-
-
-def seed_interval(per_seed: list[float]) -> list[float] | None:
-    """95% Student t interval for the mean of per-seed differences (n - 1 degrees of freedom)."""
-    if len(per_seed) < 2:
-        return None
-    half = stats.t.ppf(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
-    centre = statistics.mean(per_seed)
-    return [centre - half, centre + half]
-
-
-POWER_FACTOR = (1.96 + 0.84) ** 2  # (z for two-sided 5% + z for 80% power)^2
-
-
-def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
-    """Paired test questions needed to detect a true difference `effect` (two-sided 5%, power 80%) when a
-    `discordant` fraction of questions is answered differently: (1.96 + 0.84)^2 * discordant / effect^2."""
-    return math.ceil(POWER_FACTOR * discordant / effect**2)
-
-
-def seeds_to_detect(per_seed: list[float], effect: float = 0.01) -> int | None:
-    """Training seeds needed to detect a true difference `effect` (two-sided 5%, power 80%, normal
-    approximation) given the spread of the per-seed differences measured so far: (1.96 + 0.84)^2 * s^2 /
-    effect^2. With three seeds s itself is rough, so this is an order of magnitude, not a plan."""
-    if len(per_seed) < 2:
-        return None
-    return max(2, math.ceil(POWER_FACTOR * statistics.variance(per_seed) / effect**2))
+    """Mean accuracy difference a - b over the same seeds and examples, with two 95% intervals (a paired
+    bootstrap over questions, `ci95`, and Student's t over seeds, `seed_ci95`): the library's
+    comoe.evaluation.stats.paired_difference, which `comoe compare` uses too. Seeds are paired as
+    `paired_answers` pairs them."""
+    return stats.paired_difference(paired_answers(a, b, b_untrained), samples)
 
 
 def column_value(run: dict, column: str, papers: list[str]) -> float:
