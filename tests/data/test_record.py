@@ -6,7 +6,7 @@ import json
 import pytest
 
 from comoe.data import Example
-from comoe.data.record import DATA_RECORD, trained_template, write_data_record
+from comoe.data.record import DATA_RECORD, trained_answers, trained_template, write_data_record
 
 
 def test_the_record_counts_each_task_and_names_the_shared_template(tmp_path):
@@ -17,7 +17,10 @@ def test_the_record_counts_each_task_and_names_the_shared_template(tmp_path):
     record = json.loads((tmp_path / DATA_RECORD).read_text())
     assert record == {
         "template": "chat",
-        "tasks": {"a": {"examples": 3, "template": "chat"}, "b": {"examples": 1, "template": "chat"}},
+        "tasks": {
+            "a": {"examples": 3, "template": "chat", "answers": {"o": 3}, "distinct_answers": 1},
+            "b": {"examples": 1, "template": "chat", "answers": {"o": 1}, "distinct_answers": 1},
+        },
     }
     assert trained_template(tmp_path) == "chat"
 
@@ -41,3 +44,15 @@ def test_an_old_or_missing_record_reads_as_unknown_and_a_broken_one_is_refused(t
     (tmp_path / DATA_RECORD).write_text("[oops")
     with pytest.raises(ValueError, match="not a valid comoe data record"):
         trained_template(tmp_path)
+
+
+def test_the_record_keeps_each_tasks_most_frequent_answers_and_old_records_read_as_unknown(tmp_path):
+    examples = [Example("yn", "q", "", f"the answer is {a}", a) for a in ["yes"] * 5 + ["no"] * 3]
+    examples += [Example("sum", "q", "", str(n), str(n)) for n in range(30)]
+    write_data_record(tmp_path, examples)
+    assert trained_answers(tmp_path)["yn"] == {"examples": 8, "answers": {"yes": 5, "no": 3}}
+    record = json.loads((tmp_path / DATA_RECORD).read_text())["tasks"]["sum"]
+    assert len(record["answers"]) == 20 and record["distinct_answers"] == 30  # the 20 most frequent kept
+    assert trained_answers(None) == {} and trained_answers(tmp_path / "nowhere") == {}
+    (tmp_path / DATA_RECORD).write_text(json.dumps({"template": "none", "tasks": {"t": {"examples": 2}}}))
+    assert trained_answers(tmp_path) == {}  # written before answers were recorded

@@ -95,7 +95,9 @@ def test_python_dataset_trains_and_uses_its_validation_split(tmp_path, tiny_mode
     run = train(train_args(tiny_model_dir, tmp_path / "run", train_limit=None, max_steps=2), dataset=dataset)
     assert "val_loss" in read_log(run)[-1]
     record = json.loads((run / "adapter" / DATA_RECORD).read_text())
-    assert record == {"template": "none", "tasks": {"data": {"examples": 8, "template": "none"}}}
+    assert record["template"] == "none" and list(record["tasks"]) == ["data"]
+    assert record["tasks"]["data"]["examples"] == 8 and record["tasks"]["data"]["template"] == "none"
+    assert record["tasks"]["data"]["distinct_answers"] == 8  # the completions " 0" ... " 7"
     listed = train(
         train_args(tiny_model_dir, tmp_path / "listed", train_limit=None, max_steps=2), dataset=rows
     )
