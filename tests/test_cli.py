@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import comoe.training.loop as loop
-from comoe.cli import main
+from comoe.cli import _compare_sides, main
 from tests.helpers import one_line_error, tiny_config, tiny_llama
 
 
@@ -158,3 +158,14 @@ def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch, command):
     monkeypatch.setattr("comoe.evaluation.runner.load_for_eval", stop)
     argv = [command, "--adapter", "x", "--output", "y"] if command == "analyze" else [command]
     assert one_line_error(capsys, argv, code=130) == "comoe: interrupted"
+
+
+def test_compare_sides_between_separators_are_joined_before_argparse():
+    assert _compare_sides(["compare", "a0", "a1", "--", "b0", "b1"]) == ["compare", "a0,a1", "b0,b1"]
+    argv = ["--debug", "compare", "a0", "--output", "out.json", "a1", "--", "b0", "--samples", "200", "--", "c"]
+    assert _compare_sides(argv) == [
+        "--debug", "compare", "--output", "out.json", "--samples", "200", "a0,a1", "b0", "c"
+    ]
+    assert _compare_sides(["compare", "a", "b"]) == ["compare", "a", "b"]  # no separator: one report a side
+    assert _compare_sides(["eval", "--", "x"]) == ["eval", "--", "x"]  # other commands are left alone
+    assert _compare_sides(["compare", "a", "--", "b", "--output"]) == ["compare", "--output", "a", "b"]

@@ -1,4 +1,4 @@
-"""The `comoe` command line: train, eval, generate, analyze, demo.
+"""The `comoe` command line: train, eval, compare, generate, analyze, demo.
 
 Each subcommand's flags come from its settings dataclass (comoe.*.settings, pure Python), so `comoe --help`
 and `comoe train --help` never load torch, transformers or peft. The modules that do the work are imported
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from typing import Any, NoReturn
 
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.errors import USER_ERRORS
-from comoe.evaluation.settings import EvalArgs, GenerateArgs
+from comoe.evaluation.settings import CompareArgs, EvalArgs, GenerateArgs
 from comoe.recipes.settings import DemoArgs
 from comoe.settings import add_flags, load_settings
 from comoe.training.settings import TrainArgs
@@ -46,14 +47,46 @@ def _train(args: TrainArgs) -> None:
 
 
 def _eval(args: EvalArgs) -> None:
-    from comoe.evaluation.runner import run_eval
+    from comoe.evaluation.compare import format_comparison
+    from comoe.evaluation.runner import run_evals
 
-    report = run_eval(args)
-    for name, row in report["tasks"].items():
-        low, high = row["ci95"]
-        interval = f"95% CI {100 * low:.1f}-{100 * high:.1f}"
-        print(f"{name:22s} {100 * row['accuracy']:5.1f}%  (n={row['n']}, {interval})")
-    print(f"{'average':22s} {100 * report['average']:5.1f}%   ({report['seconds']} s)")
+    reports, comparison = run_evals(args)
+    for report in reports:
+        if len(reports) > 1:
+            print(f"\n== {report['label']}" + (f" ({report['adapter']})" if report["adapter"] else ""))
+        for name, row in report["tasks"].items():
+            low, high = row["ci95"]
+            interval = f"95% CI {100 * low:.1f}-{100 * high:.1f}"
+            print(f"{name:22s} {100 * row['accuracy']:5.1f}%  (n={row['n']}, {interval})  {_baselines(row)}")
+        print(f"{'average':22s} {100 * report['average']:5.1f}%   ({report['seconds']} s)")
+    if comparison is not None:
+        print("\n" + format_comparison(comparison))
+
+
+def _baselines(row: dict[str, Any]) -> str:
+    """A task's baselines and predictions on its line of `comoe eval`'s table."""
+    parts = [f"chance {100 * row['chance']:.1f}"] if row.get("chance") is not None else []
+    majority, trained = row.get("majority"), row.get("train_majority")
+    if majority:
+        parts.append(f"majority {100 * majority['accuracy']:.1f} ({majority['answer']!r})")
+    if trained:
+        parts.append(f"training majority {100 * trained['accuracy']:.1f} ({trained['answer']!r})")
+    counts = list((row.get("predicted") or {}).items())[:3]
+    if counts:
+        parts.append("predicted " + ", ".join(f"{a!r} {100 * c / row['n']:.0f}%" for a, c in counts))
+    generation = row.get("generation")
+    if generation:
+        parts.append(
+            f"empty {100 * generation['empty']:.0f}%, repeated {100 * generation['repeated']:.0f}%, "
+            f"unparseable {100 * generation['unparseable']:.0f}%"
+        )
+    return "  ".join(parts)
+
+
+def _compare(args: CompareArgs) -> None:
+    from comoe.evaluation.compare import format_comparison, run_compare
+
+    print(format_comparison(run_compare(args)))
 
 
 def _generate(args: GenerateArgs) -> None:
@@ -91,7 +124,8 @@ PROGRESS_ON_STDERR = {"generate"}
 # name: (settings class, handler, help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "train": (TrainArgs, _train, "fine-tune a base model with a comoe preset or PEFT LoRA"),
-    "eval": (EvalArgs, _eval, "evaluate a base model, with or without an adapter, per task"),
+    "eval": (EvalArgs, _eval, "evaluate a base model, with or without adapters, per task"),
+    "compare": (CompareArgs, _compare, "paired comparison of eval reports of the same questions"),
     "generate": (GenerateArgs, _generate, "answer prompts with a base model and optional adapter (JSONL)"),
     "analyze": (AnalyzeArgs, _analyze, "measure expert specialisation of a comoe adapter"),
     "demo": (DemoArgs, _demo, "fine-tune SmolLM2-135M on built-in tasks, evaluate, write a report"),
@@ -190,9 +224,35 @@ def _showing_progress(stream: Any) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _compare_sides(argv: list[str]) -> list[str]:
+    """`comoe compare A1 A2 -- B1 B2` as `comoe compare A1,A2 B1,B2`: the reports between separators are one
+    side's (its training seeds). argparse would drop the first `--` only, so the CLI joins the sides first;
+    flags may stand anywhere (a flag's value is never a report)."""
+    command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if command is None or argv[command] != "compare" or "--" not in argv[command + 1 :]:
+        return argv
+    valued = {"--config"} | {
+        "--" + spec.name.replace("_", "-")
+        for spec in dataclasses.fields(CompareArgs)
+        if spec.type != "bool" and not spec.metadata.get("positional")
+    }
+    flags: list[str] = []
+    sides: list[list[str]] = [[]]
+    tokens = iter(argv[command + 1 :])
+    for token in tokens:
+        if token == "--":
+            sides.append([])
+        elif token.startswith("-"):
+            value = next(tokens, None) if token in valued else None
+            flags += [token] if value is None else [token, value]
+        else:
+            sides[-1].append(token)
+    return [*argv[: command + 1], *flags, *(",".join(side) for side in sides if side)]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_compare_sides(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as stop:  # --help (0), or flags argparse refused (2: said in one line)
         return stop.code if isinstance(stop.code, int) else 2
     settings, handler, _ = COMMANDS[args.command]

@@ -152,7 +152,8 @@ _FLAG_TYPES = {"str": str, "int": int, "float": float, "list[str]": _comma_list,
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a settings dataclass, defaulting to None so that unset flags do not
     override the YAML file; fields with metadata flag=False are YAML-only (e.g. nested mappings), and
-    list fields with repeat=True take one value per flag (--data a.jsonl --data b.jsonl)."""
+    list fields with repeat=True take one value per flag (--data a.jsonl --data b.jsonl), and a list field
+    with positional=True is the command's positional arguments (comoe compare A.json B.json)."""
     for spec in dataclasses.fields(cls):
         if not spec.metadata.get("flag", True):
             continue
@@ -164,6 +165,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" (default: {default})"
         if annotation == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
+        if spec.metadata.get("positional"):  # absent: not in the namespace, so the YAML file's value stays
+            metavar = spec.name.upper().removesuffix("S")
+            parser.add_argument(
+                spec.name, nargs="*", default=argparse.SUPPRESS, metavar=metavar, help=help_text
+            )
             continue
         if spec.metadata.get("repeat"):
             parser.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")

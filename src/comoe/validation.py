@@ -70,6 +70,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "float": ((int, float), "a number"),
     "bool": ((bool,), "true or false"),
     "list[str]": ((list,), "a list of strings"),
+    "str | list[str]": ((str, list), "a string or a list of strings"),
     "dict[str, Any]": ((dict,), "a mapping"),
     "dict[str, str]": ((dict,), "a mapping of strings to strings"),
 }
@@ -80,6 +81,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 _NON_EMPTY: dict[str, str] = {
     "str": "a non-empty string",
     "list[str]": "a list of non-empty strings",
+    "str | list[str]": "a non-empty string or a list of them",
     "dict[str, str]": "a mapping of non-empty strings to non-empty strings",
 }
 
@@ -88,8 +90,8 @@ def _blank(value: Any, base: str) -> bool:
     """Whether a value of the declared type holds empty or whitespace-only text."""
     if base == "str":
         return not value.strip()
-    if base == "list[str]":
-        return any(not item.strip() for item in value)
+    if base in ("list[str]", "str | list[str]"):
+        return any(not item.strip() for item in ([value] if isinstance(value, str) else value))
     if base == "dict[str, str]":
         return any(not key.strip() or not item.strip() for key, item in value.items())
     return False
@@ -110,7 +112,7 @@ def check_type(name: str, value: Any, annotation: str) -> None:
     if ok and base == "float":
         ok = math.isfinite(value)
         wording = "a finite number"
-    if ok and base == "list[str]":
+    if ok and base in ("list[str]", "str | list[str]") and isinstance(value, list):
         ok = all(isinstance(item, str) for item in value)
     if ok and base == "dict[str, Any]":
         ok = all(isinstance(key, str) for key in value)
@@ -119,4 +121,5 @@ def check_type(name: str, value: Any, annotation: str) -> None:
     if not ok:
         fail(name, value, wording + (" or null" if optional else ""))
     if _blank(value, base):
-        fail(name, value, _NON_EMPTY[base] + (" or null" if optional else ""))
+        wording = _NON_EMPTY["str" if isinstance(value, str) else base]  # a path given as one string: said so
+        fail(name, value, wording + (" or null" if optional else ""))

@@ -1,13 +1,26 @@
-"""Option log-likelihoods against a plain per-option loop, and over-long prompts (answer extraction and
-scoring are in test_scoring.py)."""
+"""Option log-likelihoods against a plain per-option loop, over-long prompts (answer extraction and scoring
+are in test_scoring.py), and several adapters evaluated on one loaded base, one report each."""
+
+import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
+import comoe.models.auto as auto
+from comoe.adapter.model import get_comoe_model
+from comoe.config import ComoeConfig
 from comoe.data import Example
+from comoe.data.record import write_data_record
+from comoe.data.sources import examples_from_records
 from comoe.data.templates import format_prompt
 from comoe.evaluation.loglik import option_loglikelihoods
+from comoe.evaluation.runner import run_eval, run_evals
 from comoe.evaluation.scoring import Prediction, choice_options, choice_response, summarise
+from comoe.evaluation.settings import EvalArgs
+from comoe.models import load_base
 from tests.helpers import tiny_llama
 
 
@@ -81,3 +94,96 @@ def test_prompts_longer_than_the_window_are_scored_whole_and_reported(smol_token
         ]
     )
     assert report["tasks"]["boolq"]["truncated"] == 1
+
+
+def choice_records(count: int, seed: int = 0) -> list[dict]:
+    """Multiple-choice prompt/completion records of two tasks (3-way and yes/no) with explicit choices."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        colour = rng.choice(["red", "blue", "green"])
+        fruit = {"red": " apple", "blue": " sky", "green": " grass"}[colour]
+        rows.append(
+            {
+                "task": "colour",
+                "prompt": f"q{i} {colour}",
+                "completion": fruit,
+                "choices": [" apple", " sky", " grass"],
+            }
+        )
+        light = rng.choice([" yes", " no"])
+        rows.append(
+            {"task": "light", "prompt": f"q{i} light{light}", "completion": light, "choices": [" yes", " no"]}
+        )
+    return rows
+
+
+@pytest.fixture
+def two_adapters(tmp_path, tiny_model_dir):
+    """A comoe adapter (with a data record) and a PEFT LoRA one, both of non-zero B, on the tiny model."""
+    base, _ = load_base(str(tiny_model_dir))
+    torch.manual_seed(0)
+    comoe = get_comoe_model(base, ComoeConfig.preset("comoe", r=4, num_experts=2))
+    for layer in comoe.comoe_layers().values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    comoe.save_pretrained(tmp_path / "comoe" / "adapter")
+    write_data_record(
+        tmp_path / "comoe" / "adapter", examples_from_records(choice_records(6, seed=1), "x", "none")
+    )
+    lora = get_peft_model(
+        comoe.unload(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.save_pretrained(tmp_path / "lora" / "adapter")
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in choice_records(5)))
+    return str(tmp_path / "comoe" / "adapter"), str(tmp_path / "lora" / "adapter"), str(data)
+
+
+def test_several_adapters_are_evaluated_on_one_base_load_one_report_each(tmp_path, two_adapters, monkeypatch):
+    comoe, lora, data = two_adapters
+    loads = []
+    real = auto.load_base
+    monkeypatch.setattr(auto, "load_base", lambda *a, **k: loads.append(a) or real(*a, **k))
+    settings = dict(data=[data], device="cpu", batch_size=4)
+    output = tmp_path / "out" / "eval.json"
+    reports, comparison = run_evals(
+        EvalArgs(adapter=[comoe, lora], with_base=True, output=str(output), **settings)
+    )
+    assert len(loads) == 1  # the base once, the adapters in turn on it
+    assert [r["label"] for r in reports] == ["base", "comoe/adapter", "lora/adapter"]
+    assert [r["adapter"] for r in reports] == [None, comoe, lora]
+    names = [
+        "eval.base.json",
+        "eval.comoe-adapter.json",
+        "eval.lora-adapter.json",
+        "eval.compare.json",
+        "eval.md",
+        "eval.png",
+    ]
+    assert sorted(p.name for p in output.parent.iterdir()) == sorted(names)
+    assert json.loads((output.parent / "eval.lora-adapter.json").read_text()) == reports[2]
+    assert [c["label"] for c in comparison["comparisons"]] == [
+        "comoe/adapter − base",
+        "lora/adapter − base",
+        "lora/adapter − comoe/adapter",
+    ]
+    # each model's answers are those of evaluating it alone: the base comes back whole after each adapter
+    for adapter, report in zip([None, comoe, lora], reports, strict=True):
+        alone = run_eval(EvalArgs(adapter=adapter, model=None if adapter else reports[0]["model"], **settings))
+        assert alone["examples"] == report["examples"], adapter
+    assert reports[1]["tasks"]["colour"]["train_majority"]["train_share"] > 0  # its data record
+    assert reports[2]["tasks"]["colour"]["train_majority"] is None  # none recorded
+    assert reports[0]["tasks"]["colour"]["chance"] == pytest.approx(1 / 3)
+    assert all(row["question"] and row["options"] in (2, 3) for row in reports[0]["examples"])
+    with pytest.raises(ValueError, match="run_eval evaluates one model; use run_evals for several"):
+        run_eval(EvalArgs(adapter=[comoe, lora], **settings))
+
+
+def test_adapters_of_different_bases_are_refused_before_loading(tmp_path, two_adapters):
+    comoe, lora, data = two_adapters
+    config = Path(lora) / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gpt2"}))
+    with pytest.raises(
+        ValueError, match=f"{comoe} was trained on base model .* and {lora} on gpt2: adapters"
+    ):
+        run_evals(EvalArgs(adapter=[comoe, lora], data=[data], device="cpu"))

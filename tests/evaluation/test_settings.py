@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from comoe.evaluation.settings import MODES, SPLITS, EvalArgs, GenerateArgs
+from comoe.evaluation.settings import MODES, SPLITS, CompareArgs, EvalArgs, GenerateArgs, compare_sides
 from comoe.settings import load_settings
 from comoe.validation import InvalidSetting
 
@@ -105,3 +105,34 @@ def test_every_eval_and_generate_field_has_help():
     for settings in (EvalArgs, GenerateArgs):
         for spec in dataclasses.fields(settings):
             assert spec.metadata.get("help"), (settings.__name__, spec.name)
+
+
+def test_eval_takes_one_adapter_or_several():
+    assert EvalArgs(adapter="a").adapter == "a" and EvalArgs(adapter="a").adapters == ["a"]
+    assert EvalArgs(adapter=["a"]).adapter == "a"  # --adapter given once is that folder
+    assert EvalArgs(adapter=["a", "b"]).adapters == ["a", "b"] and EvalArgs().adapters == []
+    assert EvalArgs(adapter=["a", "b"], with_base=True).with_base
+    flags = load_settings(EvalArgs, None, {"adapter": ["x", "y"], "with_base": True})
+    assert flags.adapters == ["x", "y"] and flags.with_base
+    with pytest.raises(ValueError, match="--adapter a is given twice"):
+        EvalArgs(adapter=["a", "b", "a"])
+    with pytest.raises(InvalidSetting, match="adapter=\\['a', ''\\] is invalid: expected a non-empty string or a list"):
+        EvalArgs(adapter=["a", ""])
+    with pytest.raises(InvalidSetting, match="adapter='' is invalid: expected a non-empty string"):
+        EvalArgs(adapter=[""])
+    with pytest.raises(InvalidSetting, match="adapter=3 is invalid: expected a string or a list of strings"):
+        EvalArgs(adapter=3)
+
+
+def test_compare_settings_read_sides_and_refuse_fewer_than_two():
+    args = CompareArgs(reports=["a.json", "b0.json, b1.json"])
+    assert compare_sides(args.reports) == [["a.json"], ["b0.json", "b1.json"]]
+    assert (args.labels, args.samples, args.seed, args.output) == (None, 2000, 0, None)
+    with pytest.raises(ValueError, match="give at least two sides to compare .*, got 1: a.json"):
+        CompareArgs(reports=["a.json"])
+    with pytest.raises(InvalidSetting, match=r"labels=\['x'\] is invalid: expected one label per side \(2\)"):
+        CompareArgs(reports=["a.json", "b.json"], labels=["x"])
+    with pytest.raises(InvalidSetting, match="samples=10 is invalid: expected an integer >= 100"):
+        CompareArgs(reports=["a.json", "b.json"], samples=10)
+    for spec in dataclasses.fields(CompareArgs):
+        assert spec.metadata.get("help"), spec.name

@@ -95,6 +95,9 @@ class Prediction:
     correct: bool
     response: str = ""
     truncated: bool = False  # the prompt was shortened (from its start) to fit the model's context
+    question: str = ""  # the question's id (baselines.question_id): what `comoe compare` pairs reports by
+    options: int = 0  # the number of options of a closed answer set (choice, letter), else 0
+    generated: bool = False  # answered by generation (`response`), not by option log-likelihood
 
 
 def summarise(predictions: list[Prediction]) -> dict[str, Any]:

@@ -55,6 +55,18 @@ def load_adapted(
         ) from None
     if folder is None:
         return base, tokenizer
+    return adapt_base(base, folder, model, is_trainable=is_trainable), tokenizer
+
+
+def adapt_base(
+    base: nn.Module, folder: AdapterFolder, model: str | None = None, *, is_trainable: bool = False
+) -> nn.Module:
+    """A loaded base model (base_model_name(model, folder)) with the adapter folder applied, checked as
+    load_adapted checks it: a base other than the recorded one is named in a warning when the adapter fits
+    it, and refused naming the recorded base when not. Several adapters can take turns on one loaded base
+    (`unload()` gives it back)."""
+    recorded = folder.base_model_name_or_path
+    name = base_model_name(model, folder)
     try:
         adapted = load_adapter(base, folder, is_trainable=is_trainable)
     except AdapterMismatch as error:
@@ -67,7 +79,7 @@ def load_adapted(
             recorded,
             name,
         )
-    return adapted, tokenizer
+    return adapted
 
 
 def _mismatch(
