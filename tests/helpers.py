@@ -14,11 +14,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.adapter.model import get_comoe_model
 from comoe.cli import main
 from comoe.config import ComoeConfig
 from comoe.data import Example
 from comoe.data.collate import IGNORE_INDEX, encode_examples
 from comoe.data.sources import examples_from_records
+from comoe.models.loading import load_base
 from comoe.training.settings import TrainArgs
 
 # The sizes of every tiny test model (milliseconds per step); families add their own fields.
@@ -238,3 +240,13 @@ def token_ids(tokenizer, text: str) -> list[int]:
 def learned_ids(item) -> list[int]:
     """The token ids an encoded example learns (labels that are not ignored)."""
     return [token for token in item.labels if token != IGNORE_INDEX]
+
+
+def adapted(folder) :
+    """The tiny model saved in `folder` with a comoe adapter whose experts are non-zero, in eval mode."""
+    base, _ = load_base(str(folder))
+    model = get_comoe_model(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.2)
+    return model.eval()

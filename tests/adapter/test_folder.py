@@ -13,22 +13,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_kind, base_model_of
-from comoe.adapter.model import ComoeModel, get_comoe_model
+from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME, load_config, read_safetensors
-from comoe.config import ComoeConfig
 from comoe.evaluation.runner import load_for_eval
 from comoe.models.auto import AutoComoeModelForCausalLM
 from comoe.models.loading import load_base
-from tests.helpers import count_config_reads, tiny_llama
-
-
-def adapted(folder):
-    base, _ = load_base(str(folder))
-    model = get_comoe_model(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0))
-    with torch.no_grad():
-        for layer in model.comoe_layers().values():
-            layer.lora_B.normal_(0, 0.2)
-    return model.eval()
+from tests.helpers import adapted, count_config_reads, tiny_llama
 
 
 def test_folder_records_base_model_version_and_a_model_card(tiny_model_dir, tmp_path):

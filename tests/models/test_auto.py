@@ -9,23 +9,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from comoe.adapter.model import ComoeModel, get_comoe_model
+from comoe.adapter.model import ComoeModel
 from comoe.adapter.serialization import CONFIG_NAME
-from comoe.config import ComoeConfig
 from comoe.models import auto
 from comoe.models.auto import AutoComoeModelForCausalLM
 from comoe.models.loading import load_base
+from tests.helpers import adapted
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
-
-
-def adapted(folder):
-    base, _ = load_base(str(folder))
-    model = get_comoe_model(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0))
-    with torch.no_grad():
-        for layer in model.comoe_layers().values():
-            layer.lora_B.normal_(0, 0.2)
-    return model.eval()
 
 
 def logits(model) -> torch.Tensor:
