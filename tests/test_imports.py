@@ -150,7 +150,7 @@ def test_cli_help_and_settings_load_no_torch():
     code = f"""
 import contextlib, io, sys
 import comoe.cli, {", ".join(SETTINGS_MODULES)}
-for argv in (["--help"], *([name, "--help"] for name in ("train", "eval", "generate", "analyze", "demo"))):
+for argv in (["--help"], *([name, "--help"] for name in ("train", "eval", "compare", "generate", "analyze", "demo"))):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         try:
             comoe.cli.main(argv)

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 import comoe.models.auto as auto
 from comoe.adapter.model import get_comoe_model
+from comoe.cli import main
 from comoe.config import ComoeConfig
 from comoe.data import Example
 from comoe.data.record import write_data_record
@@ -169,7 +170,9 @@ def test_several_adapters_are_evaluated_on_one_base_load_one_report_each(tmp_pat
     ]
     # each model's answers are those of evaluating it alone: the base comes back whole after each adapter
     for adapter, report in zip([None, comoe, lora], reports, strict=True):
-        alone = run_eval(EvalArgs(adapter=adapter, model=None if adapter else reports[0]["model"], **settings))
+        alone = run_eval(
+            EvalArgs(adapter=adapter, model=None if adapter else reports[0]["model"], **settings)
+        )
         assert alone["examples"] == report["examples"], adapter
     assert reports[1]["tasks"]["colour"]["train_majority"]["train_share"] > 0  # its data record
     assert reports[2]["tasks"]["colour"]["train_majority"] is None  # none recorded
@@ -187,3 +190,50 @@ def test_adapters_of_different_bases_are_refused_before_loading(tmp_path, two_ad
         ValueError, match=f"{comoe} was trained on base model .* and {lora} on gpt2: adapters"
     ):
         run_evals(EvalArgs(adapter=[comoe, lora], data=[data], device="cpu"))
+
+
+@pytest.mark.slow
+def test_a_collapsed_adapter_is_warned_of_and_a_learned_one_is_not(tmp_path, tiny_model_dir, capsys):
+    """The issue's run on data of our own: two multiple-choice tasks (3-way, yes/no), an adapter trained on
+    answers that are all ' sky' / ' yes' (it answers nothing else) and one trained on balanced answers, both
+    evaluated on the same questions in one run; `comoe compare` gives the paired verdict."""
+    balanced, test = choice_records(75, seed=1), choice_records(30, seed=2)
+    skewed = [{**row, "completion": " sky" if row["task"] == "colour" else " yes"} for row in balanced]
+    for name, rows in (("balanced", balanced), ("skewed", skewed), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name, preset, data in (("collapsed", "lora", "skewed"), ("learned", "comoe", "balanced")):
+        argv = [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--preset",
+            preset,
+            "--data",
+            str(tmp_path / f"{data}.jsonl"),
+        ]
+        argv += ["--max-steps", "60", "--lr", "0.01", "--batch-size", "8", "--output", str(tmp_path / name)]
+        assert main(argv) == 0
+    capsys.readouterr()
+    adapters = [str(tmp_path / name / "adapter") for name in ("collapsed", "learned")]
+    argv = [
+        "eval",
+        "--data",
+        str(tmp_path / "test.jsonl"),
+        "--adapter",
+        adapters[0],
+        "--adapter",
+        adapters[1],
+    ]
+    assert main([*argv, "--output", str(tmp_path / "eval.json"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning: ")]
+    assert any(
+        line.startswith("warning: collapsed/adapter: colour: predictions collapsed: ' sky' for 30 of 30")
+        for line in warnings
+    )
+    assert not [line for line in warnings if "learned/adapter" in line], warnings
+    assert "learned/adapter − collapsed/adapter (accuracy %, difference in points)" in printed
+    assert "verdict: learned/adapter is better than collapsed/adapter on these questions" in printed
+    reports = [str(tmp_path / f"eval.{name}-adapter.json") for name in ("collapsed", "learned")]
+    assert main(["compare", *reports]) == 0
+    assert "verdict: learned/adapter is better than collapsed/adapter" in capsys.readouterr().out
