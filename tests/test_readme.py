@@ -4,6 +4,7 @@ real SmolLM2-135M), and the own-data example (on a tiny model)."""
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,34 @@ def test_own_data_example_runs_as_written(tmp_path, monkeypatch, tiny_model_dir)
     log = [json.loads(line) for line in (tmp_path / "runs/mine/log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "val_loss" in row] == [5, 10, 15, 20]
     assert (tmp_path / "runs/mine/best-adapter/validation.json").is_file()
+
+
+@pytest.mark.slow
+def test_is_my_adapter_better_workflow_runs_as_written(tmp_path, monkeypatch, tiny_model_dir, capsys):
+    """The five lines of 'Is my adapter better?' on a tiny model (train gets --model and a few steps), with
+    multiple-choice data of two tasks; the seed line on copies of the two reports."""
+    section = README.read_text().split("## Is my adapter better?", 1)[1].split("\n- ", 1)[0]
+    commands = re.findall(r"^    (comoe .*)$", section, flags=re.M)
+    assert [c.split()[1] for c in commands] == ["train", "train", "eval", "compare", "compare"]
+    monkeypatch.chdir(tmp_path)
+    for name, count in (("train", 12), ("test", 6)):
+        rows = [
+            {"task": task, "prompt": f"{name} {i} {task}?", "completion": f" {word}", "choices": [" yes", " no"]}
+            for i in range(count)
+            for task, word in (("light", "yes" if i % 2 else "no"), ("door", "no" if i % 3 else "yes"))
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for command in commands[:2]:
+        extra = ["--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "4"]
+        assert main([*shlex.split(command)[1:], *extra]) == 0, command
+    for command in commands[2:4]:
+        assert main(shlex.split(command)[1:]) == 0, command
+    printed = capsys.readouterr().out
+    assert printed.count("verdict: ") == 4  # eval: every pair of base, lora, comoe; compare: comoe − lora
+    assert "comoe/adapter − lora/adapter (accuracy %, difference in points)" in printed
+    for method in ("lora", "comoe"):
+        for seed in range(3):
+            shutil.copy(tmp_path / f"runs/eval.{method}-adapter.json", tmp_path / f"{method}-s{seed}.json")
+    assert main(shlex.split(commands[4])[1:]) == 0
+    assert "95% CI, seeds (t)" in capsys.readouterr().out
+    assert (tmp_path / "runs/eval.md").is_file() and (tmp_path / "runs/eval.png").is_file()

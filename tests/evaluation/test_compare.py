@@ -153,9 +153,9 @@ def test_cli_compare_prints_the_paired_verdict_and_takes_seeds_either_way(tmp_pa
     assert main(["compare", *a, "--", *b, "--samples", "200", "--output", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(
-        "6 questions (1 tasks), the same in every report: lora (2 reports), comoe (2 reports)"
+        "6 questions (1 task), the same in every report: lora_seed* (2 reports), comoe_seed* (2 reports)"
     )
-    assert "comoe − lora (accuracy %, difference in points)" in printed and "95% CI, seeds (t)" in printed
+    assert "comoe_seed* − lora_seed* (accuracy %, difference in points)" in printed and "95% CI, seeds (t)" in printed
     assert "\nverdict: " in printed
     assert main(["compare", ",".join(a), ",".join(b), "--samples", "200"]) == 0
     assert capsys.readouterr().out == printed

@@ -228,23 +228,21 @@ def points_interval(bounds: list[float] | None) -> str:
 
 
 def side_labels(sides: list[list[dict[str, Any]]], names: list[list[str]]) -> list[str]:
-    """A label per side: the label its reports carry (eval writes the adapter's, e.g. 'lora/adapter') when
-    every side has its own; else the common start of the side's file names (a seed suffix dropped; the stem
-    for one report); else 'side N'; numbered by position where they still coincide."""
-    own = [
-        str(side[0].get("label") or "") if all(r.get("label") == side[0].get("label") for r in side) else ""
-        for side in sides
-    ]
-    if all(own) and len(set(own)) == len(own):
-        return own
-    labels = []
-    for index, side_names in enumerate(names):
-        stems = [Path(name).stem for name in side_names if name]
-        label = own[index]
-        if stems:
-            label = os.path.commonprefix(stems).rstrip("-_. ") if len(stems) > 1 else stems[0]
-            label = label.removesuffix("seed").rstrip("-_. ") or stems[0]
-        labels.append(label or f"side {index + 1}")
+    """A label per side, from the labels its reports carry (eval writes the adapter's, e.g.
+    'lora-s0/adapter'), else from its file names: the one name of a side, or the part its names share with
+    a '*' for where they differ ('lora-s*/adapter'); numbered by position where sides still coincide."""
+
+    def shared(texts: list[str]) -> str:
+        if len(set(texts)) == 1:
+            return texts[0]
+        start = os.path.commonprefix(texts)
+        end = os.path.commonprefix([text[len(start) :][::-1] for text in texts])[::-1]
+        return f"{start}*{end}"
+
+    labels = [shared([str(r.get("label") or "") for r in side]) for side in sides]
+    if not all(label.strip("*") for label in labels) or len(set(labels)) < len(labels):
+        stems = [shared([Path(name).stem for name in side]) if all(side) else "" for side in names]
+        labels = [stem.strip("*") and stem or f"side {i + 1}" for i, stem in enumerate(stems)]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({index + 1})" for index, label in enumerate(labels)]
     return labels
@@ -258,10 +256,8 @@ def format_comparison(result: dict[str, Any]) -> str:
     described = ", ".join(
         f"{side['label']} ({side['seeds']} report{'s' if side['seeds'] > 1 else ''})" for side in sides
     )
-    lines = [
-        f"{result['questions']} questions ({len(result['tasks'])} tasks), the same in every report: "
-        + described
-    ]
+    tasks = f"{len(result['tasks'])} task{'s' if len(result['tasks']) > 1 else ''}"
+    lines = [f"{result['questions']} questions ({tasks}), the same in every report: {described}"]
     accuracy = {side["label"]: side["accuracy"] for side in sides}
     for comparison in result["comparisons"]:
         a, b, seeds = comparison["a"], comparison["b"], comparison["seeds"] > 1

@@ -87,14 +87,18 @@ def summary_markdown(
             *(accuracy_cell(report["tasks"][task]) for report in reports),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Predictions",
+        "",
+        "Training majority: always giving the most frequent answer of the adapter's training data (its "
+        "comoe_data.json), scored on this sample. Generation: the share of empty / repeated / unparseable "
+        "responses / the most frequent answer.",
+    ]
     for label, report in zip(labels, reports, strict=True):
         lines += [
             "",
-            f"## {label}: predictions",
-            "",
-            "Training majority: always giving the most frequent answer of the adapter's training data "
-            "(its comoe_data.json), scored on this sample. Generation: the share of empty / repeated / "
-            "unparseable responses / the most frequent answer.",
+            f"### {label}",
             "",
             "| task | accuracy | training majority | predicted answers | generation |",
             "|---|---|---|---|---|",
