@@ -51,6 +51,8 @@ def test_output_that_is_a_file(capsys, tmp_path, tiny_model_dir):
 def test_eval_output_that_is_a_folder_is_refused_before_evaluating(capsys, tmp_path):
     message = one_line_error(capsys, ["eval", "--model", "/nonexistent", "--output", str(tmp_path)])
     assert "is a folder; give the report's file name" in message  # checked before the model is looked for
+    message = one_line_error(capsys, ["eval", "--model", "/nonexistent", "--output", str(tmp_path / "r.md")])
+    assert message.startswith(f"comoe: error: --output {tmp_path / 'r.md'}: give the report's name (e.g. ")
 
 
 def test_broken_and_mistyped_yaml(capsys, tmp_path):
@@ -169,3 +171,4 @@ def test_compare_sides_between_separators_are_joined_before_argparse():
     assert _compare_sides(["compare", "a", "b"]) == ["compare", "a", "b"]  # no separator: one report a side
     assert _compare_sides(["eval", "--", "x"]) == ["eval", "--", "x"]  # other commands are left alone
     assert _compare_sides(["compare", "a", "--", "b", "--output"]) == ["compare", "--output", "a", "b"]
+    assert _compare_sides(["compare", "a", "--seed=3", "--", "b"]) == ["compare", "--seed=3", "a", "b"]

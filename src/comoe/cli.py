@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -227,15 +226,11 @@ def _showing_progress(stream: Any) -> Iterator[None]:
 def _compare_sides(argv: list[str]) -> list[str]:
     """`comoe compare A1 A2 -- B1 B2` as `comoe compare A1,A2 B1,B2`: the reports between separators are one
     side's (its training seeds). argparse would drop the first `--` only, so the CLI joins the sides first;
-    flags may stand anywhere (a flag's value is never a report)."""
+    flags may stand anywhere: every option of compare but --help takes a value (`--samples 200`, `--output
+    c.json`, `--config`), which is never a report."""
     command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
     if command is None or argv[command] != "compare" or "--" not in argv[command + 1 :]:
         return argv
-    valued = {"--config"} | {
-        "--" + spec.name.replace("_", "-")
-        for spec in dataclasses.fields(CompareArgs)
-        if spec.type != "bool" and not spec.metadata.get("positional")
-    }
     flags: list[str] = []
     sides: list[list[str]] = [[]]
     tokens = iter(argv[command + 1 :])
@@ -243,7 +238,8 @@ def _compare_sides(argv: list[str]) -> list[str]:
         if token == "--":
             sides.append([])
         elif token.startswith("-"):
-            value = next(tokens, None) if token in valued else None
+            valued = token not in ("-h", "--help") and "=" not in token
+            value = next(tokens, None) if valued else None
             flags += [token] if value is None else [token, value]
         else:
             sides[-1].append(token)

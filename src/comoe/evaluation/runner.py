@@ -131,6 +131,11 @@ def check_report_path(output: str | None) -> None:
     if output is None:
         return
     path = Path(output)
+    if path.suffix in (".md", ".png"):
+        raise ValueError(
+            f"--output {path}: give the report's name (e.g. {path.with_suffix('.json')}); its summary (.md) "
+            "and plot (.png) are written beside it"
+        )
     if path.is_dir():
         raise IsADirectoryError(
             f"--output {path} is a folder; give the report's file name (e.g. {path}/eval.json)"
@@ -194,13 +199,14 @@ def run_evals(args: EvalArgs) -> tuple[list[dict[str, Any]], dict[str, Any] | No
         name = base_model_name(args.model, folders[0])
         reports.append(evaluate(model, tokenizer, examples[0], args, name, runs[0], labels[0]))
     else:
-        base, tokenizer, name = load_shared_base(args, [f for f in folders if f is not None])
+        base, tokenizer, name, quantized = load_shared_base(args, [f for f in folders if f is not None])
         place = next(base.parameters()).device
         for run, folder, questions, label in zip(runs, folders, examples, labels, strict=True):
             if folder is None:
                 reports.append(evaluate(base, tokenizer, questions, args, name, None, label, several=True))
                 continue
-            model = adapt_base(base, folder, args.model).to(place)
+            model = adapt_base(base, folder, args.model)
+            model = model if quantized else model.to(place)  # a quantized base's adapter is made beside it
             reports.append(evaluate(model, tokenizer, questions, args, name, run, label, several=True))
             base = model.unload()  # the base model as it was loaded, for the next adapter
     comparison = compare_reports([[report] for report in reports], labels) if len(reports) > 1 else None
@@ -247,10 +253,10 @@ def evaluate(
     return report
 
 
-def load_shared_base(args: EvalArgs, folders: list[AdapterFolder]) -> tuple[nn.Module, Any, str]:
-    """The one base model several adapters are evaluated on, its tokenizer and its name: --model, else the
-    base the adapters record (they must record the same one), quantized as --load-in-* say, else as the
-    adapters were trained (the same way for all)."""
+def load_shared_base(args: EvalArgs, folders: list[AdapterFolder]) -> tuple[nn.Module, Any, str, bool]:
+    """The one base model several adapters are evaluated on, its tokenizer, its name and whether it is
+    quantized: --model, else the base the adapters record (they must record the same one), quantized as
+    --load-in-* say, else as the adapters were trained (the same way for all)."""
     names = [base_model_name(args.model, folder) for folder in folders]
     for folder, name in zip(folders[1:], names[1:], strict=True):
         if not same_model(name, names[0]):
@@ -271,7 +277,7 @@ def load_shared_base(args: EvalArgs, folders: list[AdapterFolder]) -> tuple[nn.M
             )
         quantization = recorded[0]
     model, tokenizer = load_for_eval(names[0], None, args.dtype, args.device, quantization)
-    return model, tokenizer, names[0]
+    return model, tokenizer, names[0], quantization is not None
 
 
 def model_labels(runs: list[str | None]) -> list[str]:
