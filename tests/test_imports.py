@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Layers from the bottom up (docs/design.md); a module may import from its own layer or a lower one.
 LAYERS = [
-    ["comoe.validation", "comoe.errors", "comoe.files", "comoe.config", "comoe.settings"],
+    ["comoe.validation", "comoe.errors", "comoe.files", "comoe.config", "comoe.settings", "comoe.plugins"],
     ["comoe.moe"],
     ["comoe.objectives"],
     ["comoe.adapter", "comoe.losses"],

@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.errors import USER_ERRORS
 from comoe.evaluation.settings import CompareArgs, EvalArgs, GenerateArgs
+from comoe.plugins import load_plugins
 from comoe.recipes.settings import DemoArgs
 from comoe.settings import add_flags, load_settings
 from comoe.training.settings import TrainArgs
@@ -150,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (settings, _, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
+        command.add_argument(
+            "--plugin",
+            action="append",
+            metavar="MODULE",
+            help="import this module first: your own objectives, expert banks, mix strategies or record "
+            "formats register themselves there (repeatable; also COMOE_PLUGINS and the comoe.plugins "
+            "entry points)",
+        )
         add_flags(command, settings)
     return parser
 
@@ -252,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0), or flags argparse refused (2: said in one line)
         return stop.code if isinstance(stop.code, int) else 2
     settings, handler, _ = COMMANDS[args.command]
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "plugin")}
     try:
         with (
             _without_third_party_noise(),
             _showing_progress(sys.stderr if args.command in PROGRESS_ON_STDERR else sys.stdout),
         ):
+            load_plugins(args.plugin or [])
             handler(load_settings(settings, args.config, flags))
     except KeyboardInterrupt as error:  # Interrupted (training) says where it stopped and how to go on
         if args.debug:

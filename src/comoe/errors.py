@@ -7,6 +7,14 @@ class NonFiniteLoss(RuntimeError):
     """Training met a non-finite loss (or skipped too many such batches): the run diverges."""
 
 
+class UnregisteredName(ValueError):
+    """A name (objective, expert bank, mix strategy, record format) no module registered in this process:
+    the message lists the registered names and how to import a plugin (comoe.plugins)."""
+
+
+PLUGIN_HINT = "a name of your own: import the module that registers it (--plugin MODULE, or COMOE_PLUGINS)"
+
+
 class AdapterMismatch(ValueError):
     """An adapter whose tensors do not fit the base model it is applied to (other shapes, other modules)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,10 +186,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 # ---- a settings group shared by `comoe train` and `comoe eval` --------------------------------------------
-# The names of the record formats in comoe.data.formats.RECORD_FORMATS and of the templates in
-# comoe.data.templates.TEMPLATE_NAMES, here because --help must not import the data layer;
-# tests/data/test_formats.py and tests/data/test_templates.py check that they agree.
-FORMAT_CHOICES = ("auto", "instruction", "prompt_completion", "messages")
+# --format takes any registered record format (comoe.data.formats.RECORD_FORMATS, plugins included: the
+# data layer checks the name when it reads the data, before a model is loaded); the templates are a fixed
+# set (comoe.data.templates.TEMPLATE_NAMES), here because --help must not import the data layer;
+# tests/data/test_templates.py checks that they agree.
+FORMAT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")
 
 
@@ -202,7 +204,11 @@ class DataArgs:
         "--data-dir/--tasks; the task is 'name', else a record's task field, else the file's stem)",
         repeat=True,
     )
-    format: str = setting("auto", "record format of --data (auto: detected per file)", choices=FORMAT_CHOICES)
+    format: str = setting(
+        "auto",
+        "record format of --data: auto (detected per file) or a registered format, built in: instruction, "
+        "prompt_completion, messages (docs/data.md; your own through --plugin)",
+    )
     template: str = setting(
         "auto",
         "prompt template (auto: chat for messages, alpaca for instruction records, none for "
@@ -214,7 +220,8 @@ class DataArgs:
     )
 
     def check_data(self) -> None:
-        check_choice("format", self.format, FORMAT_CHOICES)
+        if not FORMAT_NAME.match(self.format):
+            fail("format", self.format, "auto or the name of a registered record format")
         check_choice("template", self.template, TEMPLATE_CHOICES)
         if self.data is not None and not self.data:
             raise ValueError("data: give at least one [name=]path")

@@ -87,3 +87,12 @@ def test_the_real_writer_leaves_an_event_file(tmp_path):
     log.close()
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_the_progress_bar_shows_every_named_loss_component(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlog, "SummaryWriter", RecordingWriter)
+    log = RunLog(tmp_path, total=2, step=0, enabled=True)
+    log.write(row(1, orthogonality=0.25), components=["task", "balance", "contrastive", "orthogonality"])
+    shown = dict(log.progress.postfix.split(", ")[i].split("=") for i in range(4))
+    log.close()
+    assert shown == {"task": "2.400", "balance": "0.000", "contrastive": "0.125", "orthogonality": "0.250"}

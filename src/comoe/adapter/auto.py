@@ -23,8 +23,9 @@ def load_adapter(
     folder = adapter_folder(directory)
     if folder.kind == "comoe":
         saved = tensor_shapes(folder.weights)  # a truncated or corrupt file fails here, as what it is
+        expected = expected_shapes(base, folder.comoe_config())  # an unregistered expert bank fails here
         try:
-            check_fits(expected_shapes(base, folder.comoe_config()), saved, folder.weights)
+            check_fits(expected, saved, folder.weights)
         except ValueError as error:
             raise AdapterMismatch(str(error)) from None
         return ComoeModel.from_pretrained(base, folder, is_trainable=is_trainable)  # not read again

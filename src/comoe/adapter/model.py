@@ -32,7 +32,7 @@ from comoe.adapter.persistence import AdapterPersistenceMixin
 from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decoder
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
-from comoe.objectives.auxiliary import AuxiliaryLosses, compute_auxiliary_losses
+from comoe.objectives.auxiliary import AuxiliaryLosses, compute_auxiliary_losses, usable_objectives
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,16 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
     on any transformers model. Other attributes reach the wrapped model.
     """
 
-    def __init__(self, model: nn.Module, config: ComoeConfig) -> None:
+    def __init__(self, model: nn.Module, config: ComoeConfig, strict_objectives: bool = True) -> None:
+        """`strict_objectives=False` (an adapter loaded for inference): objectives of `aux_objectives` that
+        no module registered in this process are left out with a warning instead of refused."""
         super().__init__()
         self._context = ComoeContext()
-        injection = inject(model, config, self._context)
+        injection = inject(model, usable_objectives(config, strict_objectives), self._context)
         self.wrapped_model = model
-        self.comoe_config = injection.config
+        # what was configured (and is saved); the losses use the objectives this process has
+        self.comoe_config = dataclasses.replace(injection.config, aux_objectives=dict(config.aux_objectives))
+        self._loss_config = injection.config
         self.delivery = LossDelivery()
         self._call: ForwardCall | None = None  # set for the duration of one forward
         self._recorded: dict[str, LayerRecord] | None = None  # inside record_routing()
@@ -66,7 +70,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self.__dict__["_injection"] = injection  # plain attributes: the layers are registered inside model
         self.__dict__["_layers"] = injection.layers
         self._encoder_decoder = is_encoder_decoder(model)
-        self._has_objectives = bool(injection.config.objective_weights)  # else no record is needed
+        self._has_objectives = bool(self._loss_config.objective_weights)  # else no record is needed
         backbone = self.base_model
         self._can_carry = backbone is not model
         if self._can_carry:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
@@ -176,7 +180,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         }
 
     def _auxiliary_losses(self) -> AuxiliaryLosses:
-        return compute_auxiliary_losses(list(self._records().values()), self.comoe_config)
+        return compute_auxiliary_losses(list(self._records().values()), self._loss_config)
 
     def _end_forward(self) -> None:
         """Drop the per-layer tensors of this forward (or hand them to record_routing)."""

@@ -98,7 +98,7 @@ class AdapterPersistenceMixin:
         folder = adapter_folder(directory)
         config, weights = folder.comoe_config(), folder.weights
         check_fits(expected_shapes(model, config), tensor_shapes(weights), weights)
-        comoe = cls(model, config)
+        comoe = cls(model, config, strict_objectives=is_trainable)
         comoe.load_adapter_weights(weights)
         if not is_trainable:
             comoe.eval()

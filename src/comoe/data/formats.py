@@ -12,9 +12,8 @@ Any record may also carry the SHARED_FIELDS: `task` (what per-task metrics and r
 multiple-choice item's options, `answer` being one of them). Every check names the record and the field,
 since a user fixes a file by its line, not by a Python traceback.
 
-Adding a format is one subclass of RecordFormat (its `content`) and one `register_format` entry below; the
-command line's --format choices (comoe.settings.FORMAT_CHOICES, pure Python) list the built-in names, and
-tests/data/test_formats.py checks that they agree.
+Adding a format is one subclass of RecordFormat (its `content`) and one `register_format` call, here or in
+a plugin module of your own (comoe.plugins); `--format NAME` takes any registered name.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 from comoe.data.chat import ROLES
 from comoe.data.example import Example
 from comoe.data.templates import TEMPLATE_NAMES, plain_prompt
+from comoe.plugins import discover_once
 from comoe.validation import check_choice
 
 SHARED_FIELDS = ("task", "answer", "choices")  # optional in every format, so they identify none
@@ -162,6 +162,8 @@ def record_format(record: Any, where: str) -> RecordFormat:
         raise ValueError(f"{where}: expected an object with fields, got {type(record).__name__}")
     present = {key for key, value in record.items() if value is not None}
     found = [fmt for fmt in RECORD_FORMATS.values() if any(key in present for key in fmt.identifying)]
+    if not found and discover_once():  # a plugin's format, registered on first need
+        found = [fmt for fmt in RECORD_FORMATS.values() if any(key in present for key in fmt.identifying)]
     if len(found) != 1:
         expected = "; ".join(f"{fmt.name}: {', '.join(fmt.required)}" for fmt in RECORD_FORMATS.values())
         has = ", ".join(sorted(present)) or "none"

@@ -24,6 +24,8 @@ from comoe.data.formats import (
     rename_columns,
 )
 from comoe.data.templates import TEMPLATE_NAMES
+from comoe.errors import PLUGIN_HINT
+from comoe.plugins import discover_once
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # What a file of each type holds, for the errors about one that holds none.
@@ -185,7 +187,10 @@ def examples_from_records(
     `default_task`. Under template 'auto', records get their format's default template, or `auto_template`
     (e.g. the one an adapter was trained with) where the format accepts it (conversations: only 'chat')."""
     if fmt != "auto" and fmt not in RECORD_FORMATS:
-        raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {', '.join(RECORD_FORMATS)}")
+        discover_once()
+    if fmt != "auto" and fmt not in RECORD_FORMATS:
+        names = ", ".join(RECORD_FORMATS)
+        raise ValueError(f"format={fmt!r} is invalid: expected auto or one of {names} ({PLUGIN_HINT})")
     if template != "auto" and template not in TEMPLATE_NAMES:
         names = ", ".join(TEMPLATE_NAMES)
         raise ValueError(f"template={template!r} is invalid: expected auto or one of {names}")

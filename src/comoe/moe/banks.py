@@ -16,6 +16,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from comoe.errors import PLUGIN_HINT, UnregisteredName
+from comoe.plugins import discover_once
+
 Shape = tuple[int, ...]
 
 
@@ -108,9 +111,14 @@ def unregister_bank(name: str) -> None:
 
 
 def get_bank(name: str) -> type[ExpertBank]:
-    """The registered bank, or ValueError listing the registered names."""
+    """The registered bank (after importing the plugins once if it is missing: comoe.plugins), or ValueError
+    listing the registered names."""
     if name not in BANKS:
-        raise ValueError(f"expert_bank={name!r} is not a registered expert bank; valid: {', '.join(BANKS)}")
+        discover_once()
+    if name not in BANKS:
+        raise UnregisteredName(
+            f"expert_bank={name!r} is not a registered expert bank; valid: {', '.join(BANKS)} ({PLUGIN_HINT})"
+        )
     return BANKS[name]
 
 

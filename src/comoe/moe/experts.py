@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.moe.kernels import grouped_matmul
 from comoe.moe.routing import Routing, sort_by_expert
+from comoe.plugins import discover_once
 
 # On CPU, with n/k at most this, the dense blocks matmul is cheaper than gather + grouped matmul + scatter.
 # On a GPU blocks won at every measured shape up to n = 16 (H100, bf16, docs/performance.md): the GEMMs
@@ -115,8 +117,12 @@ def choose_strategy(strategy: str, num_experts: int, active: int, device_type: s
     blocks."""
     if strategy != "auto":
         if strategy not in STRATEGIES:
+            discover_once()
+        if strategy not in STRATEGIES:
             names = ", ".join(["auto", *STRATEGIES])
-            raise ValueError(f"expert_compute={strategy!r} is not a registered strategy; valid: {names}")
+            raise UnregisteredName(
+                f"expert_compute={strategy!r} is not a registered strategy; valid: {names} ({PLUGIN_HINT})"
+            )
         return strategy
     scores = {name: s.preference(device_type, num_experts, active) for name, s in STRATEGIES.items()}
     best = max(scores, key=scores.__getitem__)

@@ -7,6 +7,8 @@ off), other components when active.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +19,11 @@ from comoe.moe.record import LayerRecord
 # The built-in objectives register themselves on import.
 from comoe.objectives import balance as _balance  # noqa: F401
 from comoe.objectives import contrastive as _contrastive  # noqa: F401
-from comoe.objectives.registry import Objective, get_objective
+from comoe.objectives.registry import OBJECTIVES, Objective, get_objective
+from comoe.plugins import discover_once
 
 ALWAYS_REPORTED = ("balance", "contrastive")
+logger = logging.getLogger(__name__)
 
 
 def active_objectives(config: ComoeConfig) -> dict[str, tuple[Objective, float]]:
@@ -37,6 +41,29 @@ def active_objectives(config: ComoeConfig) -> dict[str, tuple[Objective, float]]
         components[objective.component] = name
         active[name] = (objective, weight)
     return active
+
+
+def usable_objectives(config: ComoeConfig, strict: bool = True) -> ComoeConfig:
+    """`config` itself when every objective it names is registered. Otherwise, strict: ValueError naming
+    the missing one (training needs it); not strict (an adapter loaded for inference, where the objectives
+    only report): the config without the unregistered `aux_objectives`, saying so in a warning."""
+    missing = [name for name in config.aux_objectives if name not in OBJECTIVES and name not in _known()]
+    if not missing or strict:
+        active_objectives(config)  # raises for the first missing name
+        return config
+    logger.warning(
+        "auxiliary objective(s) %s are not registered in this process: the adapter runs, without computing "
+        "them (import the module that registers them, e.g. with --plugin, to train or report them)",
+        ", ".join(missing),
+    )
+    kept = {name: weight for name, weight in config.aux_objectives.items() if name not in missing}
+    return dataclasses.replace(config, aux_objectives=kept)
+
+
+def _known() -> set[str]:
+    """The registered objective names after the plugins were imported (once per process)."""
+    discover_once()
+    return set(OBJECTIVES)
 
 
 def requirements(config: ComoeConfig) -> frozenset[str]:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from comoe.config import ComoeConfig
+from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.moe.record import LayerRecord
+from comoe.plugins import discover_once
 
 # What an objective may ask the layers to keep beyond routing and down-projections (always recorded):
 # "gram" -- the experts' Gram matrix B B^T, taken in the forward (where B is whole under FSDP);
@@ -66,9 +68,13 @@ def unregister_objective(name: str) -> None:
 
 
 def get_objective(name: str) -> Objective:
-    """The registered objective, or ValueError listing the registered names."""
+    """The registered objective (after importing the plugins once if it is missing: comoe.plugins), or
+    ValueError listing the registered names."""
     if name not in OBJECTIVES:
-        raise ValueError(
-            f"auxiliary objective {name!r} is not registered; registered: {', '.join(sorted(OBJECTIVES))}"
+        discover_once()
+    if name not in OBJECTIVES:
+        registered = ", ".join(sorted(OBJECTIVES))
+        raise UnregisteredName(
+            f"auxiliary objective {name!r} is not registered; registered: {registered} ({PLUGIN_HINT})"
         )
     return OBJECTIVES[name]

@@ -178,7 +178,8 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                     "step_s": time.perf_counter() - step_start,
                     "batch_tokens": batch_tokens,
                     "skipped": skipped,
-                }
+                },
+                components=["task", *aux_components(model)],
             )
             if checkpoints and step % checkpoints == 0 and step < total:
                 if world.is_main:

@@ -21,7 +21,8 @@ class RunLog:
         self.writer = SummaryWriter(str(run / "tensorboard"))
         self.progress = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], components: list[str] | tuple[str, ...] = ("task",)) -> None:
+        """One step's row; the progress bar shows the loss `components` it names (task, balance, ...)."""
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -31,7 +32,7 @@ class RunLog:
                 tag = f"validation/{name[4:]}" if name.startswith("val_") else f"train/{name}"
                 self.writer.add_scalar(tag, value, record["step"])
         self.progress.update(1)
-        self.progress.set_postfix(task=f"{record['task']:.3f}", con=f"{record['contrastive']:.3f}")
+        self.progress.set_postfix({name: f"{record[name]:.3f}" for name in components if name in record})
 
     def close(self) -> None:
         if self.enabled:
