@@ -8,6 +8,7 @@ from comoe.data.formats import RECORD_FORMATS, RecordFormat, register_format
 from comoe.data.llm_adapters import COMMONSENSE_TASKS, MATH_TASKS, MATH_TRAIN, load_task
 from comoe.data.prompts import render_prompt
 from comoe.data.selection import load_examples, select_examples
+from comoe.data.sources import examples_from_records, load_data
 from comoe.data.tasks import TASKS, Task, answer_kind, get_task, register_task
 from comoe.data.templates import format_prompt
 
@@ -23,8 +24,10 @@ __all__ = [
     "Task",
     "answer_kind",
     "builtin_examples",
+    "examples_from_records",
     "format_prompt",
     "get_task",
+    "load_data",
     "load_examples",
     "load_task",
     "register_format",
