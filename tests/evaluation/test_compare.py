@@ -155,7 +155,10 @@ def test_cli_compare_prints_the_paired_verdict_and_takes_seeds_either_way(tmp_pa
     assert printed.startswith(
         "6 questions (1 task), the same in every report: lora_seed* (2 reports), comoe_seed* (2 reports)"
     )
-    assert "comoe_seed* − lora_seed* (accuracy %, difference in points)" in printed and "95% CI, seeds (t)" in printed
+    assert (
+        "comoe_seed* − lora_seed* (accuracy %, difference in points)" in printed
+        and "95% CI, seeds (t)" in printed
+    )
     assert "\nverdict: " in printed
     assert main(["compare", ",".join(a), ",".join(b), "--samples", "200"]) == 0
     assert capsys.readouterr().out == printed
@@ -163,3 +166,38 @@ def test_cli_compare_prints_the_paired_verdict_and_takes_seeds_either_way(tmp_pa
     assert format_comparison(saved) == printed.rstrip("\n")
     assert "| task | n | points |" in (tmp_path / "c.md").read_text()
     assert read_report(a[0])["examples"][0]["question"] == "x-0"
+
+
+def test_models_that_are_never_one_right_one_wrong_get_no_power_figure():
+    from comoe.evaluation.compare import format_comparison, verdict
+
+    row = {
+        "mean": 0.0,
+        "ci95": [0.0, 0.0],
+        "n": 4,
+        "discordant": 0.0,
+        "questions_for_1_point": 0,
+        "seed_ci95": None,
+        "per_seed": [0.0],
+    }
+    assert verdict("a", "b", row).endswith("no question is answered right by one and wrong by the other")
+    result = {
+        "questions": 4,
+        "tasks": ["t"],
+        "sides": [
+            {"label": "a", "seeds": 1, "accuracy": {"t": 0.5}},
+            {"label": "b", "seeds": 1, "accuracy": {"t": 0.5}},
+        ],
+        "comparisons": [
+            {
+                "a": "a",
+                "b": "b",
+                "seeds": 1,
+                "label": "a − b",
+                "tasks": {"t": {**row, "seeds_for_1_point": None}},
+                "verdict": "v",
+            }
+        ],
+    }
+    text = format_comparison(result)
+    assert "one right" in text and "n/a" in text and " differ " not in text

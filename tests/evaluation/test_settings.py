@@ -41,7 +41,7 @@ def test_eval_defaults_score_the_base_model_on_the_test_split_by_loglikelihood()
         ({"batch_size": 0}, "batch_size", "batch_size=0 is invalid: expected an integer >= 1"),
         ({"limit": -2}, "limit", "limit=-2 is invalid: expected an integer >= 1"),
         ({"max_new_tokens": 0}, "max_new_tokens", "max_new_tokens=0 is invalid: expected an integer >= 1"),
-        ({"format": "csv"}, "format", "format='csv' is invalid: expected one of 'auto', 'instruction'"),
+        ({"format": "a b"}, "format", "format='a b' is invalid: expected auto or the name of a registered record format"),
         ({"template": "llama"}, "template", "template='llama' is invalid"),
         ({"device": "tpu"}, "device", "device='tpu' is invalid"),
     ],

@@ -197,6 +197,8 @@ def verdict(a: str, b: str, row: dict[str, Any]) -> str:
     points = f"{100 * row['mean']:+.1f} points"
     questions = f"95% CI {points_interval(row['ci95'])} over {row['n']} paired questions"
     need = f"about {row['questions_for_1_point']:,} questions would resolve ±1 point"
+    if row["discordant"] == 0:
+        need = "no question is answered right by one and wrong by the other"
     better = "better" if row["mean"] > 0 else "worse"
     if row["seed_ci95"] is not None:
         seeds = f"95% CI {points_interval(row['seed_ci95'])} over {len(row['per_seed'])} seeds"
@@ -248,10 +250,15 @@ def side_labels(sides: list[list[dict[str, Any]]], names: list[list[str]]) -> li
     return labels
 
 
+def _questions(row: dict[str, Any]) -> str:
+    """The questions a 1-point difference needs, or n/a when no question tells the two apart."""
+    return f"{row['questions_for_1_point']:,}" if row["discordant"] > 0 else "n/a"
+
+
 def format_comparison(result: dict[str, Any]) -> str:
     """The comparison as plain text: per pair of sides, its title, a table (task, n, each side's accuracy,
-    the difference in points, its intervals, the share of answers that differ, the questions and seeds a
-    1-point difference needs) and the verdict."""
+    the difference in points, its intervals, the share of questions one side answers right and the other
+    wrong ("one right"), the questions and seeds a 1-point difference needs) and the verdict."""
     sides = result["sides"]
     described = ", ".join(
         f"{side['label']} ({side['seeds']} report{'s' if side['seeds'] > 1 else ''})" for side in sides
@@ -263,13 +270,13 @@ def format_comparison(result: dict[str, Any]) -> str:
         a, b, seeds = comparison["a"], comparison["b"], comparison["seeds"] > 1
         header = ["task", "n", b, a, "points", "95% CI, questions"]
         header += ["95% CI, seeds (t)"] if seeds else []
-        header += ["differ", "questions for ±1 point"] + (["seeds for ±1 point"] if seeds else [])
+        header += ["one right", "questions for ±1 point"] + (["seeds for ±1 point"] if seeds else [])
         table = [header]
         for task, row in comparison["tasks"].items():
             cells = [task, str(row["n"]), f"{100 * accuracy[b][task]:.1f}", f"{100 * accuracy[a][task]:.1f}"]
             cells += [f"{100 * row['mean']:+.1f}", points_interval(row["ci95"])]
             cells += [points_interval(row["seed_ci95"])] if seeds else []
-            cells += [f"{100 * row['discordant']:.1f}%", f"{row['questions_for_1_point']:,}"]
+            cells += [f"{100 * row['discordant']:.1f}%", _questions(row)]
             cells += [str(row["seeds_for_1_point"] or "-")] if seeds else []
             table.append(cells)
         widths = [max(len(row[column]) for row in table) for column in range(len(header))]
@@ -297,7 +304,7 @@ def comparison_markdown(result: dict[str, Any]) -> list[str]:
             "95% CI, questions",
             *(["95% CI, seeds (t)", "per seed"] if seeds else []),
         ]
-        columns += ["differ", "questions for ±1 point", *(["seeds for ±1 point"] if seeds else [])]
+        columns += ["one right", "questions for ±1 point", *(["seeds for ±1 point"] if seeds else [])]
         lines += [
             f"### {comparison['label']}",
             "",
@@ -311,7 +318,7 @@ def comparison_markdown(result: dict[str, Any]) -> list[str]:
                     points_interval(row["seed_ci95"]),
                     ", ".join(f"{100 * d:+.1f}" for d in row["per_seed"]),
                 ]
-            cells += [f"{100 * row['discordant']:.1f}%", f"{row['questions_for_1_point']:,}"]
+            cells += [f"{100 * row['discordant']:.1f}%", _questions(row)]
             cells += [str(row["seeds_for_1_point"] or "-")] if seeds else []
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"**Verdict:** {comparison['verdict']}", ""]
