@@ -172,3 +172,13 @@ def test_compare_sides_between_separators_are_joined_before_argparse():
     assert _compare_sides(["eval", "--", "x"]) == ["eval", "--", "x"]  # other commands are left alone
     assert _compare_sides(["compare", "a", "--", "b", "--output"]) == ["compare", "--output", "a", "b"]
     assert _compare_sides(["compare", "a", "--seed=3", "--", "b"]) == ["compare", "--seed=3", "a", "b"]
+
+
+def test_long_answers_are_cut_on_the_eval_table_line():
+    from comoe.cli import _baselines, _short
+
+    assert _short("yes") == "'yes'"
+    long = "a generated answer that goes on and on for far too long to read"
+    assert _short(long) == repr(long)[:36] + "...'" and len(_short(long)) == 40
+    row = {"n": 2, "chance": None, "predicted": {long: 2}}
+    assert _baselines(row) == f"predicted {_short(long)} 100%"

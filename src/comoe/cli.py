@@ -63,17 +63,23 @@ def _eval(args: EvalArgs) -> None:
         print("\n" + format_comparison(comparison))
 
 
+def _short(answer: Any, width: int = 40) -> str:
+    """An answer as printed on a table line: quoted, cut to `width` characters (the report has it whole)."""
+    text = repr(answer)
+    return text if len(text) <= width else text[: width - 4] + "...'"
+
+
 def _baselines(row: dict[str, Any]) -> str:
     """A task's baselines and predictions on its line of `comoe eval`'s table."""
     parts = [f"chance {100 * row['chance']:.1f}"] if row.get("chance") is not None else []
     majority, trained = row.get("majority"), row.get("train_majority")
     if majority:
-        parts.append(f"majority {100 * majority['accuracy']:.1f} ({majority['answer']!r})")
+        parts.append(f"majority {100 * majority['accuracy']:.1f} ({_short(majority['answer'])})")
     if trained:
-        parts.append(f"training majority {100 * trained['accuracy']:.1f} ({trained['answer']!r})")
+        parts.append(f"training majority {100 * trained['accuracy']:.1f} ({_short(trained['answer'])})")
     counts = list((row.get("predicted") or {}).items())[:3]
     if counts:
-        parts.append("predicted " + ", ".join(f"{a!r} {100 * c / row['n']:.0f}%" for a, c in counts))
+        parts.append("predicted " + ", ".join(f"{_short(a)} {100 * c / row['n']:.0f}%" for a, c in counts))
     generation = row.get("generation")
     if generation:
         parts.append(
