@@ -45,6 +45,10 @@ def test_presets():
     mix = ComoeConfig.preset("mixlora")
     assert (mix.num_experts, mix.top_k, mix.balance_weight, mix.contrastive) == (8, 2, 0.01, "none")
     assert ComoeConfig.preset("moelora").contrastive == "moelora"
+    hydra = ComoeConfig.preset("hydralora")  # the HydraLoRA release's defaults (docs/methods/hydralora.md)
+    assert (hydra.num_experts, hydra.r, hydra.lora_alpha, hydra.lora_dropout) == (4, 4, 32.0, 0.05)
+    assert (hydra.routing, hydra.expert_bank, hydra.active_experts) == ("soft", "hydra", 4)
+    assert hydra.target_modules == ["gate_proj", "up_proj", "down_proj"] and hydra.objective_weights == {}
     assert ComoeConfig.preset("comoe", r=8).r == 8
     with pytest.raises(ValueError, match="unknown value 'nope'"):
         ComoeConfig.preset("nope")

@@ -121,7 +121,8 @@ class ComoeConfig:
     expert_bank: str = _field(
         "lora",
         "The experts' parameterisation, a registered expert bank (comoe.moe.banks): 'lora' (each expert "
-        "its own A [r, d_in] and B [r, d_out]).",
+        "its own A [r, d_in] and B [r, d_out]) or 'hydra' (HydraLoRA: one A [r, d_in] shared by all "
+        "experts, n heads B [r, d_out]).",
     )
 
     def __post_init__(self) -> None:
@@ -291,4 +292,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # MixLoRA-style: 8 experts, top-2, Switch load balancing, no contrastive loss.
     "mixlora": dict(num_experts=8, top_k=2, r=16, lora_alpha=32.0, balance_weight=0.01, contrastive="none"),
+    # HydraLoRA (arXiv 2404.19245) as its released training script runs it: one shared A of rank 4 and 4 B
+    # heads, alpha 32, dropout 0.05, a dense softmax router over the heads, the FFN projections, no
+    # auxiliary loss (docs/methods/hydralora.md).
+    "hydralora": dict(
+        num_experts=4,
+        r=4,
+        lora_alpha=32.0,
+        lora_dropout=0.05,
+        routing="soft",
+        expert_bank="hydra",
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        contrastive="none",
+    ),
 }

@@ -36,6 +36,7 @@ def test_the_card_states_the_base_model_and_the_experts():
         ("moelora", "MoELoRA (arXiv 2402.12851)", "8 LoRA experts of rank 16"),
         ("moe", "MoE-LoRA without a contrastive objective", "contrastive objective 'none' with weight 0.01"),
         ("mixlora", "MoE-LoRA without a contrastive objective", "balance weight 0.01"),
+        ("hydralora", "HydraLoRA (arXiv 2404.19245) without a contrastive objective", "soft (dense) routing"),
     ],
 )
 def test_the_title_names_the_method_of_each_preset(preset, title, numbers):

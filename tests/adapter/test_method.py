@@ -18,7 +18,7 @@ class Wrapper(torch.nn.Module):
         self.module = module
 
 
-@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "lora"])
+@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "lora"])
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)
     assert method is (LORA if preset == "lora" else COMOE)
@@ -28,7 +28,7 @@ def test_each_preset_builds_a_model_its_method_owns(preset):
     assert isinstance(model, PeftModel) == (preset == "lora")
     assert method_of(model) is method and method_of(Wrapper(model)) is method
     assert method.has_routing == (preset != "lora")
-    assert len(method.routed_layers(model)) == (0 if preset == "lora" else 8)
+    assert len(method.routed_layers(model)) == {"lora": 0, "hydralora": 6}.get(preset, 8)  # hydra: FFN
 
 
 def test_auxiliary_losses_are_the_models_or_zero():

@@ -1,51 +1,67 @@
-"""The expert-bank seam: LoRA experts against a per-expert loop, and a toy variant (HydraLoRA's one shared
-A with n B heads) registered from this test alone -- built, trained, counted, saved and loaded without
-editing any other module."""
+"""Expert banks: LoRA experts against a per-expert loop, HydraLoRA (one shared A, n B heads) against the
+plain sum over heads in values and gradients, the hydralora preset counted, matched and saved; and the
+seam itself: a toy bank (one shared B, n A's) registered from this test alone -- built, trained, counted,
+saved and loaded without editing any other module."""
 
 import json
 import math
 
 import pytest
 import torch
+from peft import get_peft_model
 from torch import nn
 
 from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.adapter.injection import adapter_shapes
-from comoe.adapter.lora import comoe_trainable_parameters
+from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.adapter.lora import comoe_trainable_parameters, matched_lora_config
 from comoe.adapter.targeting import find_target_linears
-from comoe.moe.banks import BANKS, ExpertBank, LoraExperts, get_bank, register_bank, unregister_bank
+from comoe.moe.banks import (
+    BANKS,
+    ExpertBank,
+    HydraExperts,
+    LoraExperts,
+    get_bank,
+    register_bank,
+    unregister_bank,
+)
+from comoe.objectives.reference import comoe_loss
+from comoe.objectives.registry import get_objective
 from tests.helpers import tiny_llama
 
 
-class SharedDownProjection(ExpertBank):
-    """HydraLoRA-style: one A [r, d_in] shared by every expert, n B heads [n, r, d_out]."""
+class SharedUpProjection(ExpertBank):
+    """A toy bank, the mirror of HydraLoRA: n down-projections A [n, r, d_in], one B [1, r, d_out] that
+    every expert shares (read as an [n, r, d_out] view)."""
 
-    name = "shared_a"
+    name = "shared_b_toy"
 
     @classmethod
     def shapes(cls, num_experts, r, in_features, out_features):
-        return {"lora_A": (r, in_features), "lora_B": (num_experts, r, out_features)}
+        return {"lora_A": (num_experts, r, in_features), "lora_B": (1, r, out_features)}
 
     @classmethod
     def reset_parameters(cls, layer):
         with torch.no_grad():
-            nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+            for expert in layer.lora_A:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
             layer.lora_B.zero_()
 
     @classmethod
     def down_project(cls, layer, x):
-        return (x @ layer.lora_A.t()).unsqueeze(1).expand(-1, layer.num_experts, -1)
+        n, r, d_in = layer.lora_A.shape
+        return (x @ layer.lora_A.reshape(n * r, d_in).t()).view(-1, n, r)
 
     @classmethod
     def up_weight(cls, layer):
-        return layer.lora_B
+        return layer.lora_B.expand(layer.num_experts, -1, -1)
 
 
 @pytest.fixture
-def shared_bank():
-    register_bank(SharedDownProjection)
-    yield SharedDownProjection
-    unregister_bank("shared_a")
+def toy_bank():
+    register_bank(SharedUpProjection)
+    yield SharedUpProjection
+    unregister_bank("shared_b_toy")
 
 
 def test_lora_experts_down_project_as_a_loop_over_experts():
@@ -60,24 +76,163 @@ def test_lora_experts_down_project_as_a_loop_over_experts():
     assert LoraExperts.num_parameters(3, 4, 12, 7) == 3 * 4 * (12 + 7)
 
 
-def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(shared_bank, tmp_path):
-    config = ComoeConfig.preset("comoe", r=4, lora_dropout=0.0, expert_bank="shared_a")
+def test_hydra_bank_is_one_shared_down_projection_and_n_heads():
+    layer = nn.Module()
+    layer.in_features, layer.out_features = 12, 7
+    HydraExperts.create(layer, 3, 4, dict(dtype=torch.float64))
+    assert (layer.lora_A.shape, layer.lora_B.shape) == ((4, 12), (3, 4, 7))
+    assert HydraExperts.num_parameters(3, 4, 12, 7) == 4 * 12 + 3 * 4 * 7
+    x = torch.randn(5, 12, dtype=torch.float64)
+    z = HydraExperts.down_project(layer, x)
+    assert z.shape == (5, 3, 4) and z.stride(1) == 0  # one A x, seen by every head without a copy
+    for i in range(3):
+        torch.testing.assert_close(z[:, i], x @ layer.lora_A.t())
+    assert torch.equal(HydraExperts.up_weight(layer), torch.zeros(3, 4, 7, dtype=torch.float64))
+    assert get_bank("hydra") is HydraExperts
+
+
+def hydra_layer(routing: str, strategy: str, **fields) -> ComoeLinear:
+    """A float64 HydraLoRA layer 12 -> 10 (4 heads of rank 3) with non-zero heads and a non-uniform
+    router; `fields` are further config fields."""
+    torch.manual_seed(0)
+    config = ComoeConfig(
+        num_experts=4,
+        top_k=2,
+        r=3,
+        lora_alpha=6.0,
+        lora_dropout=0.0,
+        routing=routing,
+        expert_bank="hydra",
+        expert_compute=strategy,
+        adapter_dtype="base",
+        **fields,
+    )
+    layer = ComoeLinear(nn.Linear(12, 10).double(), config, ComoeContext())
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        layer.router.weight.normal_(0, 1.0)
+    return layer
+
+
+def hydra_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
+    """The paper's forward written out: W0 x + sum_i g_i (alpha/r) B_i (A x), a loop over the heads, with
+    g the router's softmax (soft) or its top-k renormalised (zero for the other heads). The softmax is in
+    float32, as the layer takes it whatever the adapter's dtype."""
+    probs = torch.softmax((x @ layer.router.weight.t()).float(), dim=-1).to(x.dtype)
+    if layer.soft:
+        gates = probs
+    else:
+        top, index = probs.topk(layer.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(1, index, top / top.sum(-1, keepdim=True))
+    shared = x @ layer.lora_A.t()  # A x, once for every head
+    out = layer.base_layer(x)
+    for i in range(layer.num_experts):
+        out = out + gates[:, i : i + 1] * layer.scaling * (shared @ layer.lora_B[i])
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "grouped"])
+@pytest.mark.parametrize("routing", ["soft", "topk"])
+def test_a_hydra_layer_is_the_plain_sum_over_heads_in_values_and_gradients(routing, strategy):
+    layer = hydra_layer(routing, strategy)
+    x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
+    out, expected = layer(x), hydra_reference(layer, x)
+    # float64 throughout except the router's float32 softmax and gates: equal to float32 rounding
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(out)
+    params = [x, layer.router.weight, layer.lora_A, layer.lora_B]
+    got = torch.autograd.grad((out * weights).sum(), params)
+    want = torch.autograd.grad((expected * weights).sum(), params)
+    for name, a, b in zip(["x", "router", "A", "B"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert got[2].abs().sum() > 0 and got[1].abs().sum() > 0  # the shared A and the router learn
+
+
+def test_the_comoe_objective_on_hydra_experts_is_the_reference_on_their_outputs():
+    """CoMoE's Gram path reads hydra's z and B like any bank's: equal to the reference on materialised
+    outputs s * B_i (A x), in value and in the gradients of A and B (plain cosines, norm floor 0; the fast
+    path's Gram matrix is float32)."""
+    config = dict(contrastive="comoe", contrastive_norm_floor=0.0)
+    layer = hydra_layer("topk", "blocks", **config)
+    config = ComoeConfig(num_experts=4, top_k=2, r=3, expert_bank="hydra", **config)
+    layer.context.keep_records = True
+    x = torch.randn(16, 12, dtype=torch.float64)
+    layer(x)
+    record = layer.record
+    fast = get_objective("comoe").loss(record, config)
+    outputs = layer.scaling * torch.einsum("tr,nro->tno", x @ layer.lora_A.t(), layer.lora_B)
+    reference = comoe_loss(outputs, record.routing.indices, config.temperature, anchor="all")
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-6)
+    assert fast > 0
+    got = torch.autograd.grad(fast, [layer.lora_A, layer.lora_B])
+    want = torch.autograd.grad(reference, [layer.lora_A, layer.lora_B])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_hydralora_preset_is_counted_matched_and_saved(tmp_path):
+    config = ComoeConfig.preset("hydralora")
+    assert (config.routing, config.expert_bank, config.num_experts, config.r) == ("soft", "hydra", 4, 4)
+    base = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_at_init = base(ids).logits
+    model = get_comoe_model(base, config).eval()
+    layers = model.comoe_layers()
+    assert sorted({name.rsplit(".", 1)[1] for name in layers}) == ["down_proj", "gate_proj", "up_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected_at_init)  # heads at zero: the base exactly
+    # counted from the bank's shapes: gate/up 64 -> 96, down 96 -> 64, in both blocks
+    targets = find_target_linears(tiny_llama(), config)
+    per_layer = {
+        name.rsplit(".", 1)[1]: comoe_trainable_parameters(config, m.in_features, m.out_features)
+        for name, m in targets.items()
+    }
+    assert per_layer["gate_proj"] == 4 * 64 + 4 * 4 * 96 + 4 * 64  # shared A, 4 heads, router
+    assert per_layer["down_proj"] == 4 * 96 + 4 * 4 * 64 + 4 * 96
+    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values())
+    assert model.get_nb_trainable_parameters()[0] == total
+    assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    # the matched LoRA baseline: the same modules at the same count, up to the rank's rounding
+    lora = matched_lora_config(config, tiny_llama())
+    per_rank = 2 * ((64 + 96) * 2 + (96 + 64))
+    assert lora.r == round(total / per_rank) and set(lora.target_modules) == set(config.target_modules)
+    peft = get_peft_model(tiny_llama(), lora)
+    assert abs(sum(p.numel() for p in peft.parameters() if p.requires_grad) - total) <= per_rank / 2
+    # dense routing over the heads; saved and loaded
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.1)
+        with model.record_routing() as records:
+            trained = model(ids).logits
+    record = next(iter(records.values()))
+    assert record.routing.indices.shape[1] == 4 and torch.equal(record.routing.gates, record.routing.probs)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["expert_bank"], saved["routing"], saved["r"]) == ("hydra", "soft", 4)
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained)
+
+
+def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(toy_bank, tmp_path):
+    config = ComoeConfig.preset("comoe", r=4, lora_dropout=0.0, expert_bank="shared_b_toy")
     base = tiny_llama()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_at_init = base(ids).logits
     model = get_comoe_model(base, config)
     layer = next(iter(model.comoe_layers().values()))
-    assert layer.lora_A.shape == (4, layer.in_features) and layer.lora_B.shape == (4, 4, layer.out_features)
+    assert layer.lora_A.shape == (4, 4, layer.in_features) and layer.lora_B.shape == (1, 4, layer.out_features)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected_at_init)  # B = 0: the base model exactly
     # counted: the bank's shapes plus the routers, for every adapted linear
     targets = find_target_linears(tiny_llama(), config)
     per_layer = [comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values()]
     assert model.get_nb_trainable_parameters()[0] == sum(per_layer)
-    assert per_layer[0] == 4 * 64 + 4 * 4 * 64 + 4 * 64  # shared A, 4 B heads (q: 64 -> 64), router
+    assert per_layer[0] == 4 * 4 * 64 + 4 * 64 + 4 * 64  # 4 A's, one shared B (q: 64 -> 64), router
     assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
-    # trained: both the shared A and the heads move, through the contrastive objective too
+    # trained: the A's and the shared B move, through the contrastive objective too
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -91,7 +246,7 @@ def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(shared_bank
     assert not torch.allclose(trained, expected_at_init)
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["expert_bank"] == "shared_a"
+    assert saved["expert_bank"] == "shared_b_toy"
     loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained)
@@ -99,8 +254,10 @@ def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(shared_bank
 
 def test_unknown_banks_are_refused_and_the_default_is_not_written(tmp_path):
     assert "lora" in BANKS and get_bank("lora") is LoraExperts
-    with pytest.raises(ValueError, match="expert_bank='hydra' is not a registered expert bank; valid: lora"):
-        get_comoe_model(tiny_llama(), ComoeConfig.preset("moe", expert_bank="hydra"))
+    with pytest.raises(
+        ValueError, match="expert_bank='tied' is not a registered expert bank; valid: lora, hydra"
+    ):
+        get_comoe_model(tiny_llama(), ComoeConfig.preset("moe", expert_bank="tied"))
     with pytest.raises(ValueError, match="expert_bank='a b'"):
         ComoeConfig(expert_bank="a b")
     get_comoe_model(tiny_llama(), ComoeConfig.preset("moe")).save_pretrained(tmp_path)

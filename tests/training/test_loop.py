@@ -107,6 +107,23 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
     assert report["tasks"]["syllogism"]["n"] == 2
 
 
+@pytest.mark.parametrize("preset", ["hydralora"])
+def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(tiny_model_dir, tmp_path, preset):
+    run = tmp_path / preset
+    argv = ["train", "--model", str(tiny_model_dir), "--preset", preset, "--train-limit", "2"]
+    argv += ["--batch-size", "2", "--cutoff", "96", "--max-steps", "2", "--save-steps", "0"]
+    assert main([*argv, "--output", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["task"]) for row in rows)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    if preset == "hydralora":
+        assert (config["adapter_type"], config["expert_bank"], config["routing"]) == ("comoe", "hydra", "soft")
+    report = run_eval(
+        EvalArgs(adapter=str(run / "adapter"), tasks=["syllogism"], limit=2, mode="generate", max_new_tokens=2)
+    )
+    assert report["tasks"]["syllogism"]["n"] == 2
+
+
 def test_yaml_config_with_flag_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("preset: moelora\nlr: 0.001\nbatch-size: 2\n")

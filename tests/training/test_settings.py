@@ -59,8 +59,9 @@ def test_bad_adapter_overrides_fail_when_the_settings_are_built(overrides, messa
         ({"val_fraction": -0.1}, "val_fraction=-0.1 is invalid"),
         ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0 is invalid: expected a finite number >= 0.0"),
         (
-            {"preset": "dora"},
-            "preset='dora' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'lora'",
+            {"preset": "vera"},
+            "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'hydralora', "
+            "'lora'",
         ),
         ({"epochs": "1"}, "epochs='1' is invalid: expected a number"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing=1 is invalid: expected true or false"),

@@ -17,15 +17,17 @@ CARD_NAME = "README.md"
 
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
     """Markdown with a Hub metadata header (base_model, library_name, tags)."""
+    plain = "HydraLoRA (arXiv 2404.19245)" if config.expert_bank == "hydra" else "MoE-LoRA"
     method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
-        config.contrastive, "MoE-LoRA without a contrastive objective"
+        config.contrastive, f"{plain} without a contrastive objective"
     )
     header = ["---", "library_name: comoe", "tags: [comoe, lora, mixture-of-experts, peft]"]
     if base_model:
         header.append(f"base_model: {base_model}")
     header.append("---")
+    routing = "soft (dense)" if config.routing == "soft" else f"top-{config.top_k}"
     settings = (
-        f"{config.num_experts} LoRA experts of rank {config.r} per adapted linear, top-{config.top_k} "
+        f"{config.num_experts} LoRA experts of rank {config.r} per adapted linear, {routing} "
         f"routing, targets {', '.join(config.target_modules)}; balance weight {config.balance_weight}, "
         f"contrastive objective '{config.contrastive}' with weight {config.contrastive_weight}"
     )

@@ -4,8 +4,9 @@ A bank is a stateless class that says which parameters a layer holds for its exp
 which are also the adapter file's tensor names under the layer's path), how they are initialised, and how
 the layer turns its input into the experts' down-projections `z [T, n, r]` and reads their up-projections
 `B [n, r, d_out]`. Everything after that -- routing, the mix strategies, the Gram-path objectives,
-analysis -- reads only `z` and `B`, so an architecture variant (HydraLoRA's one shared A and n B heads,
-say) is one class and one `register_bank` call, chosen with `ComoeConfig.expert_bank`.
+analysis -- reads only `z` and `B`, so an architecture variant is one class and one `register_bank` call,
+chosen with `ComoeConfig.expert_bank`: `lora` (independent LoRA experts, the default) and `hydra`
+(HydraLoRA's one shared A and n B heads) are built in.
 """
 
 from __future__ import annotations
@@ -96,6 +97,37 @@ class LoraExperts(ExpertBank):
         return layer.lora_B
 
 
+class HydraExperts(ExpertBank):
+    """HydraLoRA (Tian et al., NeurIPS 2024, arXiv 2404.19245): one down-projection A [r, d_in] shared by
+    every expert and n up-projection heads B [n, r, d_out], so expert i is B_i A. Initialised as the
+    paper's code initialises its layers (A Kaiming-uniform with a = sqrt(5), every head zero), so the
+    experts' outputs start at exactly zero. `down_project` returns the one z = A x as an [T, n, r] view
+    (expanded, no copy): the mix strategies and the Gram-path objectives read it as n experts whose
+    down-projections happen to coincide. Trainable parameters: r * d_in + n * r * d_out."""
+
+    name = "hydra"
+
+    @classmethod
+    def shapes(
+        cls, num_experts: int, r: int, in_features: int, out_features: int
+    ) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (r, in_features), "lora_B": (num_experts, r, out_features)}
+
+    @classmethod
+    def reset_parameters(cls, layer: nn.Module) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+            layer.lora_B.zero_()
+
+    @classmethod
+    def down_project(cls, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return (x @ layer.lora_A.t()).unsqueeze(1).expand(-1, layer.lora_B.shape[0], -1)
+
+    @classmethod
+    def up_weight(cls, layer: nn.Module) -> torch.Tensor:
+        return layer.lora_B
+
+
 BANKS: dict[str, type[ExpertBank]] = {}
 
 
@@ -123,3 +155,4 @@ def get_bank(name: str) -> type[ExpertBank]:
 
 
 register_bank(LoraExperts)
+register_bank(HydraExperts)
