@@ -56,6 +56,13 @@ def test_presets():
         ComoeConfig.preset("comoe", experts=8)
 
 
+def test_later_fields_at_their_defaults_are_left_out_of_the_saved_dict():
+    saved = ComoeConfig().to_dict()
+    assert not {"aux_objectives", "expert_bank", "router_jitter"} & set(saved)  # folders as before
+    config = ComoeConfig(router_jitter=0.01, aux_objectives={"router_z": 0.001}, expert_bank="hydra")
+    assert config.to_dict()["router_jitter"] == 0.01 and ComoeConfig.from_dict(config.to_dict()) == config
+
+
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown fields \\['num_expert'\\]"):
         ComoeConfig.from_dict({"num_expert": 4})

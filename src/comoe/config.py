@@ -22,7 +22,7 @@ CONTRASTIVES = ("none", "comoe", "moelora")
 ANCHORS = ("all", "random")
 # Fields added after format version 1 whose defaults are left out of adapter_config.json, so that a folder
 # saved with the defaults reads exactly as before (and in older comoe versions).
-OMITTED_DEFAULTS = {"aux_objectives": {}, "expert_bank": "lora"}
+OMITTED_DEFAULTS = {"aux_objectives": {}, "expert_bank": "lora", "router_jitter": 0.0}
 # norm_topk_prob is left out too where it resolves to renormalised gates; a folder without it was written
 # before the field existed, when top-k gates were always renormalised (see adapter.folder).
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
@@ -67,6 +67,12 @@ class ComoeConfig:
         "Renormalise the top-k gates to sum to 1 (transformers' norm_topk_prob) or keep the router's "
         "probabilities (the Switch Transformer's gate); None: renormalise for top_k >= 2, not for top_k = 1, "
         "whose renormalised gate would be 1 and give the router no task gradient.",
+    )
+    router_jitter: float = _field(
+        0.0,
+        "Router jitter eps in [0, 1): in training, the router's input is multiplied by noise drawn uniformly "
+        "from [1 - eps, 1 + eps] (the Switch Transformer's, which used 0.01); 0: none. The experts' input "
+        "and evaluation are unchanged.",
     )
     balance_weight: float = _field(
         0.0, "Weight of the Switch-style load-balancing loss n * sum_i f_i * P_i (>= 0; 0 turns it off)."
@@ -141,6 +147,7 @@ class ComoeConfig:
             fail("top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
         check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
+        check_number("router_jitter", self.router_jitter, low=0.0, high=1.0)
         check_number("balance_weight", self.balance_weight, low=0.0)
         check_number("contrastive_weight", self.contrastive_weight, low=0.0)
         check_number("temperature", self.temperature, low=0.0, low_open=True)

@@ -155,3 +155,53 @@ def test_a_collapsed_router_is_flagged_and_its_balance_loss_pushes_back(mode):
     assert uniform_loss == pytest.approx(1.0, abs=1e-6)
     # (a uniform top-k router ties, and its argmax sends every token to the same experts: that is collapse)
     assert mode != "soft" or not (uniform_flag or uniform_stats_flag)
+
+
+# ---- router jitter (Switch Transformer): the router's input times U(1 - eps, 1 + eps), in training only -----
+def jitter_layer(jitter: float, dropout: float = 0.0) -> ComoeLinear:
+    torch.manual_seed(0)
+    config = ComoeConfig(num_experts=4, top_k=2, r=4, lora_dropout=dropout, router_jitter=jitter)
+    context = ComoeContext()
+    context.keep_records = True
+    layer = ComoeLinear(nn.Linear(16, 12), config, context)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+        layer.router.weight.normal_(0, 1.0)
+    return layer
+
+
+def test_router_jitter_leaves_evaluation_unchanged_and_zero_is_the_plain_path():
+    x = torch.randn(32, 16)
+    plain, jittered = jitter_layer(0.0), jitter_layer(0.3)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), jittered.eval()(x))  # evaluation: no jitter
+        plain.train()
+        state = torch.get_rng_state()
+        out = plain(x)
+        assert torch.equal(torch.get_rng_state(), state)  # 0: nothing drawn, today's path bit for bit
+        assert torch.equal(out, plain.eval()(x))  # (no dropout: training and evaluation agree)
+    assert ComoeConfig().router_jitter == 0.0 and "router_jitter" not in ComoeConfig().to_dict()
+    with pytest.raises(ValueError, match=r"router_jitter=1.0 is invalid: expected a finite number >= 0.0 and < 1"):
+        ComoeConfig(router_jitter=1.0)
+
+
+def test_router_jitter_in_training_varies_the_routing_with_the_seed_and_only_the_router_sees_it():
+    x = torch.randn(64, 16)
+    layer = jitter_layer(0.3).train()
+
+    def routed(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = layer(x)
+        return out, layer.record.routing.probs, layer.record.z
+
+    out0, probs0, z0 = routed(0)
+    out0b, probs0b, _ = routed(0)
+    out1, probs1, z1 = routed(1)
+    assert torch.equal(probs0, probs0b) and torch.equal(out0, out0b)  # seeded: reproducible
+    assert not torch.allclose(probs0, probs1) and not torch.allclose(out0, out1)  # another seed: other gates
+    assert torch.equal(z0, z1)  # the experts' input is not jittered
+    with torch.no_grad():
+        clean = torch.softmax(layer.router(x).float(), dim=-1)
+    ratio = (probs0 / clean).log().abs().max()
+    assert 0 < ratio < 5  # near the unjittered probabilities, not equal to them

@@ -77,8 +77,8 @@ def test_unknown_and_conflicting_objectives_are_refused(toy_objective):
         ComoeConfig.preset("mixlora", aux_objectives={"balance": 0.1})
     with pytest.raises(ValueError, match="aux_objectives\\['orthogonality'\\]=-1"):
         ComoeConfig.preset("moe", aux_objectives={"orthogonality": -1})
-    with pytest.raises(ValueError, match="needs \\['logits'\\] unknown"):
-        Objective("bad", orthogonality, component="bad", needs=frozenset({"logits"}))
+    with pytest.raises(ValueError, match="needs \\['hidden_states'\\] unknown"):
+        Objective("bad", orthogonality, component="bad", needs=frozenset({"hidden_states"}))
 
 
 def test_the_built_in_objectives_are_registered_with_their_components():

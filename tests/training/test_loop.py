@@ -107,17 +107,26 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
     assert report["tasks"]["syllogism"]["n"] == 2
 
 
-@pytest.mark.parametrize("preset", ["hydralora"])
-def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(tiny_model_dir, tmp_path, preset):
+ROUTER_OPTIONS = "adapter_config: {aux_objectives: {router_z: 0.001}, router_jitter: 0.01}\n"
+
+
+@pytest.mark.parametrize(("preset", "yaml"), [("hydralora", ""), ("moe", ROUTER_OPTIONS)])
+def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
+    tiny_model_dir, tmp_path, preset, yaml
+):
     run = tmp_path / preset
+    (tmp_path / "run.yaml").write_text(yaml or "seed: 0\n")
     argv = ["train", "--model", str(tiny_model_dir), "--preset", preset, "--train-limit", "2"]
     argv += ["--batch-size", "2", "--cutoff", "96", "--max-steps", "2", "--save-steps", "0"]
-    assert main([*argv, "--output", str(run)]) == 0
+    assert main([*argv, "--config", str(tmp_path / "run.yaml"), "--output", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["task"]) for row in rows)
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     if preset == "hydralora":
         assert (config["adapter_type"], config["expert_bank"], config["routing"]) == ("comoe", "hydra", "soft")
+    if yaml == ROUTER_OPTIONS:  # the router z-loss is logged; both options are recorded in the folder
+        assert all(row["router_z"] > 0 for row in rows)
+        assert (config["aux_objectives"], config["router_jitter"]) == ({"router_z": 0.001}, 0.01)
     report = run_eval(
         EvalArgs(adapter=str(run / "adapter"), tasks=["syllogism"], limit=2, mode="generate", max_new_tokens=2)
     )

@@ -95,6 +95,8 @@ class ComoeLinear(nn.Module):
         needs = requirements(config)  # what the active objectives ask each forward to keep
         self.needs_gram = "gram" in needs
         self.norm_floor = config.contrastive_norm_floor if "norm_floor" in needs else 0.0
+        self.keep_logits = "logits" in needs
+        self.router_jitter = config.router_jitter
         self.context = context
         self.stream = stream
         factory = dict(device=base_layer.weight.device, dtype=adapter_dtype(config, base_layer))
@@ -116,7 +118,8 @@ class ComoeLinear(nn.Module):
         if not self.context.adapters_enabled:
             return result
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
-        routing = route(self.router(flat), self.top_k, soft=self.soft, normalize=self.normalize_gates)
+        logits = self.router(self._jittered(flat) if self.router_jitter > 0 and self.training else flat)
+        routing = route(logits, self.top_k, soft=self.soft, normalize=self.normalize_gates)
         z = self.bank.down_project(self, self.lora_dropout(flat))
         lora_B = self.bank.up_weight(self)
         delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
@@ -131,8 +134,17 @@ class ComoeLinear(nn.Module):
                 base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
                 floor = base_norm * (self.norm_floor / self.scaling)
         if self.context.keep_records:
-            self.record = LayerRecord(routing, z, None, lora_B, gram, floor)
+            kept = logits if self.keep_logits else None
+            self.record = LayerRecord(routing, z, None, lora_B, gram, floor, kept)
         return result + delta.view(result.shape).to(result.dtype)
+
+    def _jittered(self, flat: torch.Tensor) -> torch.Tensor:
+        """The router's input times noise drawn uniformly from [1 - eps, 1 + eps] per element, eps =
+        router_jitter: the Switch Transformer's multiplicative input jitter (Fedus et al. 2021, arXiv
+        2101.03961; eps = 1e-2 there), one of the stability techniques ST-MoE (arXiv 2202.08906) compares.
+        Only the router sees it; the experts see the input unchanged."""
+        noise = torch.empty_like(flat).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+        return flat * noise
 
     @property
     def active_experts(self) -> int:

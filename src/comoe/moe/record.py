@@ -21,3 +21,4 @@ class LayerRecord:
     gram: torch.Tensor | None = None  # [n*r, n*r] B B^T, taken in the forward where B is whole under FSDP
     # [T] per-token floor of |B_i z_i| in the contrastive cosines (contrastive_norm_floor * |W0 x| / scaling)
     norm_floor: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [T, n] the router's logits, when an objective needs "logits"

@@ -19,6 +19,7 @@ from comoe.moe.record import LayerRecord
 # The built-in objectives register themselves on import.
 from comoe.objectives import balance as _balance  # noqa: F401
 from comoe.objectives import contrastive as _contrastive  # noqa: F401
+from comoe.objectives import router_z as _router_z  # noqa: F401
 from comoe.objectives.registry import OBJECTIVES, Objective, get_objective
 from comoe.plugins import discover_once
 

@@ -1,10 +1,11 @@
 """Reference definitions of the auxiliary losses used by comoe.
 
 These are the plain, obviously-correct versions, the oracle of the tests: the library's fast paths
-(comoe.objectives.balance, comoe.objectives.contrastive) are tested against them and never import this
-module, so they favour clarity over speed. The InfoNCE tails (comoe.objectives.infonce) and the
-normalisation (comoe.objectives.cosine) are shared: the reference computes the cosines from materialised
-outputs, the fast path from Gram matrices.  Conventions shared by all functions:
+(comoe.objectives.balance, comoe.objectives.contrastive, comoe.objectives.router_z) are tested against
+them and never import this module, so they favour clarity over speed. The InfoNCE tails
+(comoe.objectives.infonce) and the normalisation (comoe.objectives.cosine) are shared: the reference
+computes the cosines from materialised outputs, the fast path from Gram matrices.  Conventions shared by
+all functions:
 
 * ``T`` tokens, ``n`` experts, ``k`` experts activated per token, ``d`` output features.
 * ``mask[t]`` is True for valid (non-padding) tokens; ``None`` means every token is valid.  Masked-out
@@ -40,6 +41,7 @@ __all__ = [
     "comoe_loss_from_anchor_cosines",
     "moelora_loss",
     "normalize_with_floor",
+    "router_z_loss",
     "sample_contrastive_tokens",
     "supcon_loss",
 ]
@@ -168,3 +170,22 @@ def moelora_loss(
         return zero_with_grad(expert_outputs)
     floor = None if norm_floor is None else norm_floor[tokens].repeat_interleave(topk.shape[1])  # [N]
     return supcon_loss(cosine_similarity_matrix(items, floor=floor), topk.flatten(), temperature)
+
+
+def router_z_loss(router_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, arXiv 2202.08906, eq. 5), plainly: for each real token its
+    logits' log-sum-exp, log(sum_i exp(x_i)) (shifted by the largest logit so that exp cannot overflow),
+    squared; the mean over real tokens. ``router_logits`` [T, n], ``mask`` [T] bool; a scalar."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must have shape (T, n), got {tuple(router_logits.shape)}")
+    keep = valid_mask(mask, router_logits.shape[0], router_logits.device)
+    logits = _compute_dtype(router_logits)
+    terms = []
+    for token in range(logits.shape[0]):
+        if keep[token]:
+            row = logits[token]
+            top = row.max()
+            terms.append((torch.log(torch.exp(row - top).sum()) + top) ** 2)
+    if not terms:
+        return zero_with_grad(logits)
+    return torch.stack(terms).mean()

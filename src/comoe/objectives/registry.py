@@ -22,8 +22,9 @@ from comoe.plugins import discover_once
 
 # What an objective may ask the layers to keep beyond routing and down-projections (always recorded):
 # "gram" -- the experts' Gram matrix B B^T, taken in the forward (where B is whole under FSDP);
-# "norm_floor" -- the per-token floor of expert-output norms in cosines (contrastive_norm_floor).
-REQUIREMENTS = ("gram", "norm_floor")
+# "norm_floor" -- the per-token floor of expert-output norms in cosines (contrastive_norm_floor);
+# "logits" -- the router's logits W_g x [T, n] (the probabilities alone lose their logsumexp).
+REQUIREMENTS = ("gram", "norm_floor", "logits")
 
 LayerLoss = Callable[[LayerRecord, ComoeConfig], torch.Tensor]
 
