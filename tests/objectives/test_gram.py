@@ -134,3 +134,30 @@ def test_a_zero_floor_is_the_plain_cosine(contrastive):
     loss = comoe_loss if contrastive == "comoe" else moelora_loss
     reference = loss(materialised(layer), layer.record.routing.indices, config.temperature)
     assert_same_value_and_gradients(fast, reference, [x, layer.lora_A, layer.lora_B], 1e-5, 1e-5)
+
+
+def test_one_hot_by_scatter_equals_f_one_hot_and_reads_nothing_on_the_host():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from comoe.objectives.balance import load_balance_loss
+    from comoe.objectives.gram import one_hot
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    indices = torch.tensor([[0, 3], [2, 1], [3, 0]])
+    torch.testing.assert_close(
+        one_hot(indices, 5, torch.float32), torch.nn.functional.one_hot(indices, 5).float()
+    )
+    probs = torch.softmax(torch.randn(3, 5), -1)
+    with Syncs():
+        one_hot(indices, 5, torch.float32)
+        load_balance_loss(probs, indices, torch.tensor([True, False, True]))
+    assert Syncs.count == 0
+    with Syncs():
+        torch.nn.functional.one_hot(indices, 5)
+    assert Syncs.count > 0  # what the scatter avoids: F.one_hot checks the range on the host

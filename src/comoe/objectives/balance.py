@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
+from comoe.objectives.gram import one_hot
 from comoe.objectives.infonce import check_topk, valid_mask, zero_with_grad
 from comoe.objectives.registry import Objective, register_objective
 
@@ -49,7 +49,7 @@ def load_balance_loss(
         return zero_with_grad(probs)
     if fraction is None:
         topk = topk_indices.to(router_probs.device).clamp(0, num_experts - 1)  # padding may hold any index
-        assigned = (F.one_hot(topk, num_experts).to(probs.dtype) * weights[:, None, None]).sum(dim=(0, 1))
+        assigned = (one_hot(topk, num_experts, probs.dtype) * weights[:, None, None]).sum(dim=(0, 1))
         fraction = assigned / (count * k).clamp_min(1)
     mean_prob = (probs * weights.unsqueeze(1)).sum(dim=0) / count.clamp_min(1)
     return num_experts * (fraction * mean_prob).sum()

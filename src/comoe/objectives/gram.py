@@ -13,6 +13,14 @@ import torch
 from comoe.objectives.cosine import floored_norms
 
 
+def one_hot(indices: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """F.one_hot(indices, classes) in `dtype`, by a scatter: F.one_hot checks the indices' range on the
+    host, a device sync per call (two per adapted layer and step on a GPU). Indices come from topk."""
+    return torch.zeros(*indices.shape, classes, dtype=dtype, device=indices.device).scatter_(
+        -1, indices.unsqueeze(-1), 1
+    )
+
+
 def cosines_from_dots(dots: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Cosines from a matrix of dot products, normalising as normalize_with_floor does."""
     norms = floored_norms(dots.diagonal(dim1=-2, dim2=-1), floor)
@@ -33,7 +41,7 @@ def anchor_cosines(
     num_tokens, n, r = z.shape
     k = indices.shape[1]
     z = z.float()
-    anchor_blocks = torch.nn.functional.one_hot(indices, n).to(z.dtype).unsqueeze(-1)  # [T, k, n, 1]
+    anchor_blocks = one_hot(indices, n, z.dtype).unsqueeze(-1)  # [T, k, n, 1]
     placed = (anchor_blocks * z.unsqueeze(1)).view(num_tokens * k, n * r)
     dots = ((placed @ gram).view(num_tokens, k, n, r) * z.unsqueeze(1)).sum(-1)  # [T, k, n]
     norms = floored_norms(_block_self_dots(z, gram), None if floor is None else floor.unsqueeze(-1))  # [T, n]
@@ -57,7 +65,7 @@ def item_cosines(
     Each item is placed in its expert's block of an n*r vector, so all dot products are Zhat G Zhat^T.
     """
     n = gram.shape[0] // z_items.shape[1]
-    placed = torch.nn.functional.one_hot(experts, n).to(torch.float32).unsqueeze(
+    placed = one_hot(experts, n, torch.float32).unsqueeze(
         -1
     ) * z_items.float().unsqueeze(1)
     placed = placed.reshape(z_items.shape[0], -1)
