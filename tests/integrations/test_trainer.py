@@ -177,3 +177,28 @@ def test_eval_loss_is_the_task_loss_as_comoe_validation_reports_it(tmp_path, tra
     assert model.last_aux_losses()["balance"] > 0.9  # 5 x balance would have moved eval_loss by > 4.5
     assert float(task) == pytest.approx(model.last_aux_losses()["task"])
     assert metrics["eval_loss"] == pytest.approx(float(task), rel=1e-4)
+
+
+def test_a_hydralora_model_with_the_router_z_loss_trains_in_comoe_trainer_and_reloads(tmp_path):
+    config = ComoeConfig.preset("hydralora", lora_dropout=0.0, aux_objectives={"router_z": 0.001})
+    base = tiny_llama(seed=0)
+    torch.manual_seed(0)
+    model = get_comoe_model(base, config)
+    before = adapter_tensors(model)
+    args = arguments(tmp_path / "run", max_steps=2, save_strategy="no")
+    trainer = ComoeTrainer(model=model, args=args, train_dataset=dataset())
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["router_z"] > 0 for row in rows)
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["task"] + 0.001 * row["router_z"], rel=1e-3)
+    after = adapter_tensors(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith(("lora_B", "router.weight")))
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / CONFIG_NAME).read_text())
+    assert (saved["expert_bank"], saved["routing"]) == ("hydra", "soft")
+    reloaded = ComoeModel.from_pretrained(tiny_llama(seed=0), tmp_path / "final")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -3,6 +3,8 @@ losses reach the gradients (plain SFTTrainer too, through the backbone's output)
 them, keeps their weight under gradient accumulation, writes adapter-folder checkpoints, and resumes to
 the uninterrupted adapter."""
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
@@ -125,3 +127,19 @@ def test_sft_resume_gives_the_uninterrupted_adapter(smol_tokenizer, tmp_path):
     expected, got = whole.adapter_state_dict(), resumed.adapter_state_dict()
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
+def test_sft_trainer_trains_a_hydralora_adapter_with_the_router_z_loss(smol_tokenizer, tmp_path):
+    base = tiny_llama(vocab=len(smol_tokenizer))
+    torch.manual_seed(0)
+    model = get_comoe_model(base, ComoeConfig.preset("hydralora", aux_objectives={"router_z": 0.001}))
+    trainer = ComoeSFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=PROMPT_COMPLETION, processing_class=smol_tokenizer
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["router_z"] > 0 and row["task"] > 0 for row in rows)
+    folder = tmp_path / "checkpoint-2"
+    assert json.loads((folder / CONFIG_NAME).read_text())["expert_bank"] == "hydra"
+    loaded = ComoeModel.from_pretrained(tiny_llama(vocab=len(smol_tokenizer)), folder)
+    assert len(loaded.comoe_layers()) == 6 and loaded.comoe_config.expert_bank == "hydra"  # gate/up/down x 2
