@@ -278,7 +278,7 @@ def _check_name(name: str, value: Any) -> None:
 
 # Baselines trained through PEFT at a comoe preset's targets and trainable-parameter count (comoe.adapter.
 # method registers how each is built): baseline name -> the preset it matches.
-BASELINES: dict[str, str] = {"lora": "comoe"}
+BASELINES: dict[str, str] = {"lora": "comoe", "dora": "comoe"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CoMoE paper defaults: 4 experts, top-2, r=16, alpha=32, q/k/v/o, no balance loss, lambda=0.01.

@@ -1,4 +1,4 @@
-"""comoe.adapter.lora: the PEFT LoRA baseline at comoe's capacity, its rank computed by hand."""
+"""comoe.adapter.lora: the PEFT LoRA and DoRA baselines at comoe's capacity, their ranks computed by hand."""
 
 import pytest
 import torch
@@ -73,3 +73,36 @@ def test_on_gpt2_the_default_targets_become_its_fused_attention_projection():
     assert list(lora.target_modules) == ["c_attn"]
     # Conv1D c_attn: 32 -> 96 in each of 2 blocks
     assert lora.r == round((4 * 8 * (32 + 96) + 4 * 32) / (32 + 96))
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "targets", "bank"),
+    [
+        (4, 4, ["q_proj", "k_proj", "v_proj", "o_proj"], "lora"),
+        (8, 2, ["q_proj", "v_proj"], "lora"),
+        (4, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], "lora"),
+        (4, 4, ["q_proj", "v_proj"], "hydra"),
+    ],
+)
+def test_the_dora_rank_counts_its_magnitude_vectors(n, r, targets, bank):
+    """DoRA trains a magnitude vector of d_out entries per adapted linear beside A and B: the matched rank
+    leaves room for them, and PEFT's DoRA model has comoe's count up to the rank's rounding."""
+    config = ComoeConfig(num_experts=n, top_k=2, r=r, target_modules=targets, expert_bank=bank)
+    blocks = 2
+    total = blocks * sum(comoe_trainable_parameters(config, *SHAPES[t]) for t in targets)
+    per_rank = blocks * sum(SHAPES[t][0] + SHAPES[t][1] for t in targets)
+    magnitudes = blocks * sum(SHAPES[t][1] for t in targets)
+    dora = matched_lora_config(config, tiny_llama(), use_dora=True)
+    assert dora.use_dora and not matched_lora_config(config, tiny_llama()).use_dora
+    assert dora.r == max(1, round((total - magnitudes) / per_rank))
+    peft = get_peft_model(tiny_llama(), dora)
+    assert trainable(peft) == dora.r * per_rank + magnitudes  # A, B and one magnitude per output feature
+    assert abs(trainable(peft) - total) <= per_rank / 2  # equal up to the rounding of the rank
+    assert sum("lora_magnitude_vector" in name for name, _ in peft.named_parameters()) == blocks * len(targets)
+
+
+def test_the_dora_rank_on_gpt2_counts_the_fused_projections_outputs():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+    dora = matched_lora_config(ComoeConfig(r=8), gpt2, use_dora=True)
+    assert dora.r == round(((4 * 8 * (32 + 96) + 4 * 32) - 96) / (32 + 96))  # Conv1D c_attn: 32 -> 96

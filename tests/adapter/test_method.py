@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 
 from comoe import ComoeConfig
-from comoe.adapter.method import COMOE, LORA, METHODS, method_for, method_of
+from comoe.adapter.method import COMOE, DORA, LORA, METHODS, method_for, method_of
 from tests.helpers import tiny_llama
 
 
@@ -18,17 +18,16 @@ class Wrapper(torch.nn.Module):
         self.module = module
 
 
-@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "lora"])
+@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "lora", "dora"])
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)
-    assert method is (LORA if preset == "lora" else COMOE)
-    model = method.build(
-        tiny_llama(), ComoeConfig.preset("comoe" if preset == "lora" else preset, r=4), False
-    )
-    assert isinstance(model, PeftModel) == (preset == "lora")
-    assert method_of(model) is method and method_of(Wrapper(model)) is method
-    assert method.has_routing == (preset != "lora")
-    assert len(method.routed_layers(model)) == {"lora": 0, "hydralora": 6}.get(preset, 8)  # hydra: FFN
+    baseline = preset in ("lora", "dora")
+    assert method is {"lora": LORA, "dora": DORA}.get(preset, COMOE)
+    model = method.build(tiny_llama(), ComoeConfig.preset("comoe" if baseline else preset, r=4), False)
+    assert isinstance(model, PeftModel) == baseline
+    assert method_of(model) is method and method_of(Wrapper(model)) is method  # DoRA's PEFT model is not LoRA's
+    assert method.has_routing == (not baseline)
+    assert len(method.routed_layers(model)) == (0 if baseline else 6 if preset == "hydralora" else 8)
 
 
 def test_auxiliary_losses_are_the_models_or_zero():
@@ -45,10 +44,10 @@ def test_auxiliary_losses_are_the_models_or_zero():
     assert records == {} and float(LORA.weighted_aux_loss(lora)) == 0.0
     assert LORA.aux_components(lora) == {"balance": 0.0, "contrastive": 0.0}
     assert method_of(tiny_llama()) is None
-    assert set(METHODS) >= {"comoe", "lora"}
+    assert set(METHODS) >= {"comoe", "lora", "dora"}
 
 
-@pytest.mark.parametrize("method", [COMOE, LORA])
+@pytest.mark.parametrize("method", [COMOE, LORA, DORA])
 def test_adapter_state_loads_back_into_a_fresh_model(method):
     config = ComoeConfig.preset("comoe", r=4)
     trained = method.build(tiny_llama(), config, False)
@@ -60,6 +59,7 @@ def test_adapter_state_loads_back_into_a_fresh_model(method):
         state = {name: tensor.detach().clone() for name, tensor in trained.adapter_state_dict().items()}
     else:
         state = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(trained).items()}
+    assert any("lora_magnitude_vector" in name for name in state) == (method is DORA)
     fresh = method.build(tiny_llama(), config, False)
     method.load_adapter_state(fresh, state, "checkpoint")
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
+from comoe.adapter.method import DORA, method_of
 from comoe.adapter.model import ComoeModel, get_comoe_model
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME
 from comoe.config import ComoeConfig
@@ -198,6 +200,26 @@ def test_a_hydralora_model_with_the_router_z_loss_trains_in_comoe_trainer_and_re
     saved = json.loads((tmp_path / "final" / CONFIG_NAME).read_text())
     assert (saved["expert_bank"], saved["routing"]) == ("hydra", "soft")
     reloaded = ComoeModel.from_pretrained(tiny_llama(seed=0), tmp_path / "final")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_dora_baseline_trains_in_comoe_trainer_and_saves_a_peft_folder(tmp_path):
+    base = tiny_llama(seed=0)
+    model = DORA.build(base, ComoeConfig.preset("comoe", r=4, lora_dropout=0.0), False)
+    assert method_of(model) is DORA
+    magnitudes = {n: p.detach().clone() for n, p in model.named_parameters() if "magnitude" in n}
+    trainer = ComoeTrainer(model=model, args=arguments(tmp_path / "run", max_steps=2), train_dataset=dataset())
+    trainer.train()
+    assert [row["loss"] > 0 for row in trainer.state.log_history if "loss" in row] == [True]
+    moved = {n: p for n, p in model.named_parameters() if "magnitude" in n}
+    assert magnitudes and all(not torch.equal(magnitudes[n], moved[n]) for n in magnitudes)  # m trains
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["use_dora"]) == ("LORA", True)
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=0), checkpoint)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
     model.eval()
     with torch.no_grad():

@@ -13,6 +13,7 @@ pytest.importorskip("trl", reason="TRL is an optional extra (pip install -e '.[i
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from comoe.adapter.method import DORA  # noqa: E402
 from comoe.adapter.model import ComoeModel, get_comoe_model  # noqa: E402
 from comoe.adapter.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from comoe.config import ComoeConfig  # noqa: E402
@@ -143,3 +144,15 @@ def test_sft_trainer_trains_a_hydralora_adapter_with_the_router_z_loss(smol_toke
     assert json.loads((folder / CONFIG_NAME).read_text())["expert_bank"] == "hydra"
     loaded = ComoeModel.from_pretrained(tiny_llama(vocab=len(smol_tokenizer)), folder)
     assert len(loaded.comoe_layers()) == 6 and loaded.comoe_config.expert_bank == "hydra"  # gate/up/down x 2
+
+
+def test_sft_trainer_trains_the_dora_baseline(smol_tokenizer, tmp_path):
+    model = DORA.build(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset("comoe", r=4), False)
+    trainer = ComoeSFTTrainer(
+        model=model, args=config(tmp_path, max_steps=2), train_dataset=MESSAGES, processing_class=smol_tokenizer
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["loss"] > 0 for row in rows)
+    saved = json.loads((tmp_path / "checkpoint-2" / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["use_dora"]) == ("LORA", True)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from comoe import ComoeConfig, get_comoe_model
+from comoe.adapter.serialization import WEIGHTS_NAME
 from comoe.cli import main
 from comoe.data import builtin_examples
 from comoe.data.collate import pad_batch, tokenize_example
@@ -90,6 +91,27 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_pa
     assert log == [1, 2, 3, 4]  # rows of the interrupted run after its checkpoint are dropped
 
 
+def test_dora_resumes_from_its_checkpoint_to_the_uninterrupted_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    straight = train(train_args(tiny_model_dir, tmp_path / "straight", preset="dora"))
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies during step 4, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return optimizer_step(*args, **kwargs)
+
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_args(tiny_model_dir, tmp_path / "resumed", preset="dora"))
+    monkeypatch.setattr("comoe.training.loop.optimizer_step", optimizer_step)
+    resumed = train(train_args(tiny_model_dir, tmp_path / "resumed", preset="dora", resume=True))
+    a = load_file(straight / "adapter" / WEIGHTS_NAME)
+    b = load_file(resumed / "adapter" / WEIGHTS_NAME)
+    assert any("lora_magnitude_vector" in k for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
     run = train(train_args(tiny_model_dir, tmp_path / "lora", preset="lora", max_steps=2))
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -110,7 +132,7 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
 ROUTER_OPTIONS = "adapter_config: {aux_objectives: {router_z: 0.001}, router_jitter: 0.01}\n"
 
 
-@pytest.mark.parametrize(("preset", "yaml"), [("hydralora", ""), ("moe", ROUTER_OPTIONS)])
+@pytest.mark.parametrize(("preset", "yaml"), [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", "")])
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
 ):
@@ -124,6 +146,9 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     if preset == "hydralora":
         assert (config["adapter_type"], config["expert_bank"], config["routing"]) == ("comoe", "hydra", "soft")
+    if preset == "dora":  # a PEFT folder: DoRA at the comoe preset's count, round((29696 - 192) / 448)
+        assert (config["peft_type"], config["use_dora"], config["r"]) == ("LORA", True, 66)
+        assert any("lora_magnitude_vector" in name for name in load_file(run / "adapter" / WEIGHTS_NAME))
     if yaml == ROUTER_OPTIONS:  # the router z-loss is logged; both options are recorded in the folder
         assert all(row["router_z"] > 0 for row in rows)
         assert (config["aux_objectives"], config["router_jitter"]) == ({"router_z": 0.001}, 0.01)

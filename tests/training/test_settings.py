@@ -18,7 +18,7 @@ def test_defaults():
     assert (args.save_steps, args.stats_steps, args.eval_steps, args.max_grad_norm) == (50, 10, 50, 1.0)
     assert (args.resume, args.save_best, args.skip_nonfinite, args.fsdp) == (False, False, False, False)
     assert args.adapter_config == {} and args.output == "runs/train"
-    assert [*PRESETS, "lora"] == METHODS
+    assert [*PRESETS, "lora", "dora"] == METHODS
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -28,6 +28,7 @@ def test_the_adapter_is_the_preset(preset):
 
 def test_lora_trains_at_the_comoe_presets_capacity_and_overrides_apply_on_top():
     assert TrainArgs(preset="lora").comoe_config() == ComoeConfig.preset("comoe")
+    assert TrainArgs(preset="dora").comoe_config() == ComoeConfig.preset("comoe")
     args = TrainArgs(preset="moelora", adapter_config={"num_experts": 6, "r": 4})
     config = args.comoe_config()
     assert (config.num_experts, config.r, config.top_k, config.balance_weight) == (6, 4, 2, 0.01)
@@ -61,7 +62,7 @@ def test_bad_adapter_overrides_fail_when_the_settings_are_built(overrides, messa
         (
             {"preset": "vera"},
             "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'hydralora', "
-            "'lora'",
+            "'lora', 'dora'",
         ),
         ({"epochs": "1"}, "epochs='1' is invalid: expected a number"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing=1 is invalid: expected true or false"),
@@ -97,9 +98,9 @@ def test_rules_between_fields():
     ):
         TrainArgs(save_best=True)
     assert TrainArgs(fsdp=True).fsdp
-    for values in ({"fsdp": True, "resume": True}, {"fsdp": True, "preset": "lora"}):
-        with pytest.raises(ValueError, match="^fsdp=True is invalid with resume or preset 'lora'"):
-            TrainArgs(**values)
+    for values in ({"resume": True}, {"preset": "lora"}, {"preset": "dora"}):
+        with pytest.raises(ValueError, match="^fsdp=True is invalid with resume or preset 'lora' or 'dora': "):
+            TrainArgs(fsdp=True, **values)
 
 
 def test_resumable_changes_are_fields_and_exclude_what_shapes_the_run():

@@ -1,4 +1,5 @@
-"""The PEFT LoRA baseline at comoe's capacity: same target modules, same trainable-parameter count."""
+"""The PEFT LoRA and DoRA baselines at comoe's capacity: the same target modules, the same trainable-parameter
+count."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_featur
     return experts + config.num_experts * in_features
 
 
-def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
+def matched_lora_config(config: ComoeConfig, model: nn.Module, use_dora: bool = False) -> LoraConfig:
     """A PEFT LoraConfig on the same modules whose trainable-parameter count matches comoe's.
 
     The rank is the integer nearest to (comoe parameters) / sum(d_in + d_out) over the targeted
-    linears, so LoRA baselines are compared at equal capacity, as in the papers' tables.
+    linears, so LoRA baselines are compared at equal capacity, as in the papers' tables. With `use_dora`
+    (DoRA, Liu et al. 2024, arXiv 2402.09353: PEFT's `use_dora=True`), each adapted linear also trains a
+    magnitude vector of d_out entries, which is counted first: the rank is the integer nearest to
+    (comoe parameters - sum d_out) / sum(d_in + d_out), at least 1.
     """
     config = resolve_targets(model, config)
     shapes = [layer_features(m) for m in find_target_linears(model, config).values()]
     total = sum(comoe_trainable_parameters(config, d_in, d_out) for d_in, d_out in shapes)
     per_rank = sum(d_in + d_out for d_in, d_out in shapes)
-    rank = max(1, round(total / per_rank))
+    magnitudes = sum(d_out for _, d_out in shapes) if use_dora else 0
+    rank = max(1, round((total - magnitudes) / per_rank))
     return LoraConfig(
         r=rank,
         lora_alpha=config.scaling * rank,
@@ -38,4 +43,5 @@ def matched_lora_config(config: ComoeConfig, model: nn.Module) -> LoraConfig:
         layers_to_transform=config.layers_to_transform,
         modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
+        use_dora=use_dora,
     )

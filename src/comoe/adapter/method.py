@@ -3,7 +3,8 @@ it is -- a comoe preset (routed experts with auxiliary objectives) or the PEFT L
 
 Callers hold an `AdapterMethod` (`method_for(preset)` when building, `method_of(model)` for a built model)
 and never test the model's class: a method without routing answers with empty layers, no auxiliary
-losses and a no-op context. A further baseline (PEFT's DoRA, say) is one class and one `register_method`.
+losses and a no-op context. A further baseline is one class and one `register_method`: PEFT's LoRA
+(`lora`) and DoRA (`dora`) are registered here.
 """
 
 from __future__ import annotations
@@ -105,14 +106,18 @@ class PeftLoraMethod:
 
     name: ClassVar[str] = "lora"
     has_routing: ClassVar[bool] = False
+    use_dora: ClassVar[bool] = False
 
     def build(self, base: nn.Module, config: ComoeConfig, gradient_checkpointing: bool) -> nn.Module:
         if gradient_checkpointing:
             base.activation_checkpointing_enable()  # non-reentrant: no input grads needed
-        return get_peft_model(base, matched_lora_config(config, base))
+        return get_peft_model(base, matched_lora_config(config, base, use_dora=self.use_dora))
 
     def owns(self, model: nn.Module) -> bool:
-        return isinstance(model, PeftModel)
+        if not isinstance(model, PeftModel):
+            return False
+        peft_config = model.peft_config.get(model.active_adapter)
+        return bool(getattr(peft_config, "use_dora", False)) == self.use_dora
 
     def routed_layers(self, model: nn.Module) -> dict[str, ComoeLinear]:
         return {}
@@ -134,6 +139,17 @@ class PeftLoraMethod:
         set_peft_model_state_dict(model, tensors)
 
 
+class PeftDoraMethod(PeftLoraMethod):
+    """The DoRA baseline through PEFT (Liu et al., ICML 2024, arXiv 2402.09353; `LoraConfig(use_dora=True)`):
+    LoRA's low-rank update of the direction, W' = m * (W0 + s B A) / ||W0 + s B A|| column-wise, with a
+    trained magnitude m per output feature. Built as the LoRA baseline is, its rank matched to comoe's count
+    with the magnitude vectors counted (matched_lora_config); no routing, no auxiliary losses. Its adapter
+    state (lora_A, lora_B, lora_magnitude_vector) saves and loads through PEFT."""
+
+    name: ClassVar[str] = "dora"
+    use_dora: ClassVar[bool] = True
+
+
 METHODS: dict[str, AdapterMethod] = {}
 
 
@@ -145,11 +161,12 @@ def register_method(method: AdapterMethod) -> AdapterMethod:
 
 COMOE = register_method(ComoeMethod())
 LORA = register_method(PeftLoraMethod())
+DORA = register_method(PeftDoraMethod())
 
 
 def method_for(preset: str) -> AdapterMethod:
-    """The method that trains a preset: a registered method's own name (e.g. 'lora'), else comoe (every
-    comoe preset)."""
+    """The method that trains a preset: a registered method's own name (e.g. 'lora', 'dora'), else comoe
+    (every comoe preset)."""
     return METHODS.get(preset, COMOE)
 
 

@@ -95,14 +95,15 @@ class TrainArgs(DataArgs):
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         self.comoe_config()  # the adapter overrides are checked here, before any model is loaded
         if self.fsdp and (self.resume or self.preset in BASELINES):
+            baselines = " or ".join(repr(name) for name in BASELINES)
             raise ValueError(
-                "fsdp=True is invalid with resume or preset 'lora': FSDP runs save the final comoe adapter "
-                "only (no resumable checkpoints yet); use DDP (the default) for those"
+                f"fsdp=True is invalid with resume or preset {baselines}: FSDP runs save the final comoe "
+                "adapter only (no resumable checkpoints yet); use DDP (the default) for those"
             )
 
     def comoe_config(self) -> ComoeConfig:
-        """The adapter this run trains: the preset plus adapter_config overrides (for 'lora', the comoe
-        preset whose trainable-parameter count the LoRA rank matches)."""
+        """The adapter this run trains: the preset plus adapter_config overrides (for a PEFT baseline, 'lora'
+        or 'dora', the comoe preset whose trainable-parameter count its rank matches)."""
         preset = BASELINES.get(self.preset, self.preset)
         try:
             return ComoeConfig.from_preset(preset, self.adapter_config, where="adapter_config")
