@@ -129,7 +129,7 @@ PROGRESS_ON_STDERR = {"generate"}
 
 # name: (settings class, handler, help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
-    "train": (TrainArgs, _train, "fine-tune a base model with a comoe preset or PEFT LoRA"),
+    "train": (TrainArgs, _train, "fine-tune a base model with a comoe preset or PEFT LoRA / DoRA"),
     "eval": (EvalArgs, _eval, "evaluate a base model, with or without adapters, per task"),
     "compare": (CompareArgs, _compare, "paired comparison of eval reports of the same questions"),
     "generate": (GenerateArgs, _generate, "answer prompts with a base model and optional adapter (JSONL)"),

@@ -1,4 +1,5 @@
-"""The model a training run fine-tunes: the base model plus a comoe preset, or PEFT LoRA matched to it."""
+"""The model a training run fine-tunes: the base model plus a comoe preset, or a PEFT baseline (LoRA, DoRA)
+matched to it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from comoe.training.settings import TrainArgs
 
 def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
     """Base model (in args.dtype, with gradient checkpointing if asked) plus the method's adapter: a comoe
-    preset, or PEFT LoRA matched to the comoe preset; on args.device. The adapter is initialised on the
-    CPU (the seeded init does not depend on the device) and moved with the model. A quantized base
-    (--load-in-4bit / --load-in-8bit) is loaded onto args.device, where bitsandbytes quantizes it, and the
-    adapter is made beside it."""
+    preset, or a PEFT baseline (LoRA, DoRA) matched to the comoe preset; on args.device. The adapter is
+    initialised on the CPU (the seeded init does not depend on the device) and moved with the model. A
+    quantized base (--load-in-4bit / --load-in-8bit) is loaded onto args.device, where bitsandbytes
+    quantizes it, and the adapter is made beside it."""
     device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
     quantization = quantization_of(args)
