@@ -132,7 +132,11 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
 ROUTER_OPTIONS = "adapter_config: {aux_objectives: {router_z: 0.001}, router_jitter: 0.01}\n"
 
 
-@pytest.mark.parametrize(("preset", "yaml"), [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", "")])
+@pytest.mark.parametrize(
+    ("preset", "yaml"),
+    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", "")],
+    ids=["hydralora", "moe-router-options", "dora"],
+)
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
 ):
