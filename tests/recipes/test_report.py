@@ -70,9 +70,10 @@ def test_the_report_shows_settings_curve_and_per_task_change(tmp_path):
     assert "| 4 | 0.5000 | 0.0000 | 0.1250 | 2.50e-04 | 1004 |" in lines
     assert "## Accuracy per task (%, 95% Wilson CI; mode: generate)" in lines
     low, high = wilson_interval(2, 8)
-    assert f"| chain_sum | 8 | 25.0 ({100 * low:.0f}–{100 * high:.0f}) | 75.0 (41–93) | +50.0 |" in lines
-    assert any(line.startswith("| gcd | 8 | 50.0 (") and line.endswith("| -12.5 |") for line in lines)
-    assert "| **average** | | 37.5 | 56.2 | +18.8 |" in lines
+    assert f"| chain_sum | 8 | - | - | 25.0 ({100 * low:.0f}–{100 * high:.0f}) | 75.0 (41–93) | +50.0 |" in lines
+    assert any(line.startswith("| gcd | 8 | - | - | 50.0 (") and line.endswith("| -12.5 |") for line in lines)
+    assert "| **average** | | | | 37.5 | 56.2 | +18.8 |" in lines
+    assert "Warnings" not in text
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.jsonl", REPORT_NAME]
 
 
@@ -81,7 +82,19 @@ def test_the_accuracy_table_is_the_section_after_its_heading(tmp_path):
     path = write_report(run, evaluation({"a": (1, 2)}, "loglik"), evaluation({"a": (2, 2)}, "loglik"))
     table = accuracy_table(path)
     assert table.startswith(
-        "\n| task | n | base model | fine-tuned | change |\n|---|---|---|---|---|\n| a | 2 | 50.0 ("
+        "\n| task | n | chance | majority answer | base model | fine-tuned | change |\n"
+        "|---|---|---|---|---|---|---|\n| a | 2 | - | - | 50.0 ("
     )
-    assert "| **average** | | 50.0 | 100.0 | +50.0 |" in table
+    assert "| **average** | | | | 50.0 | 100.0 | +50.0 |" in table
     assert "Training curve" not in table and "mode: loglik" not in table
+
+
+def test_the_report_shows_chance_majority_and_collapse_warnings(tmp_path):
+    run = make_run(tmp_path, 2)
+    base = evaluation({"boolq": (5, 10)}, "loglik")
+    tuned = evaluation({"boolq": (6, 10)}, "loglik")
+    tuned["tasks"]["boolq"].update(chance=0.5, majority={"answer": "true", "accuracy": 0.6})
+    tuned["warnings"] = ["boolq: predictions collapsed: 'true' for 10 of 10 questions (100%)"]
+    text = write_report(run, base, tuned).read_text(encoding="utf-8")
+    assert "| boolq | 10 | 50.0 | 60.0 (true) | 50.0 (" in text
+    assert "- fine-tuned: boolq: predictions collapsed: 'true' for 10 of 10 questions (100%)" in text

@@ -30,6 +30,19 @@ def _percent(row: dict[str, Any]) -> str:
     return f"{100 * row['accuracy']:.1f} ({100 * low:.0f}–{100 * high:.0f})"
 
 
+def _baseline(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _majority(majority: dict[str, Any] | None) -> str:
+    """The sample's majority-answer baseline: accuracy of always giving its most common answer."""
+    if not majority:
+        return "-"
+    answer = str(majority["answer"])
+    answer = answer if len(answer) <= 24 else answer[:21] + "..."
+    return f"{100 * majority['accuracy']:.1f} ({answer.strip()})"
+
+
 def write_report(run: Path, base: dict[str, Any], tuned: dict[str, Any]) -> Path:
     settings = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     lines = [
@@ -54,15 +67,25 @@ def write_report(run: Path, base: dict[str, Any], tuned: dict[str, Any]) -> Path
             f"{row['lr']:.2e} | {row['tokens_per_s']:.0f} |"
         )
     lines += ["", f"## Accuracy per task (%, 95% Wilson CI; mode: {tuned['mode']})", ""]
-    lines += ["| task | n | base model | fine-tuned | change |", "|---|---|---|---|---|"]
+    lines += [
+        "| task | n | chance | majority answer | base model | fine-tuned | change |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in tuned["tasks"].items():
         before = base["tasks"][name]
         change = 100 * (row["accuracy"] - before["accuracy"])
-        lines.append(f"| {name} | {row['n']} | {_percent(before)} | {_percent(row)} | {change:+.1f} |")
+        lines.append(
+            f"| {name} | {row['n']} | {_baseline(row.get('chance'))} | {_majority(row.get('majority'))} | "
+            f"{_percent(before)} | {_percent(row)} | {change:+.1f} |"
+        )
     change = 100 * (tuned["average"] - base["average"])
     lines.append(
-        f"| **average** | | {100 * base['average']:.1f} | {100 * tuned['average']:.1f} | {change:+.1f} |"
+        f"| **average** | | | | {100 * base['average']:.1f} | {100 * tuned['average']:.1f} | {change:+.1f} |"
     )
+    warned = [f"- base model: {w}" for w in base.get("warnings", [])]
+    warned += [f"- fine-tuned: {w}" for w in tuned.get("warnings", [])]
+    if warned:
+        lines += ["", "**Warnings** (docs/evaluation.md says what they mean):", "", *warned]
     lines += [
         "",
         "Files: `config.yaml` (resolved settings), `adapter/`, `log.jsonl`, `tensorboard/`, `checkpoints/`,",
