@@ -106,3 +106,16 @@ def test_lm_eval_command_line_runs_the_comoe_model(adapter_dir, tmp_path):
     assert reports, done.stdout[-2000:]
     accuracy = json.loads(reports[0].read_text())["results"][TASK]["acc,none"]
     assert accuracy == pytest.approx(comoe_accuracy(adapter_dir, examples))
+
+
+def test_comoe_lm_names_another_base_of_the_same_shapes_as_comoe_eval_does(adapter_dir, tmp_path, caplog):
+    other = tmp_path / "other-base"
+    base, tokenizer = load_base(base_name(adapter_dir))
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.add_(0.01)
+    base.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with caplog.at_level("WARNING", logger="comoe"):
+        ComoeLM(adapter=str(adapter_dir), pretrained=str(other), batch_size=1)
+    assert f"was trained on base model {base_name(adapter_dir)}; running it on {other}" in caplog.text

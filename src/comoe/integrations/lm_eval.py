@@ -27,12 +27,12 @@ from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from comoe.adapter.auto import load_adapter
 from comoe.adapter.folder import AdapterFolder, adapter_folder
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
+from comoe.data.record import trained_quantization
 from comoe.evaluation.scoring import choice_options, option_response
-from comoe.models.loading import load_base
+from comoe.models.auto import load_adapted
 
 
 @register_model("comoe")
@@ -47,8 +47,10 @@ class ComoeLM(HFLM):
             raise ValueError(
                 f"{folder.path}: the adapter does not record its base model; pass pretrained=..."
             )
-        base, tokenizer = load_base(name)
-        super().__init__(pretrained=load_adapter(base, folder), tokenizer=tokenizer, **kwargs)
+        # as comoe eval loads it: another base of the same shapes is named in a warning, one of other shapes
+        # refused naming the recorded base, and a base the adapter was trained quantized is loaded so
+        model, tokenizer = load_adapted(folder, pretrained, quantization=trained_quantization(folder.path))
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
 def write_choice_task(folder: str | Path, name: str, examples: list[Example], eos_token: str) -> Path:
