@@ -127,8 +127,10 @@ class ComoeConfig:
     expert_bank: str = _field(
         "lora",
         "The experts' parameterisation, a registered expert bank (comoe.moe.banks): 'lora' (each expert "
-        "its own A [r, d_in] and B [r, d_out]) or 'hydra' (HydraLoRA: one A [r, d_in] shared by all "
-        "experts, n heads B [r, d_out]).",
+        "its own A [r, d_in] and B [r, d_out]), 'hydra' (HydraLoRA: one A [r, d_in] shared by all "
+        "experts, n heads B [r, d_out]) or 'omoe' (OMoE: the experts' up-projections orthonormalised "
+        "together by Gram-Schmidt, so different experts' outputs are orthogonal; needs num_experts * r "
+        "<= d_out).",
     )
 
     def __post_init__(self) -> None:
@@ -311,5 +313,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         expert_bank="hydra",
         target_modules=["gate_proj", "up_proj", "down_proj"],
         contrastive="none",
+    ),
+    # OMoE (arXiv 2501.10062) in CoMoE's comparison setup: 4 experts, soft routing, r=16, alpha=32, q/k/v/o;
+    # the experts' up-projections orthonormalised by Gram-Schmidt (docs/methods/omoe.md), no auxiliary loss.
+    "omoe": dict(
+        num_experts=4, r=16, lora_alpha=32.0, routing="soft", expert_bank="omoe", contrastive="none"
     ),
 }

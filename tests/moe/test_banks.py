@@ -1,7 +1,9 @@
 """Expert banks: LoRA experts against a per-expert loop, HydraLoRA (one shared A, n B heads) against the
 plain sum over heads in values and gradients, the hydralora preset counted, matched and saved; and the
 seam itself: a toy bank (one shared B, n A's) registered from this test alone -- built, trained, counted,
-saved and loaded without editing any other module."""
+saved and loaded without editing any other module. OMoE's orthogonal bank: its QR path against a plain
+Gram-Schmidt loop in values and gradients, different experts' outputs orthogonal, its preset saved and
+loaded."""
 
 import json
 import math
@@ -21,7 +23,9 @@ from comoe.moe.banks import (
     ExpertBank,
     HydraExperts,
     LoraExperts,
+    OrthogonalExperts,
     get_bank,
+    gram_schmidt_rows,
     register_bank,
     unregister_bank,
 )
@@ -210,6 +214,122 @@ def test_the_hydralora_preset_is_counted_matched_and_saved(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["expert_bank"], saved["routing"], saved["r"]) == ("hydra", "soft", 4)
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained)
+
+
+def plain_gram_schmidt(vectors: torch.Tensor) -> torch.Tensor:
+    """The textbook process, one row at a time: subtract the projections on the rows already made, then
+    normalise."""
+    rows = []
+    for v in vectors:
+        for u in rows:
+            v = v - (v @ u) * u
+        rows.append(v / v.norm())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (12, 12), (1, 5)])
+def test_gram_schmidt_rows_is_the_plain_loop_in_values_and_gradients(shape):
+    torch.manual_seed(0)
+    vectors = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fast, plain = gram_schmidt_rows(vectors), plain_gram_schmidt(vectors)
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast @ fast.t(), torch.eye(shape[0], dtype=torch.float64))
+    weights = torch.randn_like(fast)
+    got = torch.autograd.grad((fast * weights).sum(), vectors)[0]
+    want = torch.autograd.grad((plain * weights).sum(), vectors)[0]
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert gram_schmidt_rows(vectors.detach().bfloat16()).dtype == torch.bfloat16  # QR in float32
+
+
+def omoe_layer(routing: str, strategy: str) -> ComoeLinear:
+    """A float64 OMoE layer 12 -> 16 (4 experts of rank 3: 12 orthonormal rows in 16 dimensions) with
+    non-zero A and a non-uniform router."""
+    torch.manual_seed(0)
+    config = ComoeConfig(
+        num_experts=4,
+        top_k=2,
+        r=3,
+        lora_alpha=6.0,
+        lora_dropout=0.0,
+        routing=routing,
+        expert_bank="omoe",
+        expert_compute=strategy,
+        adapter_dtype="base",
+    )
+    layer = ComoeLinear(nn.Linear(12, 16).double(), config, ComoeContext())
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.5)
+        layer.router.weight.normal_(0, 1.0)
+    return layer
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "grouped"])
+@pytest.mark.parametrize("routing", ["soft", "topk"])
+def test_an_omoe_layer_is_the_routed_sum_over_gram_schmidt_experts_in_values_and_gradients(routing, strategy):
+    """The layer against W0 x + sum_i g_i s B_i^T A_i x with B the plain Gram-Schmidt loop's rows of V."""
+    layer = omoe_layer(routing, strategy)
+    assert get_bank("omoe") is OrthogonalExperts and not hasattr(layer, "lora_B")
+    x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
+    probs = torch.softmax((x @ layer.router.weight.t()).float(), dim=-1).to(x.dtype)
+    if layer.soft:
+        gates = probs
+    else:
+        top, index = probs.topk(2, dim=-1)
+        gates = torch.zeros_like(probs).scatter(1, index, top / top.sum(-1, keepdim=True))
+    B = plain_gram_schmidt(layer.lora_V.reshape(12, 16)).view(4, 3, 16)
+    expected = layer.base_layer(x)
+    for i in range(4):
+        expected = expected + gates[:, i : i + 1] * layer.scaling * (x @ layer.lora_A[i].t() @ B[i])
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(out)
+    params = [x, layer.router.weight, layer.lora_A, layer.lora_V]
+    got = torch.autograd.grad((out * weights).sum(), params)
+    want = torch.autograd.grad((expected * weights).sum(), params)
+    for name, a, b in zip(["x", "router", "A", "V"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert got[3].abs().sum() > 0  # V learns through the orthonormalisation
+
+
+def test_different_omoe_experts_give_orthogonal_outputs_and_start_at_zero():
+    layer = omoe_layer("soft", "blocks")
+    x = torch.randn(16, 12, dtype=torch.float64)
+    z = layer.bank.down_project(layer, x)  # [T, n, r]
+    outputs = torch.einsum("tnr,nro->tno", z, layer.bank.up_weight(layer))  # every expert, every token
+    between = torch.einsum("tio,tjo->tij", outputs, outputs)
+    off_diagonal = between[:, ~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 1e-10 * between.abs().max()
+    assert outputs.norm(dim=-1).min() > 0
+    # a freshly built layer: A = 0, so the experts' outputs are zero and the layer is its base
+    fresh = ComoeLinear(nn.Linear(12, 16), ComoeConfig(num_experts=4, r=3, expert_bank="omoe"), ComoeContext())
+    assert torch.equal(fresh.lora_A, torch.zeros(4, 3, 12)) and fresh.lora_V.abs().sum() > 0
+    inputs = torch.randn(5, 12)
+    torch.testing.assert_close(fresh(inputs), fresh.base_layer(inputs))
+    with pytest.raises(ValueError, match=r"num_experts \* r = 4 \* 5 = 20 .* <= 16"):
+        OrthogonalExperts.shapes(4, 5, 12, 16)
+
+
+def test_the_omoe_preset_is_counted_and_saved(tmp_path):
+    config = ComoeConfig.preset("omoe", r=8)  # the tiny model's k/v projections have 32 outputs: 4 * 8
+    assert (config.routing, config.expert_bank, config.num_experts, config.lora_alpha) == ("soft", "omoe", 4, 32)
+    assert ComoeConfig.preset("omoe").r == 16
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = get_comoe_model(tiny_llama(), config).eval()
+    targets = find_target_linears(tiny_llama(), config)
+    total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values())
+    assert total == sum(4 * 8 * (m.in_features + m.out_features) + 4 * m.in_features for m in targets.values())
+    assert model.get_nb_trainable_parameters()[0] == total
+    assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_A.normal_(0, 0.1)
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["expert_bank"], saved["routing"], saved["r"]) == ("omoe", "soft", 8)
     loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained)

@@ -130,12 +130,13 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
 
 
 ROUTER_OPTIONS = "adapter_config: {aux_objectives: {router_z: 0.001}, router_jitter: 0.01}\n"
+OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 k/v outputs (omoe's bound)
 
 
 @pytest.mark.parametrize(
     ("preset", "yaml"),
-    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", "")],
-    ids=["hydralora", "moe-router-options", "dora"],
+    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", ""), ("omoe", OMOE_TINY)],
+    ids=["hydralora", "moe-router-options", "dora", "omoe"],
 )
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
@@ -150,6 +151,8 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     if preset == "hydralora":
         assert (config["adapter_type"], config["expert_bank"], config["routing"]) == ("comoe", "hydra", "soft")
+    if preset == "omoe":
+        assert (config["expert_bank"], config["routing"], config["r"]) == ("omoe", "soft", 8)
     if preset == "dora":  # a PEFT folder: DoRA at the comoe preset's count, round((29696 - 192) / 448)
         assert (config["peft_type"], config["use_dora"], config["r"]) == ("LORA", True, 66)
         assert any("lora_magnitude_vector" in name for name in load_file(run / "adapter" / WEIGHTS_NAME))

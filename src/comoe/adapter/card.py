@@ -13,11 +13,13 @@ from comoe.config import ComoeConfig
 from comoe.files import atomic_write_text
 
 CARD_NAME = "README.md"
+# The methods that an expert bank makes (titles of the cards of folders without a contrastive objective).
+BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 2501.10062)"}
 
 
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
     """Markdown with a Hub metadata header (base_model, library_name, tags)."""
-    plain = "HydraLoRA (arXiv 2404.19245)" if config.expert_bank == "hydra" else "MoE-LoRA"
+    plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
     method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
         config.contrastive, f"{plain} without a contrastive objective"
     )

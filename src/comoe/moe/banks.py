@@ -6,7 +6,8 @@ the layer turns its input into the experts' down-projections `z [T, n, r]` and r
 `B [n, r, d_out]`. Everything after that -- routing, the mix strategies, the Gram-path objectives,
 analysis -- reads only `z` and `B`, so an architecture variant is one class and one `register_bank` call,
 chosen with `ComoeConfig.expert_bank`: `lora` (independent LoRA experts, the default) and `hydra`
-(HydraLoRA's one shared A and n B heads) are built in.
+(HydraLoRA's one shared A and n B heads) and `omoe` (OMoE's experts with mutually orthogonal outputs)
+are built in.
 """
 
 from __future__ import annotations
@@ -128,6 +129,59 @@ class HydraExperts(ExpertBank):
         return layer.lora_B
 
 
+def gram_schmidt_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """The rows of `vectors` [m, d] (m <= d, full row rank) orthonormalised by Gram-Schmidt, in order: the
+    Q factor of the QR decomposition of vectors.T with R's diagonal made positive, which is exactly what
+    the Gram-Schmidt process returns (tests/moe/test_banks.py checks it against the plain loop in values
+    and gradients). Computed in float32 at least (torch's QR has no bfloat16 or float16 kernel)."""
+    work = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
+    q, r = torch.linalg.qr(work.t(), mode="reduced")  # [d, m], [m, m]
+    signs = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs).t().to(vectors.dtype)
+
+
+class OrthogonalExperts(ExpertBank):
+    """OMoE (Feng et al. 2025, arXiv 2501.10062): experts whose outputs are mutually orthogonal, by a
+    Gram-Schmidt process onto the Stiefel manifold. Our reading (docs/methods/omoe.md): the n * r rows of
+    the experts' up-projections are orthonormalised together, B = GramSchmidt(V) with V [n, r, d_out] the
+    trained parameter, so B B^T = I: expert i's outputs B_i^T z_i lie in a subspace orthogonal to every
+    other expert's, for every token and every routing, and the learning objective is unchanged. A [n, r,
+    d_in] is zero-initialised (B cannot be: it is orthonormal), so the experts' outputs start at exactly
+    zero; V starts Kaiming-uniform (a = sqrt(5)), full rank almost surely. Needs n * r <= d_out.
+    Parameters and file keys: lora_A [n, r, d_in], lora_V [n, r, d_out] (B before orthonormalisation)."""
+
+    name = "omoe"
+
+    @classmethod
+    def shapes(
+        cls, num_experts: int, r: int, in_features: int, out_features: int
+    ) -> dict[str, tuple[int, ...]]:
+        if num_experts * r > out_features:
+            raise ValueError(
+                f"expert_bank='omoe' orthonormalises num_experts * r = {num_experts} * {r} = "
+                f"{num_experts * r} rows in an output space of {out_features} dimensions: it needs "
+                f"num_experts * r <= {out_features} (lower r or num_experts, or leave this linear out of "
+                "target_modules)"
+            )
+        return {"lora_A": (num_experts, r, in_features), "lora_V": (num_experts, r, out_features)}
+
+    @classmethod
+    def reset_parameters(cls, layer: nn.Module) -> None:
+        with torch.no_grad():
+            layer.lora_A.zero_()
+            for expert in layer.lora_V:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+
+    @classmethod
+    def down_project(cls, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return LoraExperts.down_project(layer, x)
+
+    @classmethod
+    def up_weight(cls, layer: nn.Module) -> torch.Tensor:
+        n, r, d_out = layer.lora_V.shape
+        return gram_schmidt_rows(layer.lora_V.reshape(n * r, d_out)).view(n, r, d_out)
+
+
 BANKS: dict[str, type[ExpertBank]] = {}
 
 
@@ -156,3 +210,4 @@ def get_bank(name: str) -> type[ExpertBank]:
 
 register_bank(LoraExperts)
 register_bank(HydraExperts)
+register_bank(OrthogonalExperts)
