@@ -50,6 +50,11 @@ def test_presets():
     assert (hydra.routing, hydra.expert_bank, hydra.active_experts) == ("soft", "hydra", 4)
     assert hydra.target_modules == ["gate_proj", "up_proj", "down_proj"] and hydra.objective_weights == {}
     assert ComoeConfig.preset("comoe", r=8).r == 8
+    mola = ComoeConfig.preset("mola")  # MoLA-▽ (docs/methods/mola.md)
+    assert (mola.experts_by_depth, mola.num_experts, mola.top_k, mola.r) == ([2, 4, 6, 8], 8, 2, 8)
+    assert (mola.routing, mola.objective_weights) == ("topk", {})
+    omoe = ComoeConfig.preset("omoe")
+    assert (omoe.num_experts, omoe.r, omoe.lora_alpha, omoe.routing, omoe.expert_bank) == (4, 16, 32, "soft", "omoe")
     with pytest.raises(ValueError, match="unknown value 'nope'"):
         ComoeConfig.preset("nope")
     with pytest.raises(ValueError, match="unknown fields \\['experts'\\]"):
@@ -90,3 +95,23 @@ def test_matched_lora_has_the_same_trainable_parameter_count(tiny_model):
     assert comoe_model_total == comoe_total
     assert abs(lora_total - comoe_total) <= sum(i + o for i, o in shapes) / 2
     assert lora.lora_alpha / lora.r == config.scaling
+
+
+def test_experts_by_depth_splits_the_blocks_bottom_to_top_and_is_validated():
+    config = ComoeConfig(num_experts=8, experts_by_depth=[2, 4, 6, 8])
+    assert [config.experts_at(b, 4) for b in range(4)] == [2, 4, 6, 8]
+    assert [config.experts_at(b, 30) for b in (0, 7, 8, 14, 15, 22, 23, 29)] == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert [config.experts_at(b, 2) for b in range(2)] == [2, 6]  # fewer blocks than groups
+    assert config.experts_at(None, 4) == 8  # outside the blocks: num_experts
+    layer = config.at_depth(1, 4)
+    assert (layer.num_experts, layer.experts_by_depth, layer.r) == (4, None, config.r)
+    assert ComoeConfig().at_depth(3, 4) == ComoeConfig() and ComoeConfig().experts_at(3, 4) == 4
+    assert config.to_dict()["experts_by_depth"] == [2, 4, 6, 8]
+    assert "experts_by_depth" not in ComoeConfig().to_dict()  # default folders unchanged
+    assert ComoeConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"num_experts.*max\(experts_by_depth\) = 8"):
+        ComoeConfig(num_experts=4, experts_by_depth=[2, 4, 6, 8])
+    with pytest.raises(ValueError, match="experts_by_depth"):
+        ComoeConfig(num_experts=8, top_k=2, experts_by_depth=[1, 8])
+    with pytest.raises(ValueError, match="experts_by_depth"):
+        ComoeConfig(experts_by_depth=[])

@@ -22,7 +22,12 @@ CONTRASTIVES = ("none", "comoe", "moelora")
 ANCHORS = ("all", "random")
 # Fields added after format version 1 whose defaults are left out of adapter_config.json, so that a folder
 # saved with the defaults reads exactly as before (and in older comoe versions).
-OMITTED_DEFAULTS = {"aux_objectives": {}, "expert_bank": "lora", "router_jitter": 0.0}
+OMITTED_DEFAULTS = {
+    "aux_objectives": {},
+    "expert_bank": "lora",
+    "router_jitter": 0.0,
+    "experts_by_depth": None,
+}
 # norm_topk_prob is left out too where it resolves to renormalised gates; a folder without it was written
 # before the field existed, when top-k gates were always renormalised (see adapter.folder).
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "base")
@@ -133,6 +138,14 @@ class ComoeConfig:
         "<= d_out).",
     )
 
+    experts_by_depth: list[int] | None = _field(
+        None,
+        "Experts per layer by depth (MoLA): the transformer blocks split, bottom to top, into as many "
+        "contiguous groups as entries (block b of L in group b * len // L), each group's adapted linears "
+        "with that many experts; num_experts must be the largest entry (linears outside the blocks get it) "
+        "and every entry >= top_k. None: num_experts everywhere.",
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
             self.target_modules = sorted(self.target_modules)
@@ -179,9 +192,37 @@ class ComoeConfig:
                 ">= 2 with contrastive='comoe' (an anchor needs another activated expert as its positive)",
             )
         self._validate_targets()
+        self._validate_depths()
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
                 check_int("layers_to_transform", index, low=0)
+
+    def _validate_depths(self) -> None:
+        depths = self.experts_by_depth
+        if depths is None:
+            return
+        if not isinstance(depths, list) or not depths:
+            fail("experts_by_depth", depths, "a non-empty list of expert counts (bottom to top) or null")
+        for count in depths:
+            check_int("experts_by_depth", count, low=self.top_k)
+        if self.num_experts != max(depths):
+            fail("num_experts", self.num_experts, f"max(experts_by_depth) = {max(depths)}")
+
+    def experts_at(self, block: int | None, num_blocks: int) -> int:
+        """The number of experts of an adapted linear in transformer block `block` of `num_blocks`
+        (experts_by_depth's group of the block; num_experts without it or outside the blocks)."""
+        depths = self.experts_by_depth
+        if depths is None or block is None or num_blocks < 1:
+            return self.num_experts
+        return depths[min(block * len(depths) // num_blocks, len(depths) - 1)]
+
+    def at_depth(self, block: int | None, num_blocks: int) -> ComoeConfig:
+        """The configuration of one adapted linear: this one, with experts_by_depth resolved into
+        num_experts for the linear's block (itself when experts_by_depth is None)."""
+        if self.experts_by_depth is None:
+            return self
+        num_experts = self.experts_at(block, num_blocks)
+        return dataclasses.replace(self, num_experts=num_experts, experts_by_depth=None)
 
     def _validate_objectives(self) -> None:
         objectives = self.aux_objectives
@@ -318,5 +359,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the experts' up-projections orthonormalised by Gram-Schmidt (docs/methods/omoe.md), no auxiliary loss.
     "omoe": dict(
         num_experts=4, r=16, lora_alpha=32.0, routing="soft", expert_bank="omoe", contrastive="none"
+    ),
+    # MoLA (arXiv 2402.08562), its best allocation "MoLA-▽" (more experts higher up: 2/4/6/8 experts for the
+    # four quarters of the blocks, bottom to top), top-2, r=8 (docs/methods/mola.md), no auxiliary loss.
+    "mola": dict(
+        num_experts=8,
+        experts_by_depth=[2, 4, 6, 8],
+        top_k=2,
+        r=8,
+        lora_alpha=16.0,
+        contrastive="none",
     ),
 }

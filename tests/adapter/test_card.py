@@ -37,6 +37,7 @@ def test_the_card_states_the_base_model_and_the_experts():
         ("moe", "MoE-LoRA without a contrastive objective", "contrastive objective 'none' with weight 0.01"),
         ("mixlora", "MoE-LoRA without a contrastive objective", "balance weight 0.01"),
         ("hydralora", "HydraLoRA (arXiv 2404.19245) without a contrastive objective", "soft (dense) routing"),
+        ("mola", "MoLA (arXiv 2402.08562) without a contrastive objective", "2/4/6/8 (by depth, bottom to top)"),
         ("omoe", "OMoE (arXiv 2501.10062) without a contrastive objective", "; expert bank 'omoe'"),
     ],
 )

@@ -12,9 +12,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from comoe import ComoeConfig, get_comoe_model
 from comoe.adapter.targeting import (
     adaptable_names,
+    block_count,
     find_target_linears,
     fused_experts,
     is_target,
+    layer_configs,
     layer_index,
     matches,
     resolve_targets,
@@ -176,3 +178,15 @@ def test_set_submodule_replaces_a_nested_or_top_level_module():
     root = nn.Sequential(nn.Linear(2, 2))
     set_submodule(root, "0", replacement)
     assert root[0] is replacement
+
+
+def test_block_count_and_each_linears_config_by_depth():
+    model = tiny_llama()
+    assert block_count(model) == 2 and block_count(nn.Linear(2, 2)) == 0
+    config = ComoeConfig(num_experts=8, experts_by_depth=[2, 4, 6, 8])
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "lm_head"]
+    configs = layer_configs(model, config, names)
+    assert [configs[n].num_experts for n in names] == [2, 6, 8]  # 2 blocks in 4 groups; lm_head outside
+    assert all(c.experts_by_depth is None for c in configs.values())
+    plain = ComoeConfig()
+    assert all(c is plain for c in layer_configs(model, plain, names).values())

@@ -135,8 +135,8 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
 
 @pytest.mark.parametrize(
     ("preset", "yaml"),
-    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", ""), ("omoe", OMOE_TINY)],
-    ids=["hydralora", "moe-router-options", "dora", "omoe"],
+    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", ""), ("omoe", OMOE_TINY), ("mola", "")],
+    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola"],
 )
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
@@ -151,6 +151,10 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     if preset == "hydralora":
         assert (config["adapter_type"], config["expert_bank"], config["routing"]) == ("comoe", "hydra", "soft")
+    if preset == "mola":  # 2 blocks in 4 depth groups: 2 experts in block 0, 6 in block 1
+        assert (config["experts_by_depth"], config["num_experts"], config["top_k"]) == ([2, 4, 6, 8], 8, 2)
+        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items() if "q_proj" in k}
+        assert [v[0] for k, v in sorted(shapes.items()) if k.endswith("lora_A")] == [2, 6]
     if preset == "omoe":
         assert (config["expert_bank"], config["routing"], config["r"]) == ("omoe", "soft", 8)
     if preset == "dora":  # a PEFT folder: DoRA at the comoe preset's count, round((29696 - 192) / 448)

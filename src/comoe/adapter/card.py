@@ -20,6 +20,8 @@ BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 25
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
     """Markdown with a Hub metadata header (base_model, library_name, tags)."""
     plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
+    if config.experts_by_depth is not None:
+        plain = "MoLA (arXiv 2402.08562)" if config.expert_bank == "lora" else f"{plain} (MoLA depths)"
     method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
         config.contrastive, f"{plain} without a contrastive objective"
     )
@@ -28,8 +30,11 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         header.append(f"base_model: {base_model}")
     header.append("---")
     routing = "soft (dense)" if config.routing == "soft" else f"top-{config.top_k}"
+    experts = str(config.num_experts)
+    if config.experts_by_depth is not None:
+        experts = f"{'/'.join(map(str, config.experts_by_depth))} (by depth, bottom to top)"
     settings = (
-        f"{config.num_experts} LoRA experts of rank {config.r} per adapted linear, {routing} "
+        f"{experts} LoRA experts of rank {config.r} per adapted linear, {routing} "
         f"routing, targets {', '.join(config.target_modules)}; balance weight {config.balance_weight}, "
         f"contrastive objective '{config.contrastive}' with weight {config.contrastive_weight}"
     )

@@ -15,7 +15,15 @@ from torch import nn
 from comoe.adapter.layer import ComoeContext, ComoeLinear, layer_features
 from comoe.adapter.saved import TrainedCopy
 from comoe.adapter.streams import layer_streams
-from comoe.adapter.targeting import find_target_linears, matches, resolve_targets, set_submodule
+from comoe.adapter.targeting import (
+    block_count,
+    find_target_linears,
+    layer_configs,
+    layer_index,
+    matches,
+    resolve_targets,
+    set_submodule,
+)
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 
@@ -40,8 +48,9 @@ def inject(model: nn.Module, config: ComoeConfig, context: ComoeContext) -> Inje
     for param in model.parameters():
         param.requires_grad_(False)
     streams = layer_streams(model, list(targets))
+    configs = layer_configs(model, config, list(targets))  # experts_by_depth resolved per block
     layers = {
-        name: ComoeLinear(linear, config, context, streams[name]) for name, linear in targets.items()
+        name: ComoeLinear(linear, configs[name], context, streams[name]) for name, linear in targets.items()
     }
     for name, layer in layers.items():
         set_submodule(model, name, layer)
@@ -60,12 +69,19 @@ def eject(model: nn.Module, injection: Injection) -> nn.Module:
     return model
 
 
-def adapter_shapes(targets: dict[str, nn.Module], config: ComoeConfig) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of the experts and routers for these target layers, without building anything."""
+def adapter_shapes(
+    targets: dict[str, nn.Module], config: ComoeConfig, num_blocks: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the experts and routers for these target layers, without building anything.
+    With experts_by_depth, each layer's expert count is its block's among `num_blocks` blocks (the model's
+    block_count; by default 1 + the largest block index of the targets)."""
     bank = get_bank(config.expert_bank)
-    n, r = config.num_experts, config.r
+    if num_blocks is None:
+        num_blocks = 1 + max((layer_index(name) or 0 for name in targets), default=0)
+    r = config.r
     shapes = {}
     for name, linear in targets.items():
+        n = config.experts_at(layer_index(name), num_blocks)
         d_in, d_out = layer_features(linear)
         for key, shape in bank.shapes(n, r, d_in, d_out).items():
             shapes[f"{name}.{key}"] = shape
@@ -100,7 +116,7 @@ def saved_shapes(saved: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
 def expected_shapes(model: nn.Module, config: ComoeConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape an adapter file of `config` must hold for `model` (not yet wrapped)."""
     config = resolve_targets(model, config)
-    shapes = adapter_shapes(find_target_linears(model, config), config)
+    shapes = adapter_shapes(find_target_linears(model, config), config, block_count(model))
     shapes.update(saved_shapes(modules_to_save(model, config)))
     return shapes
 

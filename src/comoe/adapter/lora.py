@@ -7,7 +7,7 @@ from peft import LoraConfig
 from torch import nn
 
 from comoe.adapter.layer import layer_features
-from comoe.adapter.targeting import find_target_linears, resolve_targets
+from comoe.adapter.targeting import find_target_linears, layer_configs, resolve_targets
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 
@@ -30,8 +30,12 @@ def matched_lora_config(config: ComoeConfig, model: nn.Module, use_dora: bool = 
     (comoe parameters - sum d_out) / sum(d_in + d_out), at least 1.
     """
     config = resolve_targets(model, config)
-    shapes = [layer_features(m) for m in find_target_linears(model, config).values()]
-    total = sum(comoe_trainable_parameters(config, d_in, d_out) for d_in, d_out in shapes)
+    targets = find_target_linears(model, config)
+    configs = layer_configs(model, config, list(targets))  # experts_by_depth: each block's count
+    shapes = [layer_features(m) for m in targets.values()]
+    total = sum(
+        comoe_trainable_parameters(configs[name], *layer_features(m)) for name, m in targets.items()
+    )
     per_rank = sum(d_in + d_out for d_in, d_out in shapes)
     magnitudes = sum(d_out for _, d_out in shapes) if use_dora else 0
     rank = max(1, round((total - magnitudes) / per_rank))

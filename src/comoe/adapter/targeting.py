@@ -38,6 +38,24 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def block_count(model: nn.Module) -> int:
+    """How many transformer blocks `model` has: 1 + the largest block index in its module paths (0: none)."""
+    indices = [layer_index(name) for name, _ in model.named_modules() if name]
+    return 1 + max((i for i in indices if i is not None), default=-1)
+
+
+def layer_configs(model: nn.Module, config: ComoeConfig, names: list[str]) -> dict[str, ComoeConfig]:
+    """Each named linear's own configuration: `config` with experts_by_depth resolved for the linear's
+    block among the model's blocks (MoLA); `config` itself for every linear without experts_by_depth."""
+    num_blocks = block_count(model) if config.experts_by_depth is not None else 0
+    resolved: dict[int | None, ComoeConfig] = {}
+    for name in names:
+        block = layer_index(name)
+        if block not in resolved:
+            resolved[block] = config.at_depth(block, num_blocks)
+    return {name: resolved[layer_index(name)] for name in names}
+
+
 def matches(name: str, targets: list[str] | str) -> bool:
     """PEFT's rule: a list of names matches path suffixes; one string is a regex over the whole path."""
     if isinstance(targets, str):
