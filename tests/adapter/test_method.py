@@ -18,7 +18,9 @@ class Wrapper(torch.nn.Module):
         self.module = module
 
 
-@pytest.mark.parametrize("preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "lora", "dora"])
+@pytest.mark.parametrize(
+    "preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "omoe", "mola", "lora", "dora"]
+)
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)
     baseline = preset in ("lora", "dora")
