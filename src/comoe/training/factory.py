@@ -3,16 +3,20 @@ matched to it."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from comoe.adapter.method import method_for
+from comoe.models.compile import compile_blocks
 from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
 from comoe.settings import quantization_of
 from comoe.training.settings import TrainArgs
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
@@ -28,4 +32,6 @@ def build_model(args: TrainArgs) -> tuple[nn.Module, Any]:
         args.model, dtype=getattr(torch, args.dtype), quantization=quantization, device=device
     )
     model = method_for(args.preset).build(base, args.comoe_config(), args.gradient_checkpointing)
+    if args.compile:
+        logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
     return (model if quantization else model.to(device)), tokenizer

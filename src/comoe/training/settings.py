@@ -39,6 +39,9 @@ class TrainArgs(DataArgs):
     load_in_4bit: bool = setting(False, LOAD_IN_4BIT_HELP)
     load_in_8bit: bool = setting(False, LOAD_IN_8BIT_HELP)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    compile: bool = setting(
+        False, "torch.compile each decoder block (values and gradients equal eager's; step 1 compiles)"
+    )
     adapter_config: dict[str, Any] = setting(
         {}, "ComoeConfig overrides on top of the preset (YAML only; key 'adapter' in older files)", flag=False
     )
