@@ -95,9 +95,11 @@ def test_hydra_bank_is_one_shared_down_projection_and_n_heads():
     assert get_bank("hydra") is HydraExperts
 
 
-def hydra_layer(routing: str, strategy: str, **fields) -> ComoeLinear:
-    """A float64 HydraLoRA layer 12 -> 10 (4 heads of rank 3) with non-zero heads and a non-uniform
-    router; `fields` are further config fields."""
+def bank_layer(
+    bank: str, out_features: int, nonzero: str, routing: str, strategy: str, **fields
+) -> ComoeLinear:
+    """A float64 layer 12 -> `out_features` of 4 experts of rank 3 in expert bank `bank`, with the parameter
+    `nonzero` drawn from N(0, 0.5) (the one its bank starts at zero) and a non-uniform router."""
     torch.manual_seed(0)
     config = ComoeConfig(
         num_experts=4,
@@ -106,16 +108,21 @@ def hydra_layer(routing: str, strategy: str, **fields) -> ComoeLinear:
         lora_alpha=6.0,
         lora_dropout=0.0,
         routing=routing,
-        expert_bank="hydra",
+        expert_bank=bank,
         expert_compute=strategy,
         adapter_dtype="base",
         **fields,
     )
-    layer = ComoeLinear(nn.Linear(12, 10).double(), config, ComoeContext())
+    layer = ComoeLinear(nn.Linear(12, out_features).double(), config, ComoeContext())
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)
+        getattr(layer, nonzero).normal_(0, 0.5)
         layer.router.weight.normal_(0, 1.0)
     return layer
+
+
+def hydra_layer(routing: str, strategy: str, **fields) -> ComoeLinear:
+    """A HydraLoRA layer 12 -> 10 (4 heads of rank 3) with non-zero heads."""
+    return bank_layer("hydra", 10, "lora_B", routing, strategy, **fields)
 
 
 def hydra_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +203,9 @@ def test_the_hydralora_preset_is_counted_matched_and_saved(tmp_path):
     assert per_layer["down_proj"] == 4 * 96 + 4 * 4 * 64 + 4 * 96
     total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values())
     assert model.get_nb_trainable_parameters()[0] == total
-    assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    assert adapter_shapes(targets, config) == {
+        k: tuple(v.shape) for k, v in model.adapter_state_dict().items()
+    }
     # the matched LoRA baseline: the same modules at the same count, up to the rank's rounding
     lora = matched_lora_config(config, tiny_llama())
     per_rank = 2 * ((64 + 96) * 2 + (96 + 64))
@@ -245,25 +254,8 @@ def test_gram_schmidt_rows_is_the_plain_loop_in_values_and_gradients(shape):
 
 
 def omoe_layer(routing: str, strategy: str) -> ComoeLinear:
-    """A float64 OMoE layer 12 -> 16 (4 experts of rank 3: 12 orthonormal rows in 16 dimensions) with
-    non-zero A and a non-uniform router."""
-    torch.manual_seed(0)
-    config = ComoeConfig(
-        num_experts=4,
-        top_k=2,
-        r=3,
-        lora_alpha=6.0,
-        lora_dropout=0.0,
-        routing=routing,
-        expert_bank="omoe",
-        expert_compute=strategy,
-        adapter_dtype="base",
-    )
-    layer = ComoeLinear(nn.Linear(12, 16).double(), config, ComoeContext())
-    with torch.no_grad():
-        layer.lora_A.normal_(0, 0.5)
-        layer.router.weight.normal_(0, 1.0)
-    return layer
+    """An OMoE layer 12 -> 16 (4 experts of rank 3: 12 orthonormal rows in 16 dimensions) with non-zero A."""
+    return bank_layer("omoe", 16, "lora_A", routing, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["blocks", "grouped"])
@@ -304,7 +296,9 @@ def test_different_omoe_experts_give_orthogonal_outputs_and_start_at_zero():
     assert off_diagonal.abs().max() < 1e-10 * between.abs().max()
     assert outputs.norm(dim=-1).min() > 0
     # a freshly built layer: A = 0, so the experts' outputs are zero and the layer is its base
-    fresh = ComoeLinear(nn.Linear(12, 16), ComoeConfig(num_experts=4, r=3, expert_bank="omoe"), ComoeContext())
+    fresh = ComoeLinear(
+        nn.Linear(12, 16), ComoeConfig(num_experts=4, r=3, expert_bank="omoe"), ComoeContext()
+    )
     assert torch.equal(fresh.lora_A, torch.zeros(4, 3, 12)) and fresh.lora_V.abs().sum() > 0
     inputs = torch.randn(5, 12)
     torch.testing.assert_close(fresh(inputs), fresh.base_layer(inputs))
@@ -314,15 +308,24 @@ def test_different_omoe_experts_give_orthogonal_outputs_and_start_at_zero():
 
 def test_the_omoe_preset_is_counted_and_saved(tmp_path):
     config = ComoeConfig.preset("omoe", r=8)  # the tiny model's k/v projections have 32 outputs: 4 * 8
-    assert (config.routing, config.expert_bank, config.num_experts, config.lora_alpha) == ("soft", "omoe", 4, 32)
+    assert (config.routing, config.expert_bank, config.num_experts, config.lora_alpha) == (
+        "soft",
+        "omoe",
+        4,
+        32,
+    )
     assert ComoeConfig.preset("omoe").r == 16
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     model = get_comoe_model(tiny_llama(), config).eval()
     targets = find_target_linears(tiny_llama(), config)
     total = sum(comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values())
-    assert total == sum(4 * 8 * (m.in_features + m.out_features) + 4 * m.in_features for m in targets.values())
+    assert total == sum(
+        4 * 8 * (m.in_features + m.out_features) + 4 * m.in_features for m in targets.values()
+    )
     assert model.get_nb_trainable_parameters()[0] == total
-    assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    assert adapter_shapes(targets, config) == {
+        k: tuple(v.shape) for k, v in model.adapter_state_dict().items()
+    }
     with torch.no_grad():
         for layer in model.comoe_layers().values():
             layer.lora_A.normal_(0, 0.1)
@@ -343,7 +346,11 @@ def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(toy_bank, t
         expected_at_init = base(ids).logits
     model = get_comoe_model(base, config)
     layer = next(iter(model.comoe_layers().values()))
-    assert layer.lora_A.shape == (4, 4, layer.in_features) and layer.lora_B.shape == (1, 4, layer.out_features)
+    assert layer.lora_A.shape == (4, 4, layer.in_features) and layer.lora_B.shape == (
+        1,
+        4,
+        layer.out_features,
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected_at_init)  # B = 0: the base model exactly
     # counted: the bank's shapes plus the routers, for every adapted linear
@@ -351,7 +358,9 @@ def test_a_registered_bank_is_built_trained_counted_saved_and_loaded(toy_bank, t
     per_layer = [comoe_trainable_parameters(config, m.in_features, m.out_features) for m in targets.values()]
     assert model.get_nb_trainable_parameters()[0] == sum(per_layer)
     assert per_layer[0] == 4 * 4 * 64 + 4 * 64 + 4 * 64  # 4 A's, one shared B (q: 64 -> 64), router
-    assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    assert adapter_shapes(targets, config) == {
+        k: tuple(v.shape) for k, v in model.adapter_state_dict().items()
+    }
     # trained: the A's and the shared B move, through the contrastive objective too
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

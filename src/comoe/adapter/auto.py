@@ -8,9 +8,7 @@ from peft import PeftModel
 from torch import nn
 
 from comoe.adapter.folder import AdapterFolder, adapter_folder
-from comoe.adapter.injection import expected_shapes
 from comoe.adapter.model import ComoeModel
-from comoe.adapter.serialization import check_fits, tensor_shapes
 from comoe.errors import AdapterMismatch
 
 
@@ -21,13 +19,7 @@ def load_adapter(
     and in eval mode unless `is_trainable`. Weights of another base model (other shapes or modules) raise
     AdapterMismatch, listing what differs; an unreadable weights file raises ValueError as itself."""
     folder = adapter_folder(directory)
-    if folder.kind == "comoe":
-        saved = tensor_shapes(folder.weights)  # a truncated or corrupt file fails here, as what it is
-        expected = expected_shapes(base, folder.comoe_config())  # an unregistered expert bank fails here
-        try:
-            check_fits(expected, saved, folder.weights)
-        except ValueError as error:
-            raise AdapterMismatch(str(error)) from None
+    if folder.kind == "comoe":  # from_pretrained checks the file's shapes: AdapterMismatch when they differ
         return ComoeModel.from_pretrained(base, folder, is_trainable=is_trainable)  # not read again
     try:
         model = PeftModel.from_pretrained(base, os.fspath(folder.path), is_trainable=is_trainable)

@@ -67,8 +67,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self._recorded: dict[str, LayerRecord] | None = None  # inside record_routing()
         # Free-form lines for the model card (training data, evaluation results), set by whoever knows them.
         self.card_notes: dict[str, str] = {}
-        self.__dict__["_injection"] = injection  # plain attributes: the layers are registered inside model
-        self.__dict__["_layers"] = injection.layers
+        self.__dict__["_injection"] = injection  # a plain attribute: the layers are registered inside model
         self._encoder_decoder = is_encoder_decoder(model)
         self._has_objectives = bool(self._loss_config.objective_weights)  # else no record is needed
         backbone = self.base_model
@@ -97,7 +96,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             return getattr(self.wrapped_model, name)
 
     def comoe_layers(self) -> dict[str, ComoeLinear]:
-        return dict(self._layers)
+        return dict(self._injection.layers)
 
     # ---- forward and the auxiliary losses' delivery (adapter/delivery.py) --------------------------------
     forward = ForwardWithWrappedSignature()
@@ -175,7 +174,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             name: dataclasses.replace(
                 layer.record, mask=masks.for_layer(layer.stream, layer.record.z.shape[0], name)
             )
-            for name, layer in self._layers.items()
+            for name, layer in self._injection.layers.items()
             if layer.record is not None
         }
 
@@ -191,7 +190,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         finally:
             self._call = None
             self._context.keep_records = False
-            for layer in self._layers.values():
+            for layer in self._injection.layers.values():
                 layer.record = None
 
     @property

@@ -32,6 +32,7 @@ from comoe.adapter.folder import (  # the reading side, importable from here as 
     read_config_json,
 )
 from comoe.config import ComoeConfig
+from comoe.errors import AdapterMismatch
 from comoe.files import atomic_save_safetensors, atomic_write_text
 
 __all__ = [
@@ -111,7 +112,8 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def check_fits(
     expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], path: str | os.PathLike
 ) -> None:
-    """Refuse a weights file whose tensor names or shapes differ from what the model expects, listing them."""
+    """Refuse a weights file whose tensor names or shapes differ from what the model expects, listing them
+    (AdapterMismatch, a ValueError)."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     wrong = [
@@ -124,7 +126,7 @@ def check_fits(
         lines += [f"  missing in file: {k}" for k in missing[:20]]
         lines += [f"  not in model: {k}" for k in unexpected[:20]]
         lines += [f"  shape mismatch {w}" for w in wrong[:20]]
-        raise ValueError("\n".join(lines))
+        raise AdapterMismatch("\n".join(lines))
 
 
 def assign_weights(

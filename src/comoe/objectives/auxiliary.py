@@ -48,7 +48,9 @@ def usable_objectives(config: ComoeConfig, strict: bool = True) -> ComoeConfig:
     """`config` itself when every objective it names is registered. Otherwise, strict: ValueError naming
     the missing one (training needs it); not strict (an adapter loaded for inference, where the objectives
     only report): the config without the unregistered `aux_objectives`, saying so in a warning."""
-    missing = [name for name in config.aux_objectives if name not in OBJECTIVES and name not in _known()]
+    missing = [name for name in config.aux_objectives if name not in OBJECTIVES]
+    if missing and discover_once():  # a plugin may register them
+        missing = [name for name in missing if name not in OBJECTIVES]
     if not missing or strict:
         active_objectives(config)  # raises for the first missing name
         return config
@@ -59,12 +61,6 @@ def usable_objectives(config: ComoeConfig, strict: bool = True) -> ComoeConfig:
     )
     kept = {name: weight for name, weight in config.aux_objectives.items() if name not in missing}
     return dataclasses.replace(config, aux_objectives=kept)
-
-
-def _known() -> set[str]:
-    """The registered objective names after the plugins were imported (once per process)."""
-    discover_once()
-    return set(OBJECTIVES)
 
 
 def requirements(config: ComoeConfig) -> frozenset[str]:

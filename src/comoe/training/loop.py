@@ -121,6 +121,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
     log = RunLog(run, total, step, world.is_main)
     skipped, tokens, start, warned_clipping = 0, 0, time.perf_counter(), False
+    components: list[str] = []  # the loss components' names: they follow the config, so read once
     best = best_validation(run) if args.resume else math.inf
     try:
         while step < total:
@@ -147,6 +148,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                 continue
             scheduler.step()
             step += 1
+            components = components or ["task", *aux_components(model)]
             if watch:
                 parts.update(routing_snapshot(model, records, last_batch, task_names))
                 parts["router_change"] = router_change(model, initial_routers)
@@ -179,7 +181,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                     "batch_tokens": batch_tokens,
                     "skipped": skipped,
                 },
-                components=["task", *aux_components(model)],
+                components=components,
             )
             if checkpoints and step % checkpoints == 0 and step < total:
                 if world.is_main:
