@@ -56,3 +56,30 @@ def test_the_record_keeps_each_tasks_most_frequent_answers_and_old_records_read_
     assert trained_answers(None) == {} and trained_answers(tmp_path / "nowhere") == {}
     (tmp_path / DATA_RECORD).write_text(json.dumps({"template": "none", "tasks": {"t": {"examples": 2}}}))
     assert trained_answers(tmp_path) == {}  # written before answers were recorded
+
+
+def test_one_load_reads_the_record_once_and_a_rewritten_record_again(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    from comoe.data.record import trained_answers, trained_quantization, trained_template
+
+    record = tmp_path / "comoe_data.json"
+    record.write_text('{"template": "chat", "quantization": "4bit", "tasks": {}}')
+    reads = []
+    real = Path.read_text
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    assert (trained_template(tmp_path), trained_quantization(tmp_path), trained_answers(tmp_path)) == (
+        "chat",
+        "4bit",
+        {},
+    )
+    assert reads.count("comoe_data.json") == 1
+    record.write_text('{"template": "alpaca"}')
+    os.utime(record, ns=(1, 2))  # a different version even within the clock's resolution
+    assert trained_template(tmp_path) == "alpaca" and reads.count("comoe_data.json") == 2

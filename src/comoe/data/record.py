@@ -6,7 +6,9 @@ baseline (folders written before it read as unknown); and whether the base was q
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,12 +81,23 @@ def trained_quantization(adapter: str | Path | None) -> str | None:
     return value
 
 
-def _recorded(adapter: str | Path | None, key: str) -> Any:
-    """One field of an adapter folder's data record (None without a record or the field)."""
+def _recorded(adapter: str | os.PathLike | None, key: str) -> Any:
+    """One field of an adapter folder's data record (None without a record or the field). The record is
+    read once per version of the file, however many fields one load asks for."""
     path = Path(adapter) / DATA_RECORD if adapter else None
     if path is None or not path.is_file():
         return None
+    stat = path.stat()
+    return _read_record(str(path), stat.st_mtime_ns, stat.st_size).get(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_record(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """The record at `path` as of (mtime, size): a changed file is read again."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get(key)
-    except (ValueError, AttributeError):
-        raise ValueError(f"{path}: not a valid comoe data record (JSON object expected)") from None
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: not a valid comoe data record (JSON object expected)")
+    return values
