@@ -21,15 +21,19 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
+import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import safe_open
 
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.settings import AnalyzeArgs
+from comoe.config import BASELINES
 from comoe.evaluation import stats
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
@@ -110,7 +114,11 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
             task: [p["correct"] for p in report["examples"] if p["task"] == task] for task in report["tasks"]
         },
     }
-    if spec is not None and spec["preset"] != "lora":
+    if adapter is not None:
+        result["trainable_params"] = adapter_parameters(Path(adapter))
+    # the process's high-water mark: one method per process gives that method's peak (train + evaluation)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if spec is not None and spec["preset"] not in BASELINES:
         summary = analyze(
             AnalyzeArgs(
                 model=config["model"],
@@ -124,6 +132,13 @@ def run_method(name: str, spec: dict[str, Any] | None, seed: int, config: dict[s
         )
         result["specialisation"] = {k: summary[k] for k in summary if k.startswith("mean_")}
     return result
+
+
+def adapter_parameters(adapter: Path) -> int:
+    """Trainable parameters an adapter folder holds: the elements of every tensor in its safetensors file
+    (experts, routers, DoRA magnitudes; PEFT and comoe folders alike)."""
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
+        return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118 (not a dict)
 
 
 def paired_answers(
@@ -190,6 +205,16 @@ def difference_cells(diff: dict) -> str:
     return f"{100 * diff['mean']:+.1f} | {interval(diff['ci95'])} | {seeds} | {per_seed}"
 
 
+# recorded since the method-zoo runs; "-" for older runs
+COST_COLUMNS = {"trainable parameters": ("trainable_params", 0), "peak RSS MB": ("peak_rss_mb", 0)}
+
+
+def median_cell(runs: list[dict], key: str, digits: int) -> str:
+    """The median of a key over the runs that recorded it, '-' when none did."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{statistics.median(values):,.{digits}f}" if values else "-"
+
+
 def header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
@@ -203,13 +228,15 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
     for method, runs in by_method.items():
         cells = [mean_spread([100 * column_value(r, column, papers) for r in runs], 1) for column in columns]
         lines.append(f"| {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
-    lines += ["", *header("method (median of seeds)", "train s", "eval s", "train tokens/s")]
+    lines += ["", *header("method (median of seeds)", "train s", "eval s", "train tokens/s", *COST_COLUMNS)]
     for method, runs in by_method.items():
         speed = [r["tokens_per_s"] for r in runs if r["tokens_per_s"]]
         lines.append(
             f"| {method} | {statistics.median(r['train_seconds'] for r in runs):.0f} | "
             f"{statistics.median(r['eval_seconds'] for r in runs):.0f} | "
             + (f"{statistics.median(speed):.0f}" if speed else "-")
+            + " | "
+            + " | ".join(median_cell(runs, key, digits) for key, digits in COST_COLUMNS.values())
             + " |"
         )
     power = ("differ", "questions for ±1 point", "seeds for ±1 point")
