@@ -76,7 +76,7 @@ def dense_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
     keeps the router's probabilities, as top-1 does by default)."""
     flat = x.reshape(-1, layer.in_features).double()
     probs = torch.softmax(flat @ layer.router.weight.double().t(), dim=-1)
-    if layer.soft:
+    if layer.routing_kind.dense:
         gates = probs
     else:
         top, idx = probs.topk(layer.top_k, dim=-1)

@@ -18,7 +18,7 @@ from comoe.adapter.lora import comoe_trainable_parameters
         (dict(temperature=-1.0), "temperature=-1.0", "> 0"),
         (dict(contrastive="comoe", top_k=1), "top_k=1", "positive"),
         (dict(lora_dropout=1.0), "lora_dropout=1.0", "< 1.0"),
-        (dict(routing="dense"), "routing='dense'", "'topk', 'soft'"),
+        (dict(routing="a b"), "routing='a b'", "a registered name"),
         (dict(contrastive="simclr"), "contrastive='simclr'", "'comoe'"),
         (dict(balance_weight=-0.1), "balance_weight=-0.1", ">= 0"),
         (dict(r=2.5), "r=2.5", "integer"),

@@ -15,7 +15,9 @@ from typing import Any
 
 from comoe.validation import check_choice, check_int, check_number, fail, reject_unknown
 
-ROUTINGS = ("topk", "soft")
+# Routing kinds whose layout is dense (any expert may be active for a token); the routing registry
+# (comoe.moe.routing) holds every kind, and kinds registered elsewhere are taken as top-k sparse here.
+DENSE_ROUTINGS = ("soft",)
 # The contrastive objectives the `contrastive` field names (sugar for an entry of objective_weights);
 # any other registered objective (comoe.objectives.registry) is named in aux_objectives.
 CONTRASTIVES = ("none", "comoe", "moelora")
@@ -65,7 +67,8 @@ class ComoeConfig:
     )
     routing: str = _field(
         "topk",
-        "'topk': sparse top-k routing with renormalised gates; 'soft': every expert, softmax-weighted.",
+        "A registered routing kind (comoe.moe.routing): 'topk', sparse top-k of a per-token softmax; "
+        "'soft', every expert softmax-weighted.",
     )
     norm_topk_prob: bool | None = _field(
         None,
@@ -167,7 +170,7 @@ class ComoeConfig:
         check_number("contrastive_weight", self.contrastive_weight, low=0.0)
         check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("contrastive_norm_floor", self.contrastive_norm_floor, low=0.0)
-        check_choice("routing", self.routing, ROUTINGS)
+        _check_name("routing", self.routing)  # the routing registry checks it exists
         check_choice("balance_scope", self.balance_scope, ("local", "global"))
         check_choice("contrastive", self.contrastive, CONTRASTIVES)
         check_choice("anchor", self.anchor, ANCHORS)
@@ -268,8 +271,8 @@ class ComoeConfig:
 
     @property
     def active_experts(self) -> int:
-        """Experts that contribute to each token: top_k, or all of them with soft routing."""
-        return self.num_experts if self.routing == "soft" else self.top_k
+        """Experts that may contribute to a token: top_k, or all of them with a dense routing kind."""
+        return self.num_experts if self.routing in DENSE_ROUTINGS else self.top_k
 
     @property
     def normalize_gates(self) -> bool:

@@ -130,7 +130,7 @@ def hydra_reference(layer: ComoeLinear, x: torch.Tensor) -> torch.Tensor:
     g the router's softmax (soft) or its top-k renormalised (zero for the other heads). The softmax is in
     float32, as the layer takes it whatever the adapter's dtype."""
     probs = torch.softmax((x @ layer.router.weight.t()).float(), dim=-1).to(x.dtype)
-    if layer.soft:
+    if layer.routing_kind.dense:
         gates = probs
     else:
         top, index = probs.topk(layer.top_k, dim=-1)
@@ -266,7 +266,7 @@ def test_an_omoe_layer_is_the_routed_sum_over_gram_schmidt_experts_in_values_and
     assert get_bank("omoe") is OrthogonalExperts and not hasattr(layer, "lora_B")
     x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
     probs = torch.softmax((x @ layer.router.weight.t()).float(), dim=-1).to(x.dtype)
-    if layer.soft:
+    if layer.routing_kind.dense:
         gates = probs
     else:
         top, index = probs.topk(2, dim=-1)

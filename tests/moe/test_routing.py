@@ -3,8 +3,21 @@ expert-sorted layout against plain loops."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from comoe.moe.routing import Router, Routing, route, sort_by_expert
+from comoe import ComoeConfig, ComoeModel, get_comoe_model
+from comoe.moe.routing import (
+    Router,
+    Routing,
+    RoutingKind,
+    TopKRouting,
+    get_routing,
+    register_routing,
+    route,
+    sort_by_expert,
+    unregister_routing,
+)
+from tests.helpers import tiny_llama
 
 
 def logits(tokens=13, experts=6, seed=0, dtype=torch.float32):
@@ -111,3 +124,66 @@ def test_router_is_a_bias_free_linear_of_the_input_features():
     assert router.weight.shape == (4, 10) and router.bias is None
     x = torch.randn(3, 10)
     assert torch.allclose(router(x), x @ router.weight.t())
+
+
+class FixedFirstExpert(RoutingKind):
+    """A toy kind registered from this test alone: every token to expert 0 with gate 1, plus a learned
+    per-expert bias on the logits (a router parameter beyond router.weight, saved under its own key)."""
+
+    name = "first_toy"
+
+    @classmethod
+    def shapes(cls, num_experts, in_features):
+        return {**super().shapes(num_experts, in_features), "router_bias": (num_experts,)}
+
+    @classmethod
+    def create(cls, layer, factory):
+        super().create(layer, factory)
+        layer.router_bias = torch.nn.Parameter(torch.zeros(layer.num_experts, **factory))
+
+    @classmethod
+    def route(cls, layer, x):
+        logits = layer.router(x) + layer.router_bias
+        probs = torch.softmax(logits.float(), -1)
+        indices = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return logits, Routing(probs, indices, torch.ones(x.shape[0], 1, device=x.device))
+
+
+@pytest.fixture
+def first_toy():
+    register_routing(FixedFirstExpert)
+    yield FixedFirstExpert
+    unregister_routing(FixedFirstExpert.name)
+
+
+def test_a_routing_kind_registered_from_outside_routes_saves_and_loads(first_toy, tmp_path):
+    torch.manual_seed(0)
+    config = ComoeConfig.preset("moe", routing="first_toy", top_k=1, lora_dropout=0.0)
+    model = get_comoe_model(tiny_llama(), config)
+    layers = model.comoe_layers()
+    for layer in layers.values():
+        assert layer.routing_kind is first_toy and layer.active_experts == 1
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+            layer.router_bias.normal_()
+    ids = torch.randint(0, 100, (2, 7))
+    with model.record_routing() as records:
+        trained = model(ids).logits
+    assert all(torch.equal(r.routing.indices, torch.zeros_like(r.routing.indices)) for r in records.values())
+    # expert 0 alone: the layer is W0 x + s B_0 A_0 x
+    layer = next(iter(layers.values()))
+    x = torch.randn(5, layer.in_features)
+    expected = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A[0].t()) @ layer.lora_B[0]
+    torch.testing.assert_close(layer(x), expected)
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {k for k in keys if k.endswith("router_bias")} and {k for k in keys if k.endswith("router.weight")}
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained)
+
+
+def test_unknown_routing_kinds_are_refused_listing_the_registered_ones():
+    assert get_routing("topk") is TopKRouting and get_routing("soft").dense
+    with pytest.raises(ValueError, match="routing='dense' is not a registered routing kind; valid: topk, soft"):
+        get_comoe_model(tiny_llama(), ComoeConfig.preset("moe", routing="dense"))

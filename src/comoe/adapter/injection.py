@@ -26,8 +26,7 @@ from comoe.adapter.targeting import (
 )
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
-
-ROUTER_WEIGHT = "router.weight"  # each adapted layer's router, under its module path
+from comoe.moe.routing import get_routing
 
 
 @dataclass
@@ -75,7 +74,7 @@ def adapter_shapes(
     """The names and shapes of the experts and routers for these target layers, without building anything.
     With experts_by_depth, each layer's expert count is its block's among `num_blocks` blocks (the model's
     block_count; by default 1 + the largest block index of the targets)."""
-    bank = get_bank(config.expert_bank)
+    bank, routing = get_bank(config.expert_bank), get_routing(config.routing)
     if num_blocks is None:
         num_blocks = 1 + max((layer_index(name) or 0 for name in targets), default=0)
     r = config.r
@@ -85,7 +84,8 @@ def adapter_shapes(
         d_in, d_out = layer_features(linear)
         for key, shape in bank.shapes(n, r, d_in, d_out).items():
             shapes[f"{name}.{key}"] = shape
-        shapes[f"{name}.{ROUTER_WEIGHT}"] = (n, d_in)
+        for key, shape in routing.shapes(n, d_in).items():
+            shapes[f"{name}.{key}"] = shape
     return shapes
 
 
@@ -127,7 +127,8 @@ def adapter_tensors(injection: Injection) -> dict[str, nn.Parameter]:
     for name, layer in injection.layers.items():
         for key in layer.bank.shapes(layer.num_experts, layer.r, layer.in_features, layer.out_features):
             state[f"{name}.{key}"] = getattr(layer, key)
-        state[f"{name}.{ROUTER_WEIGHT}"] = layer.router.weight
+        for key in layer.routing_kind.shapes(layer.num_experts, layer.in_features):
+            state[f"{name}.{key}"] = layer.get_parameter(key)
     for name, copy_ in injection.saved.items():
         for key, param in copy_.trained_module.named_parameters():
             state[f"{name}.trained_module.{key}"] = param

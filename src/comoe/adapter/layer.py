@@ -27,7 +27,7 @@ from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 from comoe.moe.experts import choose_strategy, expert_gram, mix
 from comoe.moe.record import LayerRecord
-from comoe.moe.routing import Router, route
+from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import requirements
 
 
@@ -87,7 +87,7 @@ class ComoeLinear(nn.Module):
         self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
-        self.soft = config.routing == "soft"
+        self.routing_kind = get_routing(config.routing)
         self.normalize_gates = config.normalize_gates
         self.expert_compute = config.expert_compute
         if self.expert_compute != "auto":
@@ -100,7 +100,7 @@ class ComoeLinear(nn.Module):
         self.context = context
         self.stream = stream
         factory = dict(device=base_layer.weight.device, dtype=adapter_dtype(config, base_layer))
-        self.router = Router(self.in_features, self.num_experts).to(**factory)
+        self.routing_kind.create(self, factory)  # self.router (and any further router parameters)
         self.bank = get_bank(config.expert_bank)
         self.bank.create(self, self.num_experts, self.r, factory)  # lora_A, lora_B for LoRA experts
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -118,8 +118,8 @@ class ComoeLinear(nn.Module):
         if not self.context.adapters_enabled:
             return result
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
-        logits = self.router(self._jittered(flat) if self.router_jitter > 0 and self.training else flat)
-        routing = route(logits, self.top_k, soft=self.soft, normalize=self.normalize_gates)
+        router_input = self._jittered(flat) if self.router_jitter > 0 and self.training else flat
+        logits, routing = self.routing_kind.route(self, router_input)
         z = self.bank.down_project(self, self.lora_dropout(flat))
         lora_B = self.bank.up_weight(self)
         delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
@@ -148,8 +148,8 @@ class ComoeLinear(nn.Module):
 
     @property
     def active_experts(self) -> int:
-        """Experts that contribute to each token: top_k, or all of them with soft routing."""
-        return self.num_experts if self.soft else self.top_k
+        """Experts that may contribute to a token: top_k, or all of them with a dense routing kind."""
+        return self.num_experts if self.routing_kind.dense else self.top_k
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, r={self.r}, scaling={self.scaling:g}"

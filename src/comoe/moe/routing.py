@@ -2,14 +2,23 @@
 
 Routing is reduced to plain tensors once per layer call (probabilities, top-k indices, renormalised
 gates); every later step (expert compute, balance and contrastive losses, analysis) reads those.
+
+How a layer reaches that decision is a routing kind (`RoutingKind`, chosen with `ComoeConfig.routing`):
+the router's parameters (names and shapes, which are also the adapter file's keys under the layer's
+path) and the map from the layer's input to a `Routing`. `topk` (sparse top-k of a per-token softmax)
+and `soft` (every expert, softmax-weighted) are built in; others register with `register_routing`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from comoe.errors import PLUGIN_HINT, UnregisteredName
+from comoe.plugins import discover_once
 
 
 @dataclass
@@ -79,3 +88,85 @@ class Router(nn.Linear):
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__(in_features, num_experts, bias=False)
+
+
+class RoutingKind:
+    """How an adapted layer routes its tokens (stateless, like an expert bank). Subclasses set `name` and
+    `dense` and implement `route`; the default router is one `Router` (`router.weight` [n, d_in]).
+
+    `route(layer, x)` reads the layer's `num_experts`, `top_k`, `normalize_gates`, its router parameters
+    and, for kinds that need more than the token (a task id, the prompt), the per-call state on
+    `layer.context`; it returns the router's logits [T, n] (kept for the router z-loss and analysis) and
+    the `Routing` of the T tokens. A kind that activates a variable number of experts per token uses the
+    k = n layout with zero gates for the inactive ones and sets `dense`."""
+
+    name: ClassVar[str]
+    dense: ClassVar[bool] = False  # whether any expert may be active for a token (the k = n layout)
+
+    @classmethod
+    def shapes(cls, num_experts: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        """Router parameter name (a path under the layer) -> shape; also the adapter file's keys."""
+        return {"router.weight": (num_experts, in_features)}
+
+    @classmethod
+    def create(cls, layer: nn.Module, factory: dict) -> None:
+        """Build the layer's router parameters on factory's device and dtype (nn.Linear's initialisation)."""
+        layer.router = Router(layer.in_features, layer.num_experts).to(**factory)
+
+    @classmethod
+    def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [T, d_in] (the router's input, in the router's dtype) -> (logits [T, n], Routing)."""
+        raise NotImplementedError
+
+
+class TopKRouting(RoutingKind):
+    """Sparse top-k routing of a per-token softmax (Shazeer et al. 2017; CoMoE, MoELoRA, MixLoRA): `route`."""
+
+    name = "topk"
+
+    @classmethod
+    def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        logits = layer.router(x)
+        return logits, route(logits, layer.top_k, normalize=layer.normalize_gates)
+
+
+class SoftRouting(RoutingKind):
+    """Every expert weighted by the router's softmax (MoLoRA, HydraLoRA, OMoE): `route(..., soft=True)`."""
+
+    name = "soft"
+    dense = True
+
+    @classmethod
+    def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        logits = layer.router(x)
+        return logits, route(logits, layer.num_experts, soft=True)
+
+
+ROUTINGS: dict[str, type[RoutingKind]] = {}
+
+
+def register_routing(kind: type[RoutingKind]) -> type[RoutingKind]:
+    """Add (or replace) a routing kind under its name; returns it (usable as a class decorator)."""
+    ROUTINGS[kind.name] = kind
+    return kind
+
+
+def unregister_routing(name: str) -> None:
+    """Remove a registered routing kind (tests register toy ones)."""
+    ROUTINGS.pop(name, None)
+
+
+def get_routing(name: str) -> type[RoutingKind]:
+    """The registered routing kind (after importing the plugins once if it is missing), or ValueError
+    listing the registered names."""
+    if name not in ROUTINGS:
+        discover_once()
+    if name not in ROUTINGS:
+        raise UnregisteredName(
+            f"routing={name!r} is not a registered routing kind; valid: {', '.join(ROUTINGS)} ({PLUGIN_HINT})"
+        )
+    return ROUTINGS[name]
+
+
+register_routing(TopKRouting)
+register_routing(SoftRouting)
