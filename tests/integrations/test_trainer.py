@@ -224,3 +224,29 @@ def test_the_dora_baseline_trains_in_comoe_trainer_and_saves_a_peft_folder(tmp_p
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# Routed presets of the method zoo with their tiny-model overrides (omoe: n * r must fit the 32 k/v outputs)
+ZOO = {"omoe": dict(r=8), "mola": dict()}
+
+
+@pytest.mark.parametrize("preset", list(ZOO))
+def test_the_zoos_routed_presets_train_in_comoe_trainer_and_reload(tmp_path, preset):
+    torch.manual_seed(0)
+    model = get_comoe_model(tiny_llama(seed=0), ComoeConfig.preset(preset, lora_dropout=0.0, **ZOO[preset]))
+    before = adapter_tensors(model)
+    trainer = ComoeTrainer(
+        model=model, args=arguments(tmp_path / "run", max_steps=2, save_strategy="no"), train_dataset=dataset()
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["task"] > 0 for row in rows)
+    after = adapter_tensors(model)
+    assert [k for k in before if not torch.equal(before[k], after[k])]  # the step moved the adapter
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = ComoeModel.from_pretrained(tiny_llama(seed=0), tmp_path / "final")
+    assert reloaded.comoe_config == model.comoe_config
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

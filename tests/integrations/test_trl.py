@@ -156,3 +156,21 @@ def test_sft_trainer_trains_the_dora_baseline(smol_tokenizer, tmp_path):
     assert rows and all(row["loss"] > 0 for row in rows)
     saved = json.loads((tmp_path / "checkpoint-2" / "adapter_config.json").read_text())
     assert (saved["peft_type"], saved["use_dora"]) == ("LORA", True)
+
+
+@pytest.mark.parametrize("preset, overrides", [("omoe", dict(r=8)), ("mola", dict())], ids=["omoe", "mola"])
+def test_sft_trainer_trains_the_zoos_routed_presets(smol_tokenizer, tmp_path, preset, overrides):
+    torch.manual_seed(0)
+    model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset(preset, **overrides))
+    before = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+    trainer = ComoeSFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=MESSAGES, processing_class=smol_tokenizer
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["task"] > 0 for row in rows)
+    after = model.adapter_state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])]
+    folder = tmp_path / "checkpoint-2"
+    loaded = ComoeModel.from_pretrained(tiny_llama(vocab=len(smol_tokenizer)), folder)
+    assert loaded.comoe_config == model.comoe_config
