@@ -1,5 +1,12 @@
 """Fixtures shared by every test module (plain helpers are in tests/helpers.py)."""
 
+import os
+
+# comoe's Triton kernels (CUDA) run in Triton's interpreter here. Triton fixes the mode when it is imported
+# (torch, transformers and comoe may import it), so this comes first; TRITON_INTERPRET=0 in the
+# environment keeps compiled kernels on a GPU machine.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
