@@ -136,9 +136,10 @@ class ComoeConfig:
         "lora",
         "The experts' parameterisation, a registered expert bank (comoe.moe.banks): 'lora' (each expert "
         "its own A [r, d_in] and B [r, d_out]), 'hydra' (HydraLoRA: one A [r, d_in] shared by all "
-        "experts, n heads B [r, d_out]) or 'omoe' (OMoE: the experts' up-projections orthonormalised "
+        "experts, n heads B [r, d_out]), 'omoe' (OMoE: the experts' up-projections orthonormalised "
         "together by Gram-Schmidt, so different experts' outputs are orthogonal; needs num_experts * r "
-        "<= d_out).",
+        "<= d_out) or 'dora' (DoRA experts: each expert's LoRA plus a magnitude vector [d_out] over the "
+        "base weight's row norms; needs an unquantized base weight).",
     )
 
     experts_by_depth: list[int] | None = _field(
@@ -372,5 +373,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         r=8,
         lora_alpha=16.0,
         contrastive="none",
+    ),
+    # CoMoE with DoRA experts (the CoMoE paper's Table 2, arXiv 2505.17553): CoMoE's defaults (4 experts,
+    # top-2, r=16, alpha=32, q/k/v/o, lambda=0.01), each expert a DoRA (arXiv 2402.09353; docs/methods/
+    # comoe-dora.md).
+    "comoe-dora": dict(
+        num_experts=4,
+        top_k=2,
+        r=16,
+        lora_alpha=32.0,
+        expert_bank="dora",
+        contrastive="comoe",
+        contrastive_weight=0.01,
     ),
 }

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from comoe import get_comoe_model
-from comoe.adapter.layer import ComoeContext, ComoeLinear
+from comoe.adapter.layer import ComoeContext, ComoeLinear, base_weight
 from comoe.analysis.metrics import SpecialisationAccumulator, routing_stats
 from comoe.config import ComoeConfig
 from comoe.objectives.balance import balance_loss
@@ -205,3 +206,20 @@ def test_router_jitter_in_training_varies_the_routing_with_the_seed_and_only_the
         clean = torch.softmax(layer.router(x).float(), dim=-1)
     ratio = (probs0 / clean).log().abs().max()
     assert 0 < ratio < 5  # near the unjittered probabilities, not equal to them
+
+
+def test_base_weight_is_w0_as_d_out_by_d_in_and_a_quantized_weight_is_refused():
+    linear = nn.Linear(12, 10)
+    assert base_weight(linear) is linear.weight
+    conv = Conv1D(10, 12)  # GPT-2's layout: weight [d_in, d_out], y = x W + b
+    assert base_weight(conv).shape == (10, 12) and torch.equal(base_weight(conv), conv.weight.t())
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(x @ base_weight(conv).t() + conv.bias, conv(x))
+    stored = nn.Linear(12, 10)
+    stored.weight = nn.Parameter(torch.zeros(10, 12, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="the base layer Linear holds its weight as Parameter of dtype torch.int8"):
+        base_weight(stored)
+    layer = ComoeLinear(nn.Linear(12, 10), ComoeConfig(r=2, expert_bank="dora"), ComoeContext())
+    layer.base_layer.weight = stored.weight
+    with pytest.raises(ValueError, match="^expert_bank='dora': the base layer Linear holds"):
+        layer.base_weight()

@@ -19,7 +19,8 @@ class Wrapper(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "preset", ["comoe", "moe", "moelora", "mixlora", "hydralora", "omoe", "mola", "lora", "dora"]
+    "preset",
+    ["comoe", "moe", "moelora", "mixlora", "hydralora", "omoe", "mola", "comoe-dora", "lora", "dora"],
 )
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)

@@ -97,3 +97,17 @@ def test_a_4bit_layer_packed_for_inference_before_wrapping_is_reported_not_silen
     comoe = get_comoe_model(model, ComoeConfig.preset("comoe", r=4)).train()
     with pytest.raises(RuntimeError, match="bitsandbytes packed for CPU inference"):
         comoe(input_ids=ids, labels=ids)
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer_type"),
+    [("bnb-8bit", "Linear8bitLt"), ("bnb-4bit", "Linear4bit"), ("torchao-int8", "Linear")],
+)
+def test_dora_experts_refuse_a_quantized_base_naming_its_layer_and_the_alternatives(kind, layer_type):
+    """DoRA experts need W0's row norms, which comoe does not de-quantise: refused when the model is built,
+    naming the bank, the base layer's type and what to do instead."""
+    with pytest.raises(ValueError) as info:
+        get_comoe_model(quantized_llama(kind), ComoeConfig.preset("comoe-dora", r=4))
+    message = str(info.value)
+    assert message.startswith(f"expert_bank='dora': the base layer {layer_type} holds its weight as ")
+    assert "load the base model unquantized" in message and "expert_bank: lora" in message

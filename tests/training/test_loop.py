@@ -135,8 +135,15 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
 
 @pytest.mark.parametrize(
     ("preset", "yaml"),
-    [("hydralora", ""), ("moe", ROUTER_OPTIONS), ("dora", ""), ("omoe", OMOE_TINY), ("mola", "")],
-    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola"],
+    [
+        ("hydralora", ""),
+        ("moe", ROUTER_OPTIONS),
+        ("dora", ""),
+        ("omoe", OMOE_TINY),
+        ("mola", ""),
+        ("comoe-dora", ""),
+    ],
+    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola", "comoe-dora"],
 )
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
@@ -157,6 +164,13 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
         assert [v[0] for k, v in sorted(shapes.items()) if k.endswith("lora_A")] == [2, 6]
     if preset == "omoe":
         assert (config["expert_bank"], config["routing"], config["r"]) == ("omoe", "soft", 8)
+    if preset == "comoe-dora":  # DoRA experts under CoMoE: a magnitude vector [n, d_out] per adapted linear
+        assert (config["expert_bank"], config["contrastive"]) == ("dora", "comoe")
+        assert all(row["contrastive"] > 0 for row in rows)
+        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
+        magnitudes = {k.removesuffix("lora_magnitude_vector"): v for k, v in shapes.items() if "magnitude" in k}
+        assert len(magnitudes) == 8  # q/k/v/o in both blocks, each [experts, its d_out]
+        assert all(v == (4, shapes[f"{k}lora_B"][2]) for k, v in magnitudes.items())
     if preset == "dora":  # a PEFT folder: DoRA at the comoe preset's count, round((29696 - 192) / 448)
         assert (config["peft_type"], config["use_dora"], config["r"]) == ("LORA", True, 66)
         assert any("lora_magnitude_vector" in name for name in load_file(run / "adapter" / WEIGHTS_NAME))

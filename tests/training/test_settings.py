@@ -62,7 +62,7 @@ def test_bad_adapter_overrides_fail_when_the_settings_are_built(overrides, messa
         (
             {"preset": "vera"},
             "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'hydralora', "
-            "'omoe', 'mola', 'lora', 'dora'",
+            "'omoe', 'mola', 'comoe-dora', 'lora', 'dora'",
         ),
         ({"epochs": "1"}, "epochs='1' is invalid: expected a number"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing=1 is invalid: expected true or false"),

@@ -65,6 +65,22 @@ def _packed_for_inference(layer: nn.Module) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight W0 as [d_out, d_in] (a view; Conv1D's stored [d_in, d_out] transposed), for the
+    expert banks that read it (DoRA experts' norms). A quantized weight (bitsandbytes' Int8Params and
+    Params4bit, torchao's tensor subclasses: anything but a plain float tensor) is refused with a ValueError
+    naming the layer type: comoe does not de-quantise it."""
+    weight = base_layer.weight
+    if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"the base layer {type(base_layer).__name__} holds its weight as {type(weight).__name__} of "
+            f"dtype {weight.dtype} (quantized), which comoe does not de-quantise, and this expert bank reads "
+            "W0: load the base model unquantized (float32, bfloat16 or float16), or choose an expert bank "
+            "that only calls the base layer (expert_bank: lora, hydra, omoe)"
+        )
+    return weight.t() if isinstance(base_layer, Conv1D) else weight
+
+
 class ComoeLinear(nn.Module):
     """A frozen linear layer plus n routed LoRA experts (an expert bank: A [n, r, d_in], B [n, r, d_out]
     for LoRA experts) and a router. `stream` names the token stream the layer's input belongs to
@@ -120,22 +136,31 @@ class ComoeLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
         router_input = self._jittered(flat) if self.router_jitter > 0 and self.training else flat
         logits, routing = self.routing_kind.route(self, router_input)
-        z = self.bank.down_project(self, self.lora_dropout(flat))
+        dropped = self.lora_dropout(flat)
+        z = self.bank.down_project(self, dropped)
         lora_B = self.bank.up_weight(self)
-        delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
+        outputs = None  # every expert's output [T, n, d_out], from a bank whose outputs are not s B^T z
+        if self.bank.outputs_are_lora:
+            delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
+        else:  # materialised for the objectives, in every training forward alike (checkpointing, below)
+            materialise = self.needs_gram if self.training else self.context.keep_records
+            base = result.reshape(-1, self.out_features)
+            delta, outputs = self.bank.routed_output(self, dropped, z, routing, base, materialise)
         # The objectives' extra tensors are computed in every training forward, whether or not this call
         # keeps a record: gradient checkpointing re-runs the forward during backward (when the model no
         # longer asks for records) and requires it to save exactly the tensors the first run saved.
         gram, floor = None, None
         if self.training or self.context.keep_records:
-            if self.needs_gram:
+            if self.needs_gram and outputs is None:
                 gram = expert_gram(lora_B)
             if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
                 base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
-                floor = base_norm * (self.norm_floor / self.scaling)
+                # in z-space for the Gram path (output floor / s), in output space for materialised outputs
+                scale = self.norm_floor if outputs is not None else self.norm_floor / self.scaling
+                floor = base_norm * scale
         if self.context.keep_records:
             kept = logits if self.keep_logits else None
-            self.record = LayerRecord(routing, z, None, lora_B, gram, floor, kept)
+            self.record = LayerRecord(routing, z, None, lora_B, gram, floor, kept, outputs=outputs)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _jittered(self, flat: torch.Tensor) -> torch.Tensor:
@@ -145,6 +170,14 @@ class ComoeLinear(nn.Module):
         Only the router sees it; the experts see the input unchanged."""
         noise = torch.empty_like(flat).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
         return flat * noise
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 [d_out, d_in] of the base layer (see `base_weight`), for banks that read it; ValueError naming
+        the expert bank for a quantized base."""
+        try:
+            return base_weight(self.base_layer)
+        except ValueError as error:
+            raise ValueError(f"expert_bank={self.bank.name!r}: {error}") from None
 
     @property
     def active_experts(self) -> int:

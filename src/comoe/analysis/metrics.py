@@ -14,6 +14,7 @@ import torch
 from comoe.adapter.layer import ComoeLinear
 from comoe.moe.experts import expert_gram
 from comoe.moe.record import LayerRecord
+from comoe.objectives.cosine import output_anchor_cosines
 from comoe.objectives.gram import anchor_cosines
 
 LN2 = math.log(2.0)
@@ -110,18 +111,29 @@ def routing_stats(
     }
 
 
-def expert_similarity(z: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+def expert_similarity(
+    z: torch.Tensor,
+    lora_B: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    outputs: torch.Tensor | None = None,
+) -> float:
     """Mean cosine similarity between the outputs of every pair of experts on the same tokens.
 
     From the Gram matrix of the experts' B (exact, no [T, n, d_out] outputs): 1 means redundant experts.
+    `outputs` [T, n, d_out]: the experts' materialised outputs (a record's, from a bank whose outputs are
+    not s B^T z, e.g. DoRA experts), whose plain cosines are taken instead.
     """
     if mask is not None:
         z = z[mask]
+        outputs = None if outputs is None else outputs[mask]
     n = z.shape[1]
     if n < 2 or z.shape[0] == 0:
         return 0.0
     everyone = torch.arange(n, device=z.device).expand(z.shape[0], n)
-    cosines = anchor_cosines(z, everyone, expert_gram(lora_B))  # [T, n, n]
+    if outputs is not None:
+        cosines = output_anchor_cosines(outputs, everyone)  # [T, n, n]
+    else:
+        cosines = anchor_cosines(z, everyone, expert_gram(lora_B))  # [T, n, n]
     pairs = torch.triu_indices(n, n, offset=1)
     return float(cosines[:, pairs[0], pairs[1]].mean())
 
@@ -193,7 +205,8 @@ class SpecialisationAccumulator:
             count = int(mask.sum())
             self.entropy_sum[name] += mean_routing_entropy_bits(record.routing.probs[mask]) * count
             if self.similarity:
-                self.similarity_sum[name] += expert_similarity(record.z, record.lora_B, mask) * count
+                similarity = expert_similarity(record.z, record.lora_B, mask, record.outputs)
+                self.similarity_sum[name] += similarity * count
             self.tokens[name] += count
 
     def summary(self) -> dict[str, Any]:

@@ -22,3 +22,8 @@ class LayerRecord:
     # [T] per-token floor of |B_i z_i| in the contrastive cosines (contrastive_norm_floor * |W0 x| / scaling)
     norm_floor: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [T, n] the router's logits, when an objective needs "logits"
+    # [T, n, d_out] every expert's output on every token, from a bank whose outputs are not s B_i^T z_i (DoRA
+    # experts: ExpertBank.outputs_are_lora False), when an objective needs the experts' cosines ("gram") or a
+    # record is kept outside training; the Gram path does not hold for them, so `gram` is None and
+    # `norm_floor` is in output space (contrastive_norm_floor * |W0 x|)
+    outputs: torch.Tensor | None = None
