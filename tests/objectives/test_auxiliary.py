@@ -9,9 +9,15 @@ from torch import nn
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import CONTRASTIVES, ComoeConfig
-from comoe.objectives.auxiliary import auxiliary_losses, contrastive_loss
+from comoe.objectives.auxiliary import (
+    active_objectives,
+    auxiliary_losses,
+    contrastive_loss,
+    objective_mean,
+    record_group,
+)
 from comoe.objectives.reference import load_balance_loss
-from comoe.objectives.registry import OBJECTIVES
+from comoe.objectives.registry import OBJECTIVES, Objective
 
 
 def test_config_contrastive_choices_are_registered_contrastive_objectives():
@@ -51,12 +57,12 @@ def test_auxiliary_losses_are_layer_means_of_each_objective(preset):
         torch.testing.assert_close(losses["balance"], expected)
 
 
-@pytest.mark.parametrize("preset", ["comoe", "moe", "mixlora"])
+@pytest.mark.parametrize("preset", ["comoe", "moe", "mixlora", "moelora"])
 def test_layer_and_objectives_never_read_device_values_on_the_host(preset):
     """On meta tensors (shapes, no values) any host read of a value (bool(), .item(), nonzero, boolean
     indexing) raises: forward, auxiliary losses and backward running there means none happens, so on a
     GPU nothing stalls the queue (measured: such reads made the comoe step 3x slower than moe's on an H100).
-    The moelora objective samples a data-dependent number of tokens and is left out."""
+    The moelora objective samples a fixed number of tokens (sample_contrastive_tokens) for the same reason."""
     config = ComoeConfig.preset(preset, r=4, lora_dropout=0.0, expert_compute="blocks")
     context = ComoeContext()
     context.keep_records = True
@@ -66,3 +72,94 @@ def test_layer_and_objectives_never_read_device_values_on_the_host(preset):
     losses = auxiliary_losses([record], config)
     (out.sum() + losses["balance"] + losses["contrastive"]).backward()
     assert layer.lora_A.grad is not None and layer.lora_A.grad.device.type == "meta"
+
+
+def mixed_records(config, tokens=12, seed=0):
+    """Records of one forward over layers of different shapes, with padded tokens: q/o (16 -> 16) and
+    k/v (16 -> 8, a grouped-query model's smaller projections), and a MoLA-style layer with more experts
+    (its own config), so one call groups them three ways. Returns (layers, records)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = ComoeContext()
+    context.keep_records = True
+    more = dataclasses.replace(config, num_experts=config.num_experts + 2)
+    shapes = [(16, config), (8, config), (16, config), (8, config), (16, more), (16, more)]
+    layers, result = [], []
+    for index, (out_features, layer_config) in enumerate(shapes):
+        torch.manual_seed(seed * 100 + index)
+        layer = ComoeLinear(nn.Linear(16, out_features), layer_config, context)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.3)
+        layer(torch.randn(tokens, 16, generator=generator))
+        mask = torch.rand(tokens, generator=generator) > 0.3
+        mask[0] = True
+        layers.append(layer)
+        result.append(dataclasses.replace(layer.record, mask=mask))
+    return layers, result
+
+
+BATCHED_CASES = [
+    ("comoe", dict()),
+    ("comoe", dict(anchor="random")),
+    ("comoe", dict(num_negatives=1)),
+    ("comoe", dict(contrastive_norm_floor=0.0)),
+    ("moelora", dict()),
+    ("moelora", dict(contrastive_max_tokens=5)),
+    ("mixlora", dict()),
+    ("mixlora", dict(aux_objectives={"router_z": 0.001})),
+    ("hydralora", dict(balance_weight=0.01)),  # dense routing: the load is the probability mass
+]
+
+
+@pytest.mark.parametrize("preset, fields", BATCHED_CASES, ids=lambda value: str(value))
+def test_batched_objectives_equal_the_per_layer_loss_in_value_and_every_gradient(preset, fields):
+    """Each built-in objective computed once per group of same-shape layers equals its per-layer `loss`
+    averaged over layers: values and the gradients of every router, A and B, with padded tokens, two
+    output widths and two expert counts in one forward (three groups). Random draws are taken per group
+    in one call, which on the CPU generator gives the per-layer calls' numbers in group order."""
+    config = ComoeConfig.preset(preset, r=4, lora_dropout=0.0, **fields)
+    layers, kept = mixed_records(config)
+    assert len({record_group(record) for record in kept}) == 3
+    parameters = [p for layer in layers for p in layer.parameters()]
+    checked = 0
+    for objective, _ in active_objectives(config).values():
+        assert objective.batched_loss is not None
+        torch.manual_seed(7)
+        batched = objective_mean(objective, kept, config)
+        torch.manual_seed(7)  # the same draws (random anchors, negatives, token samples) in group order
+        keys = [record_group(record) for record in kept]
+        in_groups = [kept[i] for i in sorted(range(len(kept)), key=lambda i: keys.index(keys[i]))]
+        per_layer = torch.stack([objective.loss(record, config) for record in in_groups]).mean()
+        torch.testing.assert_close(batched, per_layer)
+        assert float(per_layer.detach()) != 0.0
+        grads = torch.autograd.grad(batched, parameters, retain_graph=True, allow_unused=True)
+        expected = torch.autograd.grad(per_layer, parameters, retain_graph=True, allow_unused=True)
+        for got, want in zip(grads, expected, strict=True):
+            if want is None:
+                assert got is None or not got.any()
+            else:
+                torch.testing.assert_close(got, want)
+        checked += 1
+    assert checked == len(active_objectives(config)) >= 1
+
+
+def test_an_objective_without_a_batched_form_runs_per_layer_and_one_may_decline_a_group():
+    calls = []
+
+    def per_layer(record, config):
+        calls.append("layer")
+        return record.routing.probs.sum()
+
+    def decline(records, config):
+        calls.append("group")
+        return None
+
+    config = ComoeConfig.preset("moe", r=4, lora_dropout=0.0)
+    _, kept = mixed_records(config)
+    expected = torch.stack([r.routing.probs.sum() for r in kept]).mean()
+    plain = Objective("toy", per_layer, component="toy")
+    torch.testing.assert_close(objective_mean(plain, kept, config), expected)
+    assert calls == ["layer"] * 6
+    calls.clear()
+    declining = dataclasses.replace(plain, batched_loss=decline)
+    torch.testing.assert_close(objective_mean(declining, kept, config), expected)
+    assert calls == ["group", "layer", "layer", "group", "layer", "layer", "group", "layer", "layer"]

@@ -2,13 +2,16 @@
 
 Each component is the mean over adapted layers of the objective's per-layer loss (each a mean over real
 tokens); its weighted value is weight * mean. `balance` and `contrastive` are always reported (zero when
-off), other components when active.
+off), other components when active. An objective with a `batched_loss` runs once per group of records of
+one shape (record_group: e.g. q/o and k/v of a grouped-query-attention model are two groups), the others
+once per record: on a GPU each op costs host time, so one call per group is what keeps objectives cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +22,7 @@ from comoe.moe.record import LayerRecord
 # The built-in objectives register themselves on import.
 from comoe.objectives import balance as _balance  # noqa: F401
 from comoe.objectives import contrastive as _contrastive  # noqa: F401
+from comoe.objectives import localized_balance as _localized_balance  # noqa: F401
 from comoe.objectives import router_z as _router_z  # noqa: F401
 from comoe.objectives.registry import OBJECTIVES, Objective, get_objective
 from comoe.plugins import discover_once
@@ -87,13 +91,58 @@ class AuxiliaryLosses:
         return sum(self.weighted.values(), torch.zeros(()))
 
 
+def _shape(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else (tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+def record_group(record: LayerRecord) -> Hashable:
+    """The key under which records stack: the shapes, dtypes and devices of every tensor an objective may
+    read (z [T, n, r], indices [T, k], B [n, r, d_out], the routing, mask, Gram matrix, floor, logits,
+    materialised outputs), None for the absent ones."""
+    routing = record.routing
+    return tuple(
+        _shape(tensor)
+        for tensor in (
+            record.z,
+            routing.probs,
+            routing.indices,
+            routing.gates,
+            record.lora_B,
+            record.mask,
+            record.gram,
+            record.norm_floor,
+            record.logits,
+            record.outputs,
+        )
+    )
+
+
+def objective_mean(objective: Objective, records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor:
+    """The mean over records of the objective's per-layer loss: one `batched_loss` call per group of
+    records of one shape where the objective has one (and it does not decline the group), `loss` per
+    record otherwise."""
+    if objective.batched_loss is None:
+        return torch.stack([objective.loss(record, config) for record in records]).mean()
+    groups: dict[Hashable, list[LayerRecord]] = {}
+    for record in records:
+        groups.setdefault(record_group(record), []).append(record)
+    sums: list[torch.Tensor] = []
+    for members in groups.values():
+        batch = objective.batched_loss(members, config)
+        if batch is None:
+            batch = torch.stack([objective.loss(record, config) for record in members])
+        if len(groups) == 1:
+            return batch.mean()
+        sums.append(batch.sum())
+    return torch.stack(sums).sum() / len(records)
+
+
 def compute_auxiliary_losses(records: list[LayerRecord], config: ComoeConfig) -> AuxiliaryLosses:
     """Every active objective of `config` over the layers' records."""
     zero = torch.zeros((), device=records[0].z.device) if records else torch.zeros(())
     result = AuxiliaryLosses(dict.fromkeys(ALWAYS_REPORTED, zero), dict.fromkeys(ALWAYS_REPORTED, zero))
     for objective, weight in active_objectives(config).values():
-        per_layer = [objective.loss(record, config) for record in records]
-        value = torch.stack(per_layer).mean() if per_layer else zero
+        value = objective_mean(objective, records, config) if records else zero
         result.values[objective.component] = value
         result.weighted[objective.component] = weight * value
     return result

@@ -15,7 +15,7 @@ from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
 from comoe.objectives.gram import one_hot
 from comoe.objectives.infonce import check_topk, valid_mask, zero_with_grad
-from comoe.objectives.registry import Objective, register_objective
+from comoe.objectives.registry import Objective, register_objective, stacked
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -33,26 +33,27 @@ def load_balance_loss(
     tokens, through which the gradient flows.  Minimised when both are uniform. ``fraction`` replaces f
     (e.g. counted over the global batch of several processes).
 
-    Shapes: ``router_probs`` [T, n], ``topk_indices`` [T, k], ``mask`` [T] bool, ``fraction`` [n]; returns a
-    scalar. Source: Fedus et al. 2021 (Switch Transformer), eq. 4; MoELoRA (arXiv 2402.12851) and MixLoRA
+    Shapes: ``router_probs`` [..., T, n], ``topk_indices`` [..., T, k], ``mask`` [..., T] bool, ``fraction``
+    [..., n]; returns [...] (a scalar without leading dimensions: one value per stacked layer).
+    Source: Fedus et al. 2021 (Switch Transformer), eq. 4; MoELoRA (arXiv 2402.12851) and MixLoRA
     use it. Tested against the plain definition in ``comoe.objectives.reference``.
     """
-    if router_probs.dim() != 2:
+    if router_probs.dim() < 2:
         raise ValueError(f"router_probs must have shape (T, n), got {tuple(router_probs.shape)}")
-    num_tokens, num_experts = router_probs.shape
+    num_tokens, num_experts = router_probs.shape[-2:]
     k = check_topk(topk_indices, num_tokens, num_experts)
     # Invalid tokens are weighted out rather than indexed out: no host synchronisation on a GPU.
     probs = _upcast(router_probs)
-    weights = valid_mask(mask, num_tokens, router_probs.device).to(probs.dtype)
-    count = weights.sum()
+    weights = valid_mask(mask, router_probs.shape[:-1], router_probs.device).to(probs.dtype)
+    count = weights.sum(-1, keepdim=True)  # [..., 1]
     if k == 0:
         return zero_with_grad(probs)
     if fraction is None:
         topk = topk_indices.to(router_probs.device).clamp(0, num_experts - 1)  # padding may hold any index
-        assigned = (one_hot(topk, num_experts, probs.dtype) * weights[:, None, None]).sum(dim=(0, 1))
+        assigned = (one_hot(topk, num_experts, probs.dtype) * weights[..., None, None]).sum(dim=(-3, -2))
         fraction = assigned / (count * k).clamp_min(1)
-    mean_prob = (probs * weights.unsqueeze(1)).sum(dim=0) / count.clamp_min(1)
-    return num_experts * (fraction * mean_prob).sum()
+    mean_prob = (probs * weights.unsqueeze(-1)).sum(dim=-2) / count.clamp_min(1)
+    return num_experts * (fraction * mean_prob).sum(-1)
 
 
 def global_expert_fraction(record: LayerRecord) -> Tensor | None:
@@ -75,13 +76,17 @@ def mass_fraction(record: LayerRecord, across_processes: bool = False) -> Tensor
     detached as the Switch count is. Every expert is active there, so the counted f would be uniform and
     n * sum_i f_i P_i = 1 for any router; with f = P-bar the loss is n * sum_i P-bar_i^2 (1 when uniform,
     n when one expert takes all) and its gradient pushes mass off the heavy experts."""
-    probs = record.routing.probs.detach()
-    mask = record.mask
-    weights = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.to(probs)
-    sums = torch.cat([(probs * weights.unsqueeze(1)).sum(0), weights.sum().unsqueeze(0)]).double()
+    return _mass_fraction(record.routing.probs, record.mask, across_processes)
+
+
+def _mass_fraction(probs: Tensor, mask: Tensor | None, across_processes: bool = False) -> Tensor:
+    """mass_fraction from probs [..., T, n] and mask [..., T]: [..., n]."""
+    probs = probs.detach()
+    weights = torch.ones(probs.shape[:-1], device=probs.device) if mask is None else mask.to(probs)
+    sums = torch.cat([(probs * weights.unsqueeze(-1)).sum(-2), weights.sum(-1, keepdim=True)], -1).double()
     if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
-    return (sums[:-1] / sums[-1].clamp_min(1)).to(probs.dtype)
+    return (sums[..., :-1] / sums[..., -1:].clamp_min(1)).to(probs.dtype)
 
 
 def balance_loss(record: LayerRecord, config: ComoeConfig) -> Tensor:
@@ -95,11 +100,26 @@ def balance_loss(record: LayerRecord, config: ComoeConfig) -> Tensor:
     return load_balance_loss(record.routing.probs, record.routing.indices, record.mask, fraction)
 
 
+def balance_batched(records: list[LayerRecord], config: ComoeConfig) -> Tensor | None:
+    """`balance_loss` of every record of one group at once, [L]; None (the per-layer path) when the load
+    is counted over processes for top-k routing (each layer's counts are all-reduced on their own)."""
+    dense = records[0].routing.indices.shape[1] == records[0].routing.num_experts
+    across = config.balance_scope == "global"
+    if across and not dense:
+        return None
+    probs = stacked(records, lambda record: record.routing.probs)
+    mask = stacked(records, lambda record: record.mask)
+    indices = stacked(records, lambda record: record.routing.indices)
+    fraction = _mass_fraction(probs, mask, across) if dense else None
+    return load_balance_loss(probs, indices, mask, fraction)
+
+
 BALANCE = register_objective(
     Objective(
         "balance",
         balance_loss,
         component="balance",
+        batched_loss=balance_batched,
         description="Switch load balancing n * sum_i f_i P_i (weight: balance_weight)",
     )
 )

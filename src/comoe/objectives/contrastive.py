@@ -16,8 +16,13 @@ from comoe.moe.experts import expert_gram
 from comoe.moe.record import LayerRecord
 from comoe.objectives.cosine import output_anchor_cosines, output_item_cosines
 from comoe.objectives.gram import anchor_cosines, item_cosines
-from comoe.objectives.infonce import comoe_loss_from_anchor_cosines, sample_contrastive_tokens, supcon_loss
-from comoe.objectives.registry import Objective, register_objective
+from comoe.objectives.infonce import (
+    comoe_loss_from_anchor_cosines,
+    contrastive_items,
+    sample_contrastive_tokens,
+    supcon_loss,
+)
+from comoe.objectives.registry import Objective, register_objective, stacked
 
 CONTRASTIVE_NEEDS = frozenset({"gram", "norm_floor"})
 
@@ -25,6 +30,31 @@ CONTRASTIVE_NEEDS = frozenset({"gram", "norm_floor"})
 def record_gram(record: LayerRecord) -> torch.Tensor:
     """The experts' Gram matrix B B^T [n*r, n*r]: the one the forward kept, else computed from B."""
     return record.gram if record.gram is not None else expert_gram(record.lora_B)
+
+
+def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
+    """`comoe_objective` of every record of one group (same shapes: comoe.objectives.auxiliary) at once,
+    [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension.
+    None (the per-layer path) for records that carry materialised outputs."""
+    if records[0].outputs is not None:
+        return None
+    indices = stacked(records, lambda record: record.routing.indices)
+    grams = [record_gram(record) for record in records]
+    rows = anchor_cosines(
+        stacked(records, lambda record: record.z),
+        indices,
+        torch.stack(grams),
+        stacked(records, lambda record: record.norm_floor),
+    )
+    return comoe_loss_from_anchor_cosines(
+        rows,
+        indices,
+        config.temperature,
+        config.anchor,
+        stacked(records, lambda record: record.mask),
+        num_negatives=config.num_negatives,
+        check=False,
+    )
 
 
 def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
@@ -49,16 +79,36 @@ def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
 def moelora_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
     """MoELoRA (arXiv 2402.12851; our reading): supervised contrastive loss over sampled (token, expert)
     outputs, labelled by expert. Scalar: the mean over items with a positive."""
+    batched = moelora_batched([record], config)
+    if batched is not None:
+        return batched[0]
     indices = record.routing.indices
-    tokens, topk = sample_contrastive_tokens(indices, record.mask, config.contrastive_max_tokens, None)
-    experts = topk.flatten()
-    item_tokens = tokens.repeat_interleave(topk.shape[1])
+    tokens, token_valid = sample_contrastive_tokens(indices, record.mask, config.contrastive_max_tokens, None)
+    item_tokens, experts, item_valid = contrastive_items(indices, tokens, token_valid)
     floor = None if record.norm_floor is None else record.norm_floor[item_tokens]
-    if record.outputs is not None:
-        cosines = output_item_cosines(record.outputs[item_tokens, experts], floor)
-    else:
-        cosines = item_cosines(record.z[item_tokens, experts], experts, record_gram(record), floor)
-    return supcon_loss(cosines, experts, config.temperature)
+    cosines = output_item_cosines(record.outputs[item_tokens, experts], floor)
+    return supcon_loss(cosines, experts, config.temperature, item_valid)
+
+
+def moelora_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
+    """`moelora_objective` of every record of one group at once, [L] (Gram path): a fixed number of
+    sampled tokens per layer (sample_contrastive_tokens), their items' cosines from the stacked Gram
+    matrices. None (the per-layer path) for records that carry materialised outputs."""
+    if records[0].outputs is not None:
+        return None
+    indices = stacked(records, lambda record: record.routing.indices)  # [L, T, k]
+    z = stacked(records, lambda record: record.z)  # [L, T, n, r]
+    tokens, token_valid = sample_contrastive_tokens(
+        indices, stacked(records, lambda record: record.mask), config.contrastive_max_tokens, None
+    )
+    item_tokens, experts, item_valid = contrastive_items(indices, tokens, token_valid)  # [L, N]
+    num_experts, r = z.shape[-2:]
+    rows = (item_tokens * num_experts + experts).unsqueeze(-1).expand(*item_tokens.shape, r)
+    z_items = z.flatten(-3, -2).gather(-2, rows)  # [L, N, r]
+    floors = stacked(records, lambda record: record.norm_floor)
+    floor = None if floors is None else floors.gather(-1, item_tokens)
+    cosines = item_cosines(z_items, experts, torch.stack([record_gram(r) for r in records]), floor)
+    return supcon_loss(cosines, experts, config.temperature, item_valid)
 
 
 COMOE = register_objective(
@@ -67,6 +117,7 @@ COMOE = register_objective(
         comoe_objective,
         component="contrastive",
         needs=CONTRASTIVE_NEEDS,
+        batched_loss=comoe_batched,
         description="CoMoE InfoNCE among activated vs inactive experts (arXiv 2505.17553)",
     )
 )
@@ -76,6 +127,7 @@ MOELORA = register_objective(
         moelora_objective,
         component="contrastive",
         needs=CONTRASTIVE_NEEDS,
+        batched_loss=moelora_batched,
         description="MoELoRA supervised contrastive loss by expert identity (arXiv 2402.12851)",
     )
 )

@@ -3,7 +3,9 @@
 Contrastive objectives only need cosines between expert outputs e_i = s * B_i A_i x. With z_i = A_i x
 (already computed for every expert by the layer) and the Gram blocks G_ij = B_i B_j^T (r x r, once per
 step and independent of tokens), e_i . e_j = s^2 z_i^T G_ij z_j exactly, at O(n^2 r^2) per token instead
-of materialising n outputs of size d_out. Tested against cosines of materialised outputs.
+of materialising n outputs of size d_out. Tested against cosines of materialised outputs. Every function
+takes optional leading dimensions [...] (adapted layers of one shape stacked, with their Gram matrices
+[..., n*r, n*r]), so an objective runs once for a group of layers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def cosines_from_dots(dots: torch.Tensor, floor: torch.Tensor | None = None) -> 
 def anchor_cosines(
     z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor, floor: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[T, k, n] cosines between each token's active experts (rows) and all n experts (columns).
+    """[..., T, k, n] cosines between each token's active experts (rows) and all n experts (columns), from
+    z [..., T, n, r], indices [..., T, k], gram [..., n*r, n*r] and floor [..., T].
 
     Only the k anchor rows of each token's n x n cosine matrix are needed. The anchor's z is placed in
     its expert's r-block of an n*r vector (zeros elsewhere), so all k rows of dot products come from one
@@ -38,35 +41,38 @@ def anchor_cosines(
     or scatter, which cost more than the extra FLOPs on the zero blocks. `floor` [T]: per-token norm floor
     in z-space (output-space floor / scaling), see normalize_with_floor.
     """
-    num_tokens, n, r = z.shape
-    k = indices.shape[1]
+    num_tokens, n, r = z.shape[-3:]
+    lead = tuple(z.shape[:-3])
+    k = indices.shape[-1]
     z = z.float()
-    anchor_blocks = one_hot(indices, n, z.dtype).unsqueeze(-1)  # [T, k, n, 1]
-    placed = (anchor_blocks * z.unsqueeze(1)).view(num_tokens * k, n * r)
-    dots = ((placed @ gram).view(num_tokens, k, n, r) * z.unsqueeze(1)).sum(-1)  # [T, k, n]
-    norms = floored_norms(_block_self_dots(z, gram), None if floor is None else floor.unsqueeze(-1))  # [T, n]
-    anchor_norms = norms.gather(1, indices)  # [T, k]
-    return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(1))
+    anchor_blocks = one_hot(indices, n, z.dtype).unsqueeze(-1)  # [..., T, k, n, 1]
+    placed = (anchor_blocks * z.unsqueeze(-3)).view(*lead, num_tokens * k, n * r)
+    dots = ((placed @ gram).view(*lead, num_tokens, k, n, r) * z.unsqueeze(-3)).sum(-1)  # [..., T, k, n]
+    floor = None if floor is None else floor.unsqueeze(-1)
+    norms = floored_norms(_block_self_dots(z, gram), floor)  # [..., T, n]
+    anchor_norms = norms.gather(-1, indices)  # [..., T, k]
+    return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(-2))
 
 
 def _block_self_dots(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """|e_j|^2 / s^2 = z_j G_jj z_j for every token and expert: one batched matmul over experts."""
-    num_tokens, n, r = z.shape
-    diagonal = gram.view(n, r, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n, r, r]: G_jj
-    zt = z.transpose(0, 1)  # [n, T, r]
-    return (torch.bmm(zt, diagonal) * zt).sum(-1).t()
+    """|e_j|^2 / s^2 = z_j G_jj z_j for every token and expert [..., T, n]: one batched matmul."""
+    n, r = z.shape[-2:]
+    lead = tuple(z.shape[:-3])
+    blocks = gram.view(*lead, n, r, n, r).diagonal(dim1=-4, dim2=-2)  # [..., r, r, n]: G_jj
+    diagonal = blocks.movedim(-1, -3)  # [..., n, r, r]
+    zt = z.transpose(-3, -2)  # [..., n, T, r]
+    return ((zt @ diagonal) * zt).sum(-1).transpose(-1, -2)
 
 
 def item_cosines(
     z_items: torch.Tensor, experts: torch.Tensor, gram: torch.Tensor, floor: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[N, N] cosines between N (token, expert) outputs given their z rows [N, r] and expert ids [N].
+    """[..., N, N] cosines between N (token, expert) outputs given their z rows [..., N, r], expert ids
+    [..., N], gram [..., n*r, n*r] and floor [..., N].
 
     Each item is placed in its expert's block of an n*r vector, so all dot products are Zhat G Zhat^T.
     """
-    n = gram.shape[0] // z_items.shape[1]
-    placed = one_hot(experts, n, torch.float32).unsqueeze(
-        -1
-    ) * z_items.float().unsqueeze(1)
-    placed = placed.reshape(z_items.shape[0], -1)
-    return cosines_from_dots(placed @ gram @ placed.t(), floor)
+    n = gram.shape[-1] // z_items.shape[-1]
+    placed = one_hot(experts, n, torch.float32).unsqueeze(-1) * z_items.float().unsqueeze(-2)
+    placed = placed.flatten(-2)  # [..., N, n*r]
+    return cosines_from_dots(placed @ gram @ placed.transpose(-1, -2), floor)

@@ -38,6 +38,7 @@ __all__ = [
     "comoe_loss",
     "cosine_similarity_matrix",
     "load_balance_loss",
+    "localized_balance_loss",
     "comoe_loss_from_anchor_cosines",
     "moelora_loss",
     "normalize_with_floor",
@@ -148,9 +149,10 @@ def moelora_loss(
     ``loss_u = -(1/|P(u)|) sum_{p in P(u)} [s_up - logsumexp_{a != u} s_ua]``.  Items without positives are
     left out; the result is the mean over the rest (a grad-connected zero if there are none).
 
-    ``max_tokens=m``: if more than ``m`` tokens are valid, keep the valid tokens (listed in ascending
-    position) at ``torch.randperm(num_valid, generator=generator)[:m]`` (drawn on ``generator.device``,
-    else on ``expert_outputs.device``); nothing is drawn otherwise.  This bounds the quadratic item matrix.
+    ``max_tokens=m``: if ``m < T``, keep the valid tokens among the m of smallest key ``u_t - valid_t``,
+    ``u = torch.rand(T, generator=generator)`` (drawn on ``generator.device``, else on
+    ``expert_outputs.device``): every valid token when at most m are valid, else m of them uniformly
+    (``sample_contrastive_tokens``); nothing is drawn otherwise.  This bounds the quadratic item matrix.
     ``norm_floor`` (``[T]``): per-token floor of the output norms, as in ``comoe_loss``.
     """
     if expert_outputs.dim() != 3:
@@ -162,7 +164,9 @@ def moelora_loss(
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
 
-    tokens, topk = sample_contrastive_tokens(topk_indices, mask, max_tokens, generator)
+    sampled, sampled_valid = sample_contrastive_tokens(topk_indices, mask, max_tokens, generator)
+    tokens = sampled[sampled_valid]
+    topk = topk_indices[tokens]
     outputs = _compute_dtype(expert_outputs)[tokens]  # [M, n, d]
     activation_mask(topk, num_experts)  # validates range and distinctness
     items = outputs.gather(1, topk.unsqueeze(-1).expand(-1, -1, outputs.shape[-1])).flatten(0, 1)  # [N, d]
@@ -189,3 +193,31 @@ def router_z_loss(router_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     if not terms:
         return zero_with_grad(logits)
     return torch.stack(terms).mean()
+
+
+def localized_balance_loss(
+    router_probs: Tensor, knowledge: Tensor, mask: Tensor | None = None, delta: float = 0.1
+) -> Tensor:
+    """LoRAMoE's localized balancing constraint (arXiv 2312.09979, section 3.2), plainly: for each example
+    b (``knowledge`` [B] bool, its rows of ``router_probs`` [B * S, n] in order) and expert i, the sum of
+    the expert's gates over the example's real tokens, times 1 + delta when the expert's group (world
+    knowledge for i >= n // 2, downstream tasks below) is the example's type and 1 - delta otherwise; the
+    loss is the unbiased variance of those B * n numbers over their squared mean (+ 1e-10).
+    """
+    num_tokens, num_experts = router_probs.shape
+    probs = _compute_dtype(router_probs)
+    keep = valid_mask(mask, num_tokens, router_probs.device)
+    length = num_tokens // knowledge.shape[0]
+    values = []
+    for b in range(knowledge.shape[0]):
+        rows = range(b * length, (b + 1) * length)
+        for i in range(num_experts):
+            importance = sum((probs[t, i] for t in rows if keep[t]), probs.new_zeros(()))
+            own_group = bool(knowledge[b]) == (i >= num_experts // 2)
+            values.append(importance * (1.0 + delta if own_group else 1.0 - delta))
+    z = torch.stack(values)
+    if z.numel() < 2:
+        return z.sum() * 0.0
+    mean = z.mean()
+    variance = ((z - mean) ** 2).sum() / (z.numel() - 1)
+    return variance / (mean**2 + 1e-10)

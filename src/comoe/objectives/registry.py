@@ -23,10 +23,15 @@ from comoe.plugins import discover_once
 # What an objective may ask the layers to keep beyond routing and down-projections (always recorded):
 # "gram" -- the experts' Gram matrix B B^T, taken in the forward (where B is whole under FSDP);
 # "norm_floor" -- the per-token floor of expert-output norms in cosines (contrastive_norm_floor);
-# "logits" -- the router's logits W_g x [T, n] (the probabilities alone lose their logsumexp).
-REQUIREMENTS = ("gram", "norm_floor", "logits")
+# "logits" -- the router's logits W_g x [T, n] (the probabilities alone lose their logsumexp);
+# "task_ids" -- each sequence's task id [B] (record.task_ids): the model's call must carry task_ids.
+REQUIREMENTS = ("gram", "norm_floor", "logits", "task_ids")
 
 LayerLoss = Callable[[LayerRecord, ComoeConfig], torch.Tensor]
+# (records of one group, config) -> [L] the per-layer losses of the records, in order, or None to use
+# `loss` record by record. A group's records have the same shapes, dtypes, device and optional fields
+# (comoe.objectives.auxiliary.record_group), so their tensors stack along a leading layer dimension.
+BatchedLoss = Callable[[list[LayerRecord], ComoeConfig], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class Objective:
     `loss(record, config)` is one layer's loss (a scalar tensor with a gradient); `component` is the name
     it is logged and reported under (`last_aux_losses()`, log.jsonl, Trainer logs): objectives of the
     same component are alternatives, at most one of them active; `needs` lists REQUIREMENTS entries.
+    `batched_loss` (optional) computes the loss of several layers of one shape at once (BatchedLoss): on
+    a GPU the ops of an objective cost host time per call, so one call per group of layers instead of
+    one per layer is what makes the objectives cheap; it must equal `loss` on every record (tested for
+    the built-in objectives in tests/objectives/test_auxiliary.py).
     """
 
     name: str
@@ -43,6 +52,7 @@ class Objective:
     component: str
     needs: frozenset[str] = frozenset()
     description: str = ""
+    batched_loss: BatchedLoss | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(REQUIREMENTS)
@@ -52,6 +62,17 @@ class Objective:
             )
         if self.component == "task":
             raise ValueError(f"objective {self.name!r}: component 'task' is the task loss's name")
+
+
+def stacked(
+    records: list[LayerRecord], field: Callable[[LayerRecord], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """One field of records of one group stacked along a new leading dimension [L, ...] (None when the
+    records do not carry it), for `batched_loss` implementations."""
+    first = field(records[0])
+    if first is None:
+        return None
+    return torch.stack([field(record) for record in records])
 
 
 OBJECTIVES: dict[str, Objective] = {}

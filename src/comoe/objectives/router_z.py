@@ -17,23 +17,24 @@ from torch import Tensor
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
 from comoe.objectives.infonce import valid_mask
-from comoe.objectives.registry import Objective, register_objective
+from comoe.objectives.registry import Objective, register_objective, stacked
 
 
 def router_z_loss(router_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over real tokens of logsumexp(logits)^2, in float32 at least.
 
     Padding tokens are weighted out rather than indexed out (no host synchronisation on a GPU); with no
-    real token the result is a zero connected to the logits. Shapes: ``router_logits`` [T, n], ``mask``
-    [T] bool; returns a scalar. Tested against ``comoe.objectives.reference.router_z_loss``.
+    real token the result is a zero connected to the logits. Shapes: ``router_logits`` [..., T, n], ``mask``
+    [..., T] bool; returns [...] (a scalar without leading dimensions).
+    Tested against ``comoe.objectives.reference.router_z_loss``.
     """
-    if router_logits.dim() != 2:
+    if router_logits.dim() < 2:
         raise ValueError(f"router_logits must have shape (T, n), got {tuple(router_logits.shape)}")
     half = router_logits.dtype in (torch.float16, torch.bfloat16)
     logits = router_logits.float() if half else router_logits
-    weights = valid_mask(mask, logits.shape[0], logits.device).to(logits.dtype)
+    weights = valid_mask(mask, logits.shape[:-1], logits.device).to(logits.dtype)
     squared = torch.logsumexp(logits, dim=-1).square()
-    return (squared * weights).sum() / weights.sum().clamp_min(1)
+    return (squared * weights).sum(-1) / weights.sum(-1).clamp_min(1)
 
 
 def router_z_objective(record: LayerRecord, config: ComoeConfig) -> Tensor:
@@ -43,11 +44,20 @@ def router_z_objective(record: LayerRecord, config: ComoeConfig) -> Tensor:
     return router_z_loss(record.logits, record.mask)
 
 
+def router_z_batched(records: list[LayerRecord], config: ComoeConfig) -> Tensor:
+    """`router_z_objective` of every record of one group at once, [L]."""
+    logits = stacked(records, lambda record: record.logits)
+    if logits is None:
+        return router_z_objective(records[0], config)  # raises: no logits kept
+    return router_z_loss(logits, stacked(records, lambda record: record.mask))
+
+
 ROUTER_Z = register_objective(
     Objective(
         "router_z",
         router_z_objective,
         component="router_z",
+        batched_loss=router_z_batched,
         needs=frozenset({"logits"}),
         description="ST-MoE router z-loss: mean of logsumexp(router logits)^2 (weight 1e-3 in the paper)",
     )
