@@ -29,6 +29,7 @@ OMITTED_DEFAULTS = {
     "expert_bank": "lora",
     "router_jitter": 0.0,
     "experts_by_depth": None,
+    "ffn_experts": None,
 }
 # norm_topk_prob is left out too where it resolves to renormalised gates; a folder without it was written
 # before the field existed, when top-k gates were always renormalised (see adapter.folder).
@@ -150,6 +151,15 @@ class ComoeConfig:
         "and every entry >= top_k. None: num_experts everywhere.",
     )
 
+    ffn_experts: list[str] | None = _field(
+        None,
+        "MixLoRA's FFN-block experts (arXiv 2404.15159): the MLP modules named here (matched as "
+        "target_modules, e.g. ['mlp']; each a gated MLP with gate_proj, up_proj, down_proj and act_fn) "
+        "become one routed mixture of num_experts whole FFN experts sharing the frozen FFN, with LoRA on "
+        "their three projections and one router on the MLP's input; the target_modules linears then get a "
+        "plain LoRA each (one expert, no router). None: every target is a per-linear mixture.",
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
             self.target_modules = sorted(self.target_modules)
@@ -197,6 +207,7 @@ class ComoeConfig:
             )
         self._validate_targets()
         self._validate_depths()
+        self._validate_ffn_experts()
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
                 check_int("layers_to_transform", index, low=0)
@@ -211,6 +222,20 @@ class ComoeConfig:
             check_int("experts_by_depth", count, low=self.top_k)
         if self.num_experts != max(depths):
             fail("num_experts", self.num_experts, f"max(experts_by_depth) = {max(depths)}")
+
+    def _validate_ffn_experts(self) -> None:
+        modules = self.ffn_experts
+        if modules is None:
+            return
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+            fail("ffn_experts", modules, "a non-empty list of MLP module names or null")
+        if self.contrastive != "none":
+            fail(
+                "contrastive",
+                self.contrastive,
+                "'none' with ffn_experts (the contrastive objectives compare expert outputs B_i A_i x of "
+                "one linear; an FFN-block expert's output is not of that form)",
+            )
 
     def experts_at(self, block: int | None, num_blocks: int) -> int:
         """The number of experts of an adapted linear in transformer block `block` of `num_blocks`
@@ -344,8 +369,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         contrastive="moelora",
         contrastive_weight=0.01,
     ),
-    # MixLoRA-style: 8 experts, top-2, Switch load balancing, no contrastive loss.
+    # MixLoRA per linear: 8 experts top-2 on each adapted linear, Switch load balancing, no contrastive loss
+    # (MixLoRA's routing and loss, not its FFN-block experts: those are 'mixlora-ffn').
     "mixlora": dict(num_experts=8, top_k=2, r=16, lora_alpha=32.0, balance_weight=0.01, contrastive="none"),
+    # MixLoRA (arXiv 2404.15159) in its paper's form, as MoE-PEFT's "mixlora" template runs it: 8 FFN-block
+    # experts top-2 (LoRA r=16, alpha=32, dropout 0.05 on gate/up/down, sharing the frozen FFN), plain LoRA on
+    # q/k/v/o, Switch balancing 1e-3 (MoE-PEFT's router_aux_loss_coef default; docs/methods/mixlora.md).
+    "mixlora-ffn": dict(
+        num_experts=8,
+        top_k=2,
+        r=16,
+        lora_alpha=32.0,
+        lora_dropout=0.05,
+        balance_weight=0.001,
+        ffn_experts=["mlp"],
+        contrastive="none",
+    ),
     # HydraLoRA (arXiv 2404.19245) as its released training script runs it: one shared A of rank 4 and 4 B
     # heads, alpha 32, dropout 0.05, a dense softmax router over the heads, the FFN projections, no
     # auxiliary loss (docs/methods/hydralora.md).

@@ -158,7 +158,11 @@ def test_sft_trainer_trains_the_dora_baseline(smol_tokenizer, tmp_path):
     assert (saved["peft_type"], saved["use_dora"]) == ("LORA", True)
 
 
-@pytest.mark.parametrize("preset, overrides", [("omoe", dict(r=8)), ("mola", dict())], ids=["omoe", "mola"])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("omoe", dict(r=8)), ("mola", dict()), ("mixlora-ffn", dict())],
+    ids=["omoe", "mola", "mixlora-ffn"],
+)
 def test_sft_trainer_trains_the_zoos_routed_presets(smol_tokenizer, tmp_path, preset, overrides):
     torch.manual_seed(0)
     model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset(preset, **overrides))

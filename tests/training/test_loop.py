@@ -141,9 +141,10 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
         ("dora", ""),
         ("omoe", OMOE_TINY),
         ("mola", ""),
+        ("mixlora-ffn", ""),
         ("comoe-dora", ""),
     ],
-    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola", "comoe-dora"],
+    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola", "mixlora-ffn", "comoe-dora"],
 )
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
@@ -164,6 +165,15 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
         assert [v[0] for k, v in sorted(shapes.items()) if k.endswith("lora_A")] == [2, 6]
     if preset == "omoe":
         assert (config["expert_bank"], config["routing"], config["r"]) == ("omoe", "soft", 8)
+    if preset == "mixlora-ffn":  # FFN-block experts on each MLP (one router there), plain LoRA on q/k/v/o
+        assert (config["ffn_experts"], config["num_experts"], config["balance_weight"]) == (["mlp"], 8, 0.001)
+        assert all(row["balance"] > 0 for row in rows)
+        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
+        assert sorted(k for k in shapes if k.endswith("router.weight")) == [
+            "model.layers.0.mlp.router.weight",
+            "model.layers.1.mlp.router.weight",
+        ]
+        assert shapes["model.layers.0.mlp.down_proj.lora_A"] == (8, 16, 96)
     if preset == "comoe-dora":  # DoRA experts under CoMoE: a magnitude vector [n, d_out] per adapted linear
         assert (config["expert_bank"], config["contrastive"]) == ("dora", "comoe")
         assert all(row["contrastive"] > 0 for row in rows)

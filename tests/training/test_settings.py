@@ -61,7 +61,8 @@ def test_bad_adapter_overrides_fail_when_the_settings_are_built(overrides, messa
         ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0 is invalid: expected a finite number >= 0.0"),
         (
             {"preset": "vera"},
-            "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'hydralora', "
+            "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'mixlora-ffn', "
+            "'hydralora', "
             "'omoe', 'mola', 'comoe-dora', 'lora', 'dora'",
         ),
         ({"epochs": "1"}, "epochs='1' is invalid: expected a number"),

@@ -20,6 +20,8 @@ BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 25
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
     """Markdown with a Hub metadata header (base_model, library_name, tags)."""
     plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
+    if config.ffn_experts is not None:
+        plain = "MixLoRA (arXiv 2404.15159, FFN-block experts)"
     if config.experts_by_depth is not None:
         plain = "MoLA (arXiv 2402.08562)" if config.expert_bank == "lora" else f"{plain} (MoLA depths)"
     method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
@@ -40,6 +42,9 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
     )
     if config.expert_bank != "lora":
         settings += f"; expert bank '{config.expert_bank}'"
+    if config.ffn_experts is not None:
+        blocks = ", ".join(config.ffn_experts)
+        settings += f"; the experts are whole FFN blocks of {blocks} (plain LoRA on the targets)"
     if config.aux_objectives:
         further = ", ".join(f"{name} ({weight:g})" for name, weight in config.aux_objectives.items())
         settings += f"; further objectives {further}"

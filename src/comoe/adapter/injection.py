@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from comoe.adapter.ffn import ComoeFFN, LoraLinear, check_disjoint, find_ffn_modules, mixlora_shapes
 from comoe.adapter.layer import ComoeContext, ComoeLinear, layer_features
 from comoe.adapter.saved import TrainedCopy
 from comoe.adapter.streams import layer_streams
@@ -34,7 +35,7 @@ class Injection:
     """What `inject` put into a model: the adapted layers and the trained copies, by module path."""
 
     config: ComoeConfig  # with the default targets of the model's family resolved
-    layers: dict[str, ComoeLinear]
+    layers: dict[str, ComoeLinear | ComoeFFN]  # ComoeFFN: an MLP of FFN-block experts (ffn_experts)
     saved: dict[str, TrainedCopy]
 
 
@@ -43,14 +44,18 @@ def inject(model: nn.Module, config: ComoeConfig, context: ComoeContext) -> Inje
     stream) and the modules_to_save by trained copies; ValueError naming targets that match nothing."""
     config = resolve_targets(model, config)
     targets = find_target_linears(model, config)
+    ffns = find_ffn_modules(model, config)  # with ffn_experts: the MLPs, and plain LoRA on the targets
+    check_disjoint(targets, ffns)
     saved = modules_to_save(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
-    streams = layer_streams(model, list(targets))
-    configs = layer_configs(model, config, list(targets))  # experts_by_depth resolved per block
-    layers = {
-        name: ComoeLinear(linear, configs[name], context, streams[name]) for name, linear in targets.items()
+    streams = layer_streams(model, [*targets, *ffns])
+    configs = layer_configs(model, config, [*targets, *ffns])  # experts_by_depth resolved per block
+    linear_class = LoraLinear if ffns else ComoeLinear
+    layers: dict[str, ComoeLinear | ComoeFFN] = {
+        name: linear_class(linear, configs[name], context, streams[name]) for name, linear in targets.items()
     }
+    layers.update({name: ComoeFFN(mlp, configs[name], context, streams[name]) for name, mlp in ffns.items()})
     for name, layer in layers.items():
         set_submodule(model, name, layer)
     copies = {name: TrainedCopy(module, context) for name, module in saved.items()}
@@ -84,7 +89,7 @@ def adapter_shapes(
         d_in, d_out = layer_features(linear)
         for key, shape in bank.shapes(n, r, d_in, d_out).items():
             shapes[f"{name}.{key}"] = shape
-        for key, shape in routing.shapes(n, d_in).items():
+        for key, shape in routing.shapes_for(config, n, d_in).items():
             shapes[f"{name}.{key}"] = shape
     return shapes
 
@@ -116,7 +121,11 @@ def saved_shapes(saved: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
 def expected_shapes(model: nn.Module, config: ComoeConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape an adapter file of `config` must hold for `model` (not yet wrapped)."""
     config = resolve_targets(model, config)
-    shapes = adapter_shapes(find_target_linears(model, config), config, block_count(model))
+    targets, ffns = find_target_linears(model, config), find_ffn_modules(model, config)
+    if ffns:
+        shapes = mixlora_shapes(targets, ffns, config, block_count(model))
+    else:
+        shapes = adapter_shapes(targets, config, block_count(model))
     shapes.update(saved_shapes(modules_to_save(model, config)))
     return shapes
 
@@ -125,9 +134,12 @@ def adapter_tensors(injection: Injection) -> dict[str, nn.Parameter]:
     """The adapter's parameters by file key: each layer's bank parameters and router, the trained copies."""
     state = {}
     for name, layer in injection.layers.items():
+        if isinstance(layer, ComoeFFN):
+            state.update({f"{name}.{key}": param for key, param in layer.adapter_parameters().items()})
+            continue
         for key in layer.bank.shapes(layer.num_experts, layer.r, layer.in_features, layer.out_features):
             state[f"{name}.{key}"] = getattr(layer, key)
-        for key in layer.routing_kind.shapes(layer.num_experts, layer.in_features):
+        for key in layer.routing_kind.shapes_for(layer.config, layer.num_experts, layer.in_features):
             state[f"{name}.{key}"] = layer.get_parameter(key)
     for name, copy_ in injection.saved.items():
         for key, param in copy_.trained_module.named_parameters():

@@ -82,7 +82,8 @@ class ComoeMethod:
         return isinstance(model, ComoeModel)
 
     def routed_layers(self, model: nn.Module) -> dict[str, ComoeLinear]:
-        return model.comoe_layers()
+        # plain LoRA linears (beside FFN-block experts) have no router
+        return {name: layer for name, layer in model.comoe_layers().items() if layer.router is not None}
 
     def record_routing(self, model: nn.Module) -> contextlib.AbstractContextManager[dict[str, LayerRecord]]:
         return model.record_routing()
