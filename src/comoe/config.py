@@ -17,7 +17,7 @@ from comoe.validation import check_choice, check_int, check_number, fail, reject
 
 # Routing kinds whose layout is dense (any expert may be active for a token); the routing registry
 # (comoe.moe.routing) holds every kind, and kinds registered elsewhere are taken as top-k sparse here.
-DENSE_ROUTINGS = ("soft",)
+DENSE_ROUTINGS = ("soft", "task", "threshold")
 # The contrastive objectives the `contrastive` field names (sugar for an entry of objective_weights);
 # any other registered objective (comoe.objectives.registry) is named in aux_objectives.
 CONTRASTIVES = ("none", "comoe", "moelora")
@@ -29,6 +29,10 @@ OMITTED_DEFAULTS = {
     "expert_bank": "lora",
     "router_jitter": 0.0,
     "experts_by_depth": None,
+    "tasks": None,
+    "task_embedding_dim": 64,
+    "knowledge_tasks": [],
+    "localized_balance_delta": 0.1,
     "ffn_experts": None,
 }
 # norm_topk_prob is left out too where it resolves to renormalised gates; a folder without it was written
@@ -69,7 +73,8 @@ class ComoeConfig:
     routing: str = _field(
         "topk",
         "A registered routing kind (comoe.moe.routing): 'topk', sparse top-k of a per-token softmax; "
-        "'soft', every expert softmax-weighted.",
+        "'soft', every expert softmax-weighted; 'threshold', AdaMoLE's learned per-token threshold (a variable "
+        "number of experts per token).",
     )
     norm_topk_prob: bool | None = _field(
         None,
@@ -160,6 +165,30 @@ class ComoeConfig:
         "plain LoRA each (one expert, no router). None: every target is a per-linear mixture.",
     )
 
+    tasks: list[str] | None = _field(
+        None,
+        "The task vocabulary of methods that read each example's task (routing: task, the loramoe "
+        "objective): task names, a task's id being its position; fixed at training (comoe train records the "
+        "training examples' tasks in order of first appearance) and saved in adapter_config.json, so "
+        "evaluation maps names to the same ids. None: no task vocabulary.",
+    )
+    task_embedding_dim: int = _field(
+        64,
+        "routing: task (MOELoRA, Liu et al. 2023): the dimension d_t of the learned task embeddings (>= 1; "
+        "64 in the released code).",
+    )
+    knowledge_tasks: list[str] = _field(
+        [],
+        "The loramoe objective (LoRAMoE's localized balancing constraint): the tasks whose examples are of "
+        "the world-knowledge type, tied to experts n//2 .. n-1; every other task (and a task outside "
+        "`tasks`) is of the downstream-task type, tied to experts 0 .. n//2-1.",
+    )
+    localized_balance_delta: float = _field(
+        0.1,
+        "The loramoe objective: delta in [0, 1), the weight 1 + delta (1 - delta) of an expert's importance "
+        "on examples of its own (the other) type (LoRAMoE's blc_alpha).",
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
             self.target_modules = sorted(self.target_modules)
@@ -208,6 +237,7 @@ class ComoeConfig:
         self._validate_targets()
         self._validate_depths()
         self._validate_ffn_experts()
+        self._validate_tasks()
         if self.layers_to_transform is not None:
             for index in self.layers_to_transform:
                 check_int("layers_to_transform", index, low=0)
@@ -236,6 +266,21 @@ class ComoeConfig:
                 "'none' with ffn_experts (the contrastive objectives compare expert outputs B_i A_i x of "
                 "one linear; an FFN-block expert's output is not of that form)",
             )
+
+    def _validate_tasks(self) -> None:
+        def names(field_name: str, value: Any) -> None:
+            if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+                fail(field_name, value, "a list of task names")
+            if len(set(value)) != len(value):
+                fail(field_name, value, "distinct task names")
+
+        if self.tasks is not None:
+            names("tasks", self.tasks)
+            if not self.tasks:
+                fail("tasks", self.tasks, "a non-empty list of task names or null")
+        names("knowledge_tasks", self.knowledge_tasks)
+        check_int("task_embedding_dim", self.task_embedding_dim, low=1)
+        check_number("localized_balance_delta", self.localized_balance_delta, low=0.0, high=1.0)
 
     def experts_at(self, block: int | None, num_blocks: int) -> int:
         """The number of experts of an adapted linear in transformer block `block` of `num_blocks`
@@ -413,6 +458,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         lora_alpha=16.0,
         contrastive="none",
     ),
+    # AdaMoLE (arXiv 2405.00361) as its release trains it (configs/llama_adamole_csr_train.config, train.py):
+    # 8 experts sharing a total rank of 32 (r=4 each), alpha 16, dropout 0.05, q/k/v/o, the learned threshold
+    # with tau_max = 1/8, Switch balancing 1e-3 (docs/methods/adamole.md).
+    "adamole": dict(
+        num_experts=8,
+        r=4,
+        lora_alpha=16.0,
+        lora_dropout=0.05,
+        routing="threshold",
+        balance_weight=0.001,
+        contrastive="none",
+    ),
     # CoMoE with DoRA experts (the CoMoE paper's Table 2, arXiv 2505.17553): CoMoE's defaults (4 experts,
     # top-2, r=16, alpha=32, q/k/v/o, lambda=0.01), each expert a DoRA (arXiv 2402.09353; docs/methods/
     # comoe-dora.md).
@@ -424,5 +481,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         expert_bank="dora",
         contrastive="comoe",
         contrastive_weight=0.01,
+    ),
+    # MOELoRA of Liu et al. 2023 (arXiv 2310.18339; not the 'moelora' preset above, Luo et al.'s MoELoRA): the
+    # LoRA's rank 16 split into 8 experts of rank 2 with a dense gate softmax(W E[task]) from a learned task
+    # embedding (d_t = 64), the same weights for every token of an example; all attention and MLP linears,
+    # dropout 0.1 as experiments/moelora.bash; lora_alpha 4 keeps the released code's scaling 32 / 16 = 2,
+    # which divides by the total rank (docs/methods/moelora-liu.md).
+    "moelora-liu": dict(
+        num_experts=8,
+        top_k=8,
+        r=2,
+        lora_alpha=4.0,
+        lora_dropout=0.1,
+        routing="task",
+        target_modules=[*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj"],
+        contrastive="none",
+    ),
+    # LoRAMoE (Dou et al. 2024, arXiv 2312.09979) as run_loramoe.sh builds it: 8 LoRA experts of rank 4 (alpha
+    # 32, dropout 0.05) densely routed per token on gate/up/down, with the localized balancing constraint
+    # beta * CV^2 of the type-weighted importances (beta = delta = 0.1; docs/methods/loramoe.md).
+    "loramoe": dict(
+        num_experts=8,
+        top_k=8,
+        r=4,
+        lora_alpha=32.0,
+        lora_dropout=0.05,
+        routing="soft",
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        aux_objectives={"loramoe": 0.1},
+        localized_balance_delta=0.1,
+        contrastive="none",
     ),
 }

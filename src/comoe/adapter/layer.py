@@ -26,18 +26,22 @@ from transformers.pytorch_utils import Conv1D
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 from comoe.moe.experts import choose_strategy, expert_gram, mix
+from comoe.moe.fused import fuses, route_and_mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import requirements
 
 
 class ComoeContext:
-    """The two switches the model sets for all its layers (a plain object, not a module): whether the
-    adapters are on, and whether this forward's layers keep a record for the losses or analysis."""
+    """What the model sets for all its layers (a plain object, not a module): whether the adapters are on,
+    whether this forward's layers keep a record for the losses or analysis, and `call_inputs`, the call's
+    per-call routing inputs by name (e.g. "task_ids" [B]: RoutingKind.inputs), replaced at every call
+    (kept after it, so that gradient checkpointing's recomputation in the backward sees them)."""
 
     def __init__(self) -> None:
         self.keep_records = False
         self.adapters_enabled = True
+        self.call_inputs: dict[str, torch.Tensor] = {}
 
 
 ADAPTABLE = (nn.Linear, Conv1D)  # the base layers a ComoeLinear wraps (quantized linears included)
@@ -103,6 +107,7 @@ class ComoeLinear(nn.Module):
         self.in_features, self.out_features = layer_features(base_layer)
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
+        self.config = config  # this layer's configuration (kinds whose router depends on more than n, d_in)
         self.routing_kind = get_routing(config.routing)
         self.normalize_gates = config.normalize_gates
         self.expert_compute = config.expert_compute
@@ -135,13 +140,21 @@ class ComoeLinear(nn.Module):
             return result
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
         router_input = self._jittered(flat) if self.router_jitter > 0 and self.training else flat
-        logits, routing = self.routing_kind.route(self, router_input)
+        strategy = choose_strategy(self.expert_compute, self.num_experts, self.active_experts, flat.device.type)
+        fused = self.bank.outputs_are_lora and fuses(self.routing_kind, strategy)  # moe/fused.py
+        if fused:
+            logits = self.router(router_input)
+        else:
+            logits, routing = self.routing_kind.route(self, router_input)
         dropped = self.lora_dropout(flat)
         z = self.bank.down_project(self, dropped)
         lora_B = self.bank.up_weight(self)
         outputs = None  # every expert's output [T, n, d_out], from a bank whose outputs are not s B^T z
-        if self.bank.outputs_are_lora:
-            delta = mix(z, routing, lora_B, self.scaling, self.expert_compute)
+        if fused:  # route + blocks in one autograd Function: fewer dispatched ops
+            soft, normalize = self.routing_kind.dense, self.normalize_gates
+            delta, routing = route_and_mix(logits, z, lora_B, self.scaling, self.top_k, soft, normalize)
+        elif self.bank.outputs_are_lora:
+            delta = mix(z, routing, lora_B, self.scaling, strategy)
         else:  # materialised for the objectives, in every training forward alike (checkpointing, below)
             materialise = self.needs_gram if self.training else self.context.keep_records
             base = result.reshape(-1, self.out_features)

@@ -32,7 +32,12 @@ from comoe.adapter.persistence import AdapterPersistenceMixin
 from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decoder
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
-from comoe.objectives.auxiliary import AuxiliaryLosses, compute_auxiliary_losses, usable_objectives
+from comoe.objectives.auxiliary import (
+    AuxiliaryLosses,
+    compute_auxiliary_losses,
+    requirements,
+    usable_objectives,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self.__dict__["_injection"] = injection  # a plain attribute: the layers are registered inside model
         self._encoder_decoder = is_encoder_decoder(model)
         self._has_objectives = bool(self._loss_config.objective_weights)  # else no record is needed
+        # per-call inputs (ComoeContext.call_inputs) the routing kinds and objectives read; none for most
+        self._task_ids_in_records = "task_ids" in requirements(self._loss_config)
+        kinds = {getattr(layer, "routing_kind", None) for layer in injection.layers.values()}
+        self._routing_inputs: frozenset[str] = frozenset().union(*(k.inputs for k in kinds if k is not None))
+        self.call_input_names = self._routing_inputs | ({"task_ids"} if self._task_ids_in_records else set())
+        self._default_inputs: dict[str, torch.Tensor] = {}  # inside default_call_inputs()
         backbone = self.base_model
         self._can_carry = backbone is not model
         if self._can_carry:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
@@ -110,9 +121,11 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         """The base model's forward; with labels (or in training) the auxiliary losses are computed and
         delivered as the call's mode says (adapter/delivery.py): into `output.loss` with labels in training
         (reported only, in evaluation); in training without labels, to the caller inside
-        `caller_adds_aux_loss()`, else carried by the backbone's output."""
+        `caller_adds_aux_loss()`, else carried by the backbone's output. The per-call inputs the adapter
+        reads (`call_input_names`, e.g. task_ids) are taken out of the call before the base model sees it."""
         arguments = bound_arguments(self.wrapped_model.forward, args, kwargs)
         has_labels = arguments.get("labels") is not None
+        self._take_call_inputs(kwargs, losses=self.training or has_labels)
         mode = choose_delivery(
             wants_aux=self._context.adapters_enabled and (self.training or has_labels),
             has_labels=has_labels,
@@ -132,6 +145,52 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         finally:
             self._end_forward()
         return output
+
+    def _take_call_inputs(self, kwargs: dict[str, Any], losses: bool) -> None:
+        """Move this model's per-call inputs from a call's keyword arguments into the layers' context (the
+        defaults of `default_call_inputs` for those the call does not give); ValueError for a missing one
+        while the adapters are on: one the routing reads, or (`losses`: a call that computes the auxiliary
+        losses) one an objective reads. A model without per-call inputs leaves the call as it is."""
+        inputs: dict[str, torch.Tensor] = {}
+        required = self.call_input_names if losses else self._routing_inputs
+        for name in self.call_input_names:
+            value = kwargs.pop(name, None)
+            value = self._default_inputs.get(name) if value is None else value
+            if value is None:
+                if self._context.adapters_enabled and name in required:
+                    raise ValueError(
+                        f"{name}: missing; this adapter (routing={self.comoe_config.routing!r}, objectives "
+                        f"{sorted(self.comoe_config.objective_weights)}) reads each sequence's {name} [B] "
+                        "int64 (ids into comoe_config.tasks, -1 for a task outside them): pass it as a "
+                        "keyword of the call, or set it with default_call_inputs()"
+                    )
+                continue
+            inputs[name] = value
+        if inputs:  # once per call, not once per layer: on the adapter's device
+            device = next(self.parameters()).device
+            inputs = {
+                k: torch.as_tensor(v, dtype=torch.long, device=device).reshape(-1) for k, v in inputs.items()
+            }
+        self._context.call_inputs = inputs
+
+    @contextlib.contextmanager
+    def default_call_inputs(self, **inputs: Any) -> Iterator[None]:
+        """Inside this block, calls (forward and generate) that do not pass a per-call input get these:
+        e.g. `default_call_inputs(task_ids=[3])` runs every sequence as task 3 (a [1] tensor is spread over
+        every row), which is how evaluation scores one task's examples through code that does not know of
+        task ids. Names outside `call_input_names` are refused (ValueError)."""
+        unknown = set(inputs) - self.call_input_names
+        if unknown:
+            raise ValueError(
+                f"default_call_inputs: {sorted(unknown)} are not inputs of this adapter; valid: "
+                f"{sorted(self.call_input_names)}"
+            )
+        previous = self._default_inputs
+        self._default_inputs = {**previous, **inputs}
+        try:
+            yield
+        finally:
+            self._default_inputs = previous
 
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
@@ -170,9 +229,12 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         """This forward's layer records, each with its token stream's mask."""
         assert self._call is not None
         masks = self._call.masks
+        task_ids = self._context.call_inputs.get("task_ids") if self._task_ids_in_records else None
         return {
             name: dataclasses.replace(
-                layer.record, mask=masks.for_layer(layer.stream, layer.record.z.shape[0], name)
+                layer.record,
+                mask=masks.for_layer(layer.stream, layer.record.z.shape[0], name),
+                task_ids=task_ids,
             )
             for name, layer in self._injection.layers.items()
             if layer.record is not None
@@ -251,6 +313,9 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             self._recorded = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's generate; this adapter's per-call inputs (e.g. task_ids [B]) are taken out
+        first (transformers refuses model keywords it does not know) and hold for every step."""
+        self._take_call_inputs(kwargs, losses=False)
         return self.wrapped_model.generate(*args, **kwargs)
 
     # ---- adapters on and off ------------------------------------------------------------------------

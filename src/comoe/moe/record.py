@@ -27,3 +27,7 @@ class LayerRecord:
     # record is kept outside training; the Gram path does not hold for them, so `gram` is None and
     # `norm_floor` is in output space (contrastive_norm_floor * |W0 x|)
     outputs: torch.Tensor | None = None
+    # [B] int64 each sequence's task id (into config.tasks, -1 outside it) of a call that carried task_ids,
+    # attached by the model (like the mask) when an objective needs "task_ids"; the layer's T tokens are the
+    # B sequences' rows, each of T // B tokens
+    task_ids: torch.Tensor | None = None

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from comoe.config import ComoeConfig
 from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.plugins import discover_once
 
@@ -28,6 +29,9 @@ class Routing:
     probs: torch.Tensor  # [T, n] float32 router softmax, differentiable
     indices: torch.Tensor  # [T, k] int64 active experts per token
     gates: torch.Tensor  # [T, k] weights of the active experts (sum to 1 per token), differentiable
+    # [T, k] bool: which of the k slots hold an expert that is really active, for kinds whose number of
+    # active experts varies per token in the k = n layout (their inactive slots have gate 0); None: all are
+    active: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -102,11 +106,25 @@ class RoutingKind:
 
     name: ClassVar[str]
     dense: ClassVar[bool] = False  # whether any expert may be active for a token (the k = n layout)
+    # Whether `route` reads the call's prompt (call_inputs PROMPT_MASK, PROMPT_CACHED), which the model binds
+    # from the call's attention mask, labels and KV cache (adapter.streams.prompt_inputs).
+    reads_prompt: ClassVar[bool] = False
+    # The per-call inputs `route` reads from `layer.context.call_inputs` (e.g. "task_ids"): the model takes
+    # them out of its call's arguments and refuses a call without them; none for per-token kinds.
+    inputs: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def shapes(cls, num_experts: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """Router parameter name (a path under the layer) -> shape; also the adapter file's keys."""
         return {"router.weight": (num_experts, in_features)}
+
+    @classmethod
+    def shapes_for(
+        cls, config: ComoeConfig, num_experts: int, in_features: int
+    ) -> dict[str, tuple[int, ...]]:
+        """`shapes` for a kind whose router also depends on the configuration (a task vocabulary's size);
+        the adapter's shapes are read through it. By default `shapes(num_experts, in_features)`."""
+        return cls.shapes(num_experts, in_features)
 
     @classmethod
     def create(cls, layer: nn.Module, factory: dict) -> None:
@@ -117,6 +135,11 @@ class RoutingKind:
     def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x [T, d_in] (the router's input, in the router's dtype) -> (logits [T, n], Routing)."""
         raise NotImplementedError
+
+    @classmethod
+    def reset(cls, layer: nn.Module) -> None:
+        """Drop what the kind keeps on the layer across calls (a prompt's routing decision, reused by the
+        decode steps of a generation); the model calls it after each `generate`. Nothing by default."""
 
 
 class TopKRouting(RoutingKind):
@@ -139,6 +162,81 @@ class SoftRouting(RoutingKind):
     @classmethod
     def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         logits = layer.router(x)
+        return logits, route(logits, layer.num_experts, soft=True)
+
+
+def per_token(values: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """A per-sequence value [B] (or one value [1] for every sequence) repeated for each of the sequence's
+    tokens: [num_tokens], num_tokens = B * length (the layer's input [B, length, d] flattened; with a KV
+    cache the new tokens only, and under beam search B counts the beams, each row of an example kept
+    together). ValueError when num_tokens is not a multiple of B."""
+    rows = values.shape[0]
+    if rows == 1:
+        return values.expand(num_tokens, *values.shape[1:])
+    if rows == 0 or num_tokens % rows:
+        raise ValueError(
+            f"a per-sequence input of {rows} rows cannot be spread over the {num_tokens} tokens a layer saw "
+            "(not a whole number of tokens per sequence): pass one value per row of input_ids"
+        )
+    return values.repeat_interleave(num_tokens // rows, dim=0)
+
+
+class TaskRouting(RoutingKind):
+    """MOELoRA's task-motivated gate (Liu et al. 2023, arXiv 2310.18339, eqs. 5-6): one learned embedding
+    e_j [d_t] per task j of `config.tasks` and a gate W_T [n, d_t] per layer give the expert weights
+    softmax(W_T e_j), dense (every expert) and the same for every token of an example of task j.
+
+    Reads `task_ids` [B] (int64 ids into `config.tasks`, one per sequence; or [1] for all) from the call;
+    an id of -1 (a task outside the vocabulary) gets the mean of the known tasks' gates. Parameters per
+    layer: `task_embedding.weight` [num_tasks, d_t] (N(0, 1), as nn.Embedding) and `router.weight` [n, d_t]
+    (nn.Linear's initialisation), as the released code's per-layer variant (github.com/liuqidong07/
+    MOELoRA-peft, peft/tuners/mmoelora.py); its training script's variant shares one embedding and one gate
+    across layers (docs/methods/moelora-liu.md). Logits and probabilities [T, n]."""
+
+    name = "task"
+    dense = True
+    inputs = frozenset({"task_ids"})
+
+    @classmethod
+    def shapes(cls, num_experts: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        raise ValueError("routing='task': its router's shapes depend on tasks and task_embedding_dim")
+
+    @classmethod
+    def shapes_for(
+        cls, config: ComoeConfig, num_experts: int, in_features: int
+    ) -> dict[str, tuple[int, ...]]:
+        if not config.tasks:
+            raise ValueError(
+                "tasks: null; routing='task' needs the task vocabulary (comoe train records the training "
+                "examples' tasks; from Python set ComoeConfig(tasks=[...]))"
+            )
+        dim = config.task_embedding_dim
+        return {"task_embedding.weight": (len(config.tasks), dim), "router.weight": (num_experts, dim)}
+
+    @classmethod
+    def create(cls, layer: nn.Module, factory: dict) -> None:
+        shapes = cls.shapes_for(layer.config, layer.num_experts, layer.in_features)
+        layer.task_embedding = nn.Embedding(*shapes["task_embedding.weight"]).to(**factory)
+        layer.router = Router(layer.config.task_embedding_dim, layer.num_experts).to(**factory)
+
+    @classmethod
+    def task_logits(cls, layer: nn.Module, task_ids: torch.Tensor) -> torch.Tensor:
+        """[B, n] gate logits W_T e_j of each sequence's task; an id of -1 gets the log of the mean of the
+        known tasks' softmax gates (so that its softmax is that mean)."""
+        known = layer.router(layer.task_embedding.weight)  # [num_tasks, n]
+        ids = task_ids.to(known.device)
+        mean = torch.softmax(known.float(), dim=-1).mean(0).log().to(known.dtype)  # no host sync: always
+        return torch.where((ids < 0)[:, None], mean, known[ids.clamp_min(0)])
+
+    @classmethod
+    def route(cls, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        task_ids = layer.context.call_inputs.get("task_ids")
+        if task_ids is None:
+            raise ValueError(
+                "task_ids: missing; routing='task' (MOELoRA) needs each sequence's task id ([B] int64 into "
+                "the adapter's tasks, -1 for an unknown task) as a keyword of the model's call"
+            )
+        logits = per_token(cls.task_logits(layer, task_ids), x.shape[0])
         return logits, route(logits, layer.num_experts, soft=True)
 
 
@@ -170,3 +268,4 @@ def get_routing(name: str) -> type[RoutingKind]:
 
 register_routing(TopKRouting)
 register_routing(SoftRouting)
+register_routing(TaskRouting)
