@@ -4,7 +4,12 @@ reference on materialised expert outputs (comoe.objectives.reference.comoe_loss)
 import pytest
 import torch
 
+from comoe.config import ComoeConfig
+from comoe.moe.record import LayerRecord
+from comoe.moe.routing import Routing
 from comoe.moe.triton_jit import TRITON_AVAILABLE
+from comoe.objectives import contrastive
+from comoe.objectives.contrastive import comoe_batched, comoe_objective
 from comoe.objectives.reference import comoe_loss
 from comoe.objectives.triton_infonce import COMOE_INFONCE, fused_comoe_applies, fused_comoe_loss
 
@@ -118,3 +123,37 @@ def test_bad_input_is_refused():
         fused_comoe_loss(anchor, self_dots[:4], indices, 0.2)
     with pytest.raises(ValueError, match="block_t=12 must be a power of two"):
         fused_comoe_loss(anchor, self_dots, indices, 0.2, block_t=12)
+
+
+def test_the_comoe_objective_takes_the_kernel_where_it_applies(monkeypatch):
+    """The hook in comoe.objectives.contrastive (CUDA only): with the kernel made to apply here, the
+    registered objective, per layer and batched over layers, equals its torch path in value and gradients."""
+    g = torch.Generator().manual_seed(7)
+    config = ComoeConfig(num_experts=5, top_k=2, r=4, temperature=0.3)
+    records = []
+    for _ in range(2):
+        z, lora_B, indices = experts((), 9, 5, 2, seed=int(torch.randint(100, (1,), generator=g)))
+        probs = torch.rand(9, 5, generator=g)
+        routing = Routing(probs, indices, probs.gather(1, indices))
+        mask = torch.rand(9, generator=g) > 0.3
+        floor = torch.rand(9, generator=g)
+        records.append(LayerRecord(routing, z, mask, lora_B, norm_floor=floor))
+    leaves = [leaf for record in records for leaf in (record.z, record.lora_B)]
+    torch_path = [comoe_objective(records[0], config), comoe_batched(records, config)]
+    calls = []
+
+    def applies(*args):
+        calls.append(args)
+        return True
+
+    monkeypatch.setattr(contrastive, "fused_comoe_applies", applies)
+    fused = [comoe_objective(records[0], config), comoe_batched(records, config)]
+    assert len(calls) == 2 and calls[0] == ("cpu", "all", None, 5, 2)
+    for got, expected in zip(fused, torch_path, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        got_grads = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+        expected_grads = torch.autograd.grad(expected.sum(), leaves, allow_unused=True)
+        for a, b in zip(got_grads, expected_grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

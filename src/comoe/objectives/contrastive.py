@@ -15,7 +15,7 @@ from comoe.config import ComoeConfig
 from comoe.moe.experts import expert_gram
 from comoe.moe.record import LayerRecord
 from comoe.objectives.cosine import output_anchor_cosines, output_item_cosines
-from comoe.objectives.gram import anchor_cosines, item_cosines
+from comoe.objectives.gram import anchor_cosines, anchor_dots, item_cosines
 from comoe.objectives.infonce import (
     comoe_loss_from_anchor_cosines,
     contrastive_items,
@@ -23,6 +23,7 @@ from comoe.objectives.infonce import (
     supcon_loss,
 )
 from comoe.objectives.registry import Objective, register_objective, stacked
+from comoe.objectives.triton_infonce import fused_comoe_applies, fused_comoe_loss
 
 CONTRASTIVE_NEEDS = frozenset({"gram", "norm_floor"})
 
@@ -40,8 +41,13 @@ def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tens
         return None
     indices = stacked(records, lambda record: record.routing.indices)
     grams = [record_gram(record) for record in records]
+    z = stacked(records, lambda record: record.z)
+    if takes_fused_kernel(z, indices, config):
+        floor = stacked(records, lambda record: record.norm_floor)
+        mask = stacked(records, lambda record: record.mask)
+        return comoe_fused(z, indices, torch.stack(grams), floor, mask, config)
     rows = anchor_cosines(
-        stacked(records, lambda record: record.z),
+        z,
         indices,
         torch.stack(grams),
         stacked(records, lambda record: record.norm_floor),
@@ -57,10 +63,32 @@ def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tens
     )
 
 
+def takes_fused_kernel(z: torch.Tensor, indices: torch.Tensor, config: ComoeConfig) -> bool:
+    """Whether CoMoE on z [..., T, n, r] and indices [..., T, k] runs the fused Triton kernel (CUDA)."""
+    n, k = z.shape[-2], indices.shape[-1]
+    return fused_comoe_applies(z.device.type, config.anchor, config.num_negatives, n, k)
+
+
+def comoe_fused(
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    gram: torch.Tensor,
+    floor: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    config: ComoeConfig,
+) -> torch.Tensor:
+    """The CoMoE loss [...] of z [..., T, n, r] (indices [..., T, k], gram [..., n*r, n*r], floor and mask
+    [..., T]) on the fused Triton kernel (CUDA, comoe.objectives.triton_infonce): the anchors' dot products
+    from the Gram matrices, then cosines and InfoNCE in one pass."""
+    return fused_comoe_loss(*anchor_dots(z, indices, gram), indices, config.temperature, mask, floor)
+
+
 def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
     """CoMoE InfoNCE (arXiv 2505.17553, Algorithm 1): activated experts are each other's positives,
     inactive ones the negatives. Scalar: the mean over real tokens (and anchors)."""
     indices = record.routing.indices
+    if record.outputs is None and takes_fused_kernel(record.z, indices, config):
+        return comoe_fused(record.z, indices, record_gram(record), record.norm_floor, record.mask, config)
     if record.outputs is not None:
         rows = output_anchor_cosines(record.outputs, indices, record.norm_floor)
     else:

@@ -41,6 +41,19 @@ def anchor_cosines(
     or scatter, which cost more than the extra FLOPs on the zero blocks. `floor` [T]: per-token norm floor
     in z-space (output-space floor / scaling), see normalize_with_floor.
     """
+    dots, self_dots = anchor_dots(z, indices, gram)
+    floor = None if floor is None else floor.unsqueeze(-1)
+    norms = floored_norms(self_dots, floor)  # [..., T, n]
+    anchor_norms = norms.gather(-1, indices)  # [..., T, k]
+    return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(-2))
+
+
+def anchor_dots(
+    z: torch.Tensor, indices: torch.Tensor, gram: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dot products behind anchor_cosines, in float32 and z-space (output space / scaling^2): [..., T,
+    k, n] between each token's active experts and all n experts, and [..., T, n] each expert's squared
+    norm (the fused kernel of comoe.objectives.triton_infonce takes these)."""
     num_tokens, n, r = z.shape[-3:]
     lead = tuple(z.shape[:-3])
     k = indices.shape[-1]
@@ -48,10 +61,7 @@ def anchor_cosines(
     anchor_blocks = one_hot(indices, n, z.dtype).unsqueeze(-1)  # [..., T, k, n, 1]
     placed = (anchor_blocks * z.unsqueeze(-3)).view(*lead, num_tokens * k, n * r)
     dots = ((placed @ gram).view(*lead, num_tokens, k, n, r) * z.unsqueeze(-3)).sum(-1)  # [..., T, k, n]
-    floor = None if floor is None else floor.unsqueeze(-1)
-    norms = floored_norms(_block_self_dots(z, gram), floor)  # [..., T, n]
-    anchor_norms = norms.gather(-1, indices)  # [..., T, k]
-    return dots / (anchor_norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    return dots, _block_self_dots(z, gram)
 
 
 def _block_self_dots(z: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
