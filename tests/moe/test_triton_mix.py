@@ -12,13 +12,16 @@ from comoe.moe.triton_mix import MIX_BACKWARD_B, MIX_BACKWARD_Z, MIX_FORWARD, sc
 from tests.helpers import dense_reference, grads, make_layer
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+# The interpreter here (tests/conftest.py); on a GPU machine `TRITON_INTERPRET=0 pytest` runs the compiled
+# kernels on CUDA tensors.
+DEVICE = torch.device("cpu" if triton_jit.INTERPRETER or not torch.cuda.is_available() else "cuda")
 
 
 def routed(num_tokens, n, k, generator, dtype=torch.float32, r=4, d_out=40):
     """z [T, n, r], B [n, r, d_out], router logits [T, n] (all leaves) and the routing of the logits."""
-    z = torch.randn(num_tokens, n, r, generator=generator).to(dtype).requires_grad_()
-    lora_B = torch.randn(n, r, d_out, generator=generator).to(dtype).requires_grad_()
-    logits = torch.randn(num_tokens, n, generator=generator).requires_grad_()
+    z = torch.randn(num_tokens, n, r, generator=generator).to(DEVICE, dtype).requires_grad_()
+    lora_B = torch.randn(n, r, d_out, generator=generator).to(DEVICE, dtype).requires_grad_()
+    logits = torch.randn(num_tokens, n, generator=generator).to(DEVICE).requires_grad_()
     return z, lora_B, logits
 
 
@@ -34,6 +37,8 @@ def masked_dense(z, logits, lora_B, k, scaling):
 
 def test_the_kernels_run_in_tritons_interpreter():
     """tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported: the kernels are interpreted."""
+    if DEVICE.type == "cuda":
+        pytest.skip("compiled for the GPU (TRITON_INTERPRET=0)")
     assert triton_jit.INTERPRETER
     for kernel in (MIX_FORWARD, MIX_BACKWARD_Z, MIX_BACKWARD_B):
         assert type(kernel).__name__ == "InterpretedFunction"
@@ -43,7 +48,11 @@ def test_the_kernels_run_in_tritons_interpreter():
 SHAPES = [(37, 4, 1, 4, 40), (29, 5, 2, 3, 17), (23, 6, 3, 8, 33), (11, 4, 4, 5, 21)]
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+# the interpreter has no bfloat16 (numpy); compiled on a GPU it is checked too
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 3e-3)] + [(torch.bfloat16, 2e-2)] * (DEVICE.type == "cuda")
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
 @pytest.mark.parametrize(("num_tokens", "n", "k", "r", "d_out"), SHAPES)
 def test_outputs_and_gradients_equal_the_masked_dense_reference(num_tokens, n, k, r, d_out, dtype, tol):
     z, lora_B, logits = routed(num_tokens, n, k, torch.Generator().manual_seed(n * k), dtype, r, d_out)
@@ -52,6 +61,7 @@ def test_outputs_and_gradients_equal_the_masked_dense_reference(num_tokens, n, k
     assert out.shape == (num_tokens, d_out) and out.dtype == dtype
     ref = masked_dense(z, logits, lora_B, k, 0.75)
     grad = torch.randn(num_tokens, d_out, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = grad.to(DEVICE)
     got = torch.autograd.grad((out.double() * grad).sum(), (z, logits, lora_B))
     expected = torch.autograd.grad((ref * grad).sum(), (z, logits, lora_B))
     scale = ref.abs().max()
@@ -95,9 +105,9 @@ def test_expanded_z_as_a_shared_down_projection_gives_its_summed_gradient():
     """HydraLoRA's bank hands the strategies z as an expanded view (one shared A): the kernel reads z
     through its strides, and autograd sums the per-expert gradient back."""
     g = torch.Generator().manual_seed(5)
-    shared = torch.randn(13, 1, 4, generator=g, requires_grad=True)
-    lora_B = torch.randn(3, 4, 18, generator=g, requires_grad=True)
-    routing = route(torch.randn(13, 3, generator=g), 3, soft=True)
+    shared = torch.randn(13, 1, 4, generator=g).to(DEVICE).requires_grad_()
+    lora_B = torch.randn(3, 4, 18, generator=g).to(DEVICE).requires_grad_()
+    routing = route(torch.randn(13, 3, generator=g).to(DEVICE), 3, soft=True)
     out = scatter_mix(shared.expand(13, 3, 4), routing.gates, routing.indices, lora_B, 1.0, block_m=16)
     ref = mix_blocks(shared.expand(13, 3, 4), routing, lora_B, 1.0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -108,8 +118,8 @@ def test_expanded_z_as_a_shared_down_projection_gives_its_summed_gradient():
 
 @pytest.mark.parametrize("routing", ["topk", "soft"])
 def test_a_layer_computing_through_triton_equals_the_dense_reference(routing):
-    layer = make_layer(16, 24, 4, 2, 4, "triton", routing=routing)
-    x = torch.randn(3, 5, 16, requires_grad=True)
+    layer = make_layer(16, 24, 4, 2, 4, "triton", routing=routing).to(DEVICE)
+    x = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
     out, ref = layer(x), dense_reference(layer, x)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for fast, slow in zip(grads(layer, x, out), grads(layer, x, ref), strict=True):
@@ -134,4 +144,4 @@ def test_bad_input_is_refused(monkeypatch):
         scatter_mix(z, routing.gates, routing.indices, lora_B[:2], 1.0)
     monkeypatch.setattr(triton_jit, "INTERPRETER", False)  # as on a machine without the interpreter
     with pytest.raises(ValueError, match="expert_compute='triton': Triton kernels run on CUDA tensors.*got tensors on 'cpu'"):
-        scatter_mix(z, routing.gates, routing.indices, lora_B, 1.0)
+        scatter_mix(z.cpu(), routing.gates.cpu(), routing.indices.cpu(), lora_B.cpu(), 1.0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from comoe.config import ComoeConfig
+from comoe.moe import triton_jit
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import Routing
 from comoe.moe.triton_jit import TRITON_AVAILABLE
@@ -14,14 +15,17 @@ from comoe.objectives.reference import comoe_loss
 from comoe.objectives.triton_infonce import COMOE_INFONCE, fused_comoe_applies, fused_comoe_loss
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+# The interpreter here (tests/conftest.py); on a GPU machine `TRITON_INTERPRET=0 pytest` runs the compiled
+# kernel on CUDA tensors.
+DEVICE = torch.device("cpu" if triton_jit.INTERPRETER or not torch.cuda.is_available() else "cuda")
 
 
 def experts(lead, num_tokens, n, k, seed, dtype=torch.float32, r=4, d=12):
     """z [..., T, n, r], B [n, r, d] (leaves), top-k indices [..., T, k] of random scores."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(*lead, num_tokens, n, r, generator=g).to(dtype).requires_grad_()
-    lora_B = torch.randn(n, r, d, generator=g).to(dtype).requires_grad_()
-    indices = torch.randn(*lead, num_tokens, n, generator=g).topk(k, dim=-1).indices
+    z = torch.randn(*lead, num_tokens, n, r, generator=g).to(DEVICE, dtype).requires_grad_()
+    lora_B = torch.randn(n, r, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    indices = torch.randn(*lead, num_tokens, n, generator=g).topk(k, dim=-1).indices.to(DEVICE)
     return z, lora_B, indices
 
 
@@ -36,6 +40,8 @@ def dots(z, lora_B, indices, dtype=torch.float32):
 
 
 def test_the_kernel_runs_in_tritons_interpreter():
+    if DEVICE.type == "cuda":
+        pytest.skip("compiled for the GPU (TRITON_INTERPRET=0)")
     assert type(COMOE_INFONCE).__name__ == "InterpretedFunction"
 
 
@@ -45,8 +51,8 @@ def test_the_kernel_runs_in_tritons_interpreter():
 def test_value_and_gradients_equal_the_reference(num_tokens, n, k, with_floor):
     z, lora_B, indices = experts((), num_tokens, n, k, seed=num_tokens)
     g = torch.Generator().manual_seed(1)
-    mask = torch.rand(num_tokens, generator=g) > 0.3
-    floor = torch.rand(num_tokens, generator=g) * 3 if with_floor else None
+    mask = (torch.rand(num_tokens, generator=g) > 0.3).to(DEVICE)
+    floor = (torch.rand(num_tokens, generator=g) * 3).to(DEVICE) if with_floor else None
     fused = fused_comoe_loss(*dots(z, lora_B, indices), indices, 0.2, mask, floor, block_t=8)
     outputs = torch.einsum("tir,ird->tid", z, lora_B)
     reference = comoe_loss(outputs, indices, 0.2, mask=mask, norm_floor=floor)
@@ -64,7 +70,7 @@ def test_floored_and_zero_outputs_match_the_reference_subgradients():
     z, lora_B, indices = experts((), 11, 5, 2, seed=2)
     with torch.no_grad():
         lora_B[3] = 0.0  # expert 3's output is zero for every token
-    floor = torch.full((11,), 2.0)
+    floor = torch.full((11,), 2.0, device=DEVICE)
     fused = fused_comoe_loss(*dots(z, lora_B, indices), indices, 0.5, None, floor)
     reference = comoe_loss(torch.einsum("tir,ird->tid", z, lora_B), indices, 0.5, norm_floor=floor)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
@@ -92,7 +98,7 @@ def test_float16_inputs_and_dots():
 def test_stacked_layers_give_one_loss_each():
     """Leading dimensions (layers of one shape stacked): each index's loss is its own layer's."""
     z, lora_B, indices = experts((3,), 10, 5, 2, seed=4)
-    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(5)) > 0.4
+    mask = (torch.rand(3, 10, generator=torch.Generator().manual_seed(5)) > 0.4).to(DEVICE)
     mask[2] = False  # a layer without real tokens: 0
     fused = fused_comoe_loss(*dots(z, lora_B, indices), indices, 0.3, mask)
     assert fused.shape == (3,)
