@@ -227,7 +227,7 @@ def test_the_dora_baseline_trains_in_comoe_trainer_and_saves_a_peft_folder(tmp_p
 
 
 # Routed presets of the method zoo with their tiny-model overrides (omoe: n * r must fit the 32 k/v outputs)
-ZOO = {"omoe": dict(r=8), "mola": dict(), "mixlora-ffn": dict()}
+ZOO = {"omoe": dict(r=8), "mola": dict(), "mixlora-ffn": dict(), "comoe-dora": dict(r=4)}
 
 
 @pytest.mark.parametrize("preset", list(ZOO))
