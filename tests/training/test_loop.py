@@ -130,6 +130,7 @@ def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
 
 
 ROUTER_OPTIONS = "adapter_config: {aux_objectives: {router_z: 0.001}, router_jitter: 0.01}\n"
+LORAMOE_TYPES = "adapter_config: {knowledge_tasks: [family_relationships]}\n"  # one built-in task
 OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 k/v outputs (omoe's bound)
 
 
@@ -141,10 +142,24 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
         ("dora", ""),
         ("omoe", OMOE_TINY),
         ("mola", ""),
-        ("mixlora-ffn", ""),
+        ("adamole", ""),
         ("comoe-dora", ""),
+        ("mixlora-ffn", ""),
+        ("moelora-liu", ""),
+        ("loramoe", LORAMOE_TYPES),
     ],
-    ids=["hydralora", "moe-router-options", "dora", "omoe", "mola", "mixlora-ffn", "comoe-dora"],
+    ids=[
+        "hydralora",
+        "moe-router-options",
+        "dora",
+        "omoe",
+        "mola",
+        "adamole",
+        "comoe-dora",
+        "mixlora-ffn",
+        "moelora-liu",
+        "loramoe",
+    ],
 )
 def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     tiny_model_dir, tmp_path, preset, yaml
@@ -165,6 +180,17 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
         assert [v[0] for k, v in sorted(shapes.items()) if k.endswith("lora_A")] == [2, 6]
     if preset == "omoe":
         assert (config["expert_bank"], config["routing"], config["r"]) == ("omoe", "soft", 8)
+    if preset == "adamole":  # the threshold network saved beside each router; Switch balancing over active experts
+        assert (config["routing"], config["num_experts"], config["r"]) == ("threshold", 8, 4)
+        assert config["balance_weight"] == 0.001 and all(row["balance"] > 0 for row in rows)
+        assert "model.layers.0.self_attn.q_proj.threshold.bias" in load_file(run / "adapter" / WEIGHTS_NAME)
+    if preset == "comoe-dora":  # DoRA experts under CoMoE: a magnitude vector [n, d_out] per adapted linear
+        assert (config["expert_bank"], config["contrastive"]) == ("dora", "comoe")
+        assert all(row["contrastive"] > 0 for row in rows)
+        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
+        magnitudes = {k.removesuffix("lora_magnitude_vector"): v for k, v in shapes.items() if "magnitude" in k}
+        assert len(magnitudes) == 8  # q/k/v/o in both blocks, each [experts, its d_out]
+        assert all(v == (4, shapes[f"{k}lora_B"][2]) for k, v in magnitudes.items())
     if preset == "mixlora-ffn":  # FFN-block experts on each MLP (one router there), plain LoRA on q/k/v/o
         assert (config["ffn_experts"], config["num_experts"], config["balance_weight"]) == (["mlp"], 8, 0.001)
         assert all(row["balance"] > 0 for row in rows)
@@ -174,16 +200,27 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
             "model.layers.1.mlp.router.weight",
         ]
         assert shapes["model.layers.0.mlp.down_proj.lora_A"] == (8, 16, 96)
-    if preset == "comoe-dora":  # DoRA experts under CoMoE: a magnitude vector [n, d_out] per adapted linear
-        assert (config["expert_bank"], config["contrastive"]) == ("dora", "comoe")
-        assert all(row["contrastive"] > 0 for row in rows)
-        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
-        magnitudes = {k.removesuffix("lora_magnitude_vector"): v for k, v in shapes.items() if "magnitude" in k}
-        assert len(magnitudes) == 8  # q/k/v/o in both blocks, each [experts, its d_out]
-        assert all(v == (4, shapes[f"{k}lora_B"][2]) for k, v in magnitudes.items())
     if preset == "dora":  # a PEFT folder: DoRA at the comoe preset's count, round((29696 - 192) / 448)
         assert (config["peft_type"], config["use_dora"], config["r"]) == ("LORA", True, 66)
         assert any("lora_magnitude_vector" in name for name in load_file(run / "adapter" / WEIGHTS_NAME))
+    if preset in ("moelora-liu", "loramoe"):  # the training tasks recorded as the task vocabulary
+        assert "syllogism" in config["tasks"] and len(set(config["tasks"])) == 5
+    if preset == "moelora-liu":  # a task embedding [tasks, 64] and a gate [8, 64] per adapted linear
+        shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
+        assert shapes["model.layers.0.mlp.down_proj.task_embedding.weight"] == (5, 64)
+        assert shapes["model.layers.0.mlp.down_proj.router.weight"] == (8, 64)
+        assert shapes["model.layers.0.mlp.down_proj.lora_A"] == (8, 2, 96)
+    if preset == "loramoe":  # dense routing on the FFN; the localized balancing constraint is logged
+        assert (config["routing"], config["aux_objectives"]) == ("soft", {"loramoe": 0.1})
+        assert config["knowledge_tasks"] == ["family_relationships"]
+        assert all(row["localized_balance"] > 0 for row in rows)
+    if preset in ("moelora-liu", "loramoe"):  # comoe eval maps the tasks to the adapter's ids
+        report_path = tmp_path / "eval.json"
+        eval_argv = ["eval", "--adapter", str(run / "adapter"), "--tasks", "syllogism,chain_sum"]
+        eval_argv += ["--limit", "2", "--mode", "generate", "--max-new-tokens", "2", "--output", str(report_path)]
+        assert main(eval_argv) == 0
+        evaluated = json.loads(report_path.read_text())["tasks"]
+        assert evaluated["syllogism"]["n"] == 2 and evaluated["chain_sum"]["n"] == 2
     if yaml == ROUTER_OPTIONS:  # the router z-loss is logged; both options are recorded in the folder
         assert all(row["router_z"] > 0 for row in rows)
         assert (config["aux_objectives"], config["router_jitter"]) == ({"router_z": 0.001}, 0.01)

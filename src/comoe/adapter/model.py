@@ -32,6 +32,7 @@ from comoe.adapter.persistence import AdapterPersistenceMixin
 from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decoder
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
+from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import (
     AuxiliaryLosses,
     compute_auxiliary_losses,
@@ -357,6 +358,27 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Experts and routers (and the modules_to_save copies), keyed by module path."""
         return adapter_tensors(self._injection)
+
+
+def config_call_inputs(config: ComoeConfig) -> frozenset[str]:
+    """The per-call inputs an adapter of `config` will read (ComoeModel.call_input_names, known before it
+    is built): its routing kind's and, when an active objective needs them, "task_ids"."""
+    extra = {"task_ids"} if "task_ids" in requirements(usable_objectives(config, strict=False)) else set()
+    return get_routing(config.routing).inputs | extra
+
+
+def task_model(model: nn.Module) -> ComoeModel:
+    """The ComoeModel of `model` (itself, or inside a DDP wrapper)."""
+    return getattr(model, "module", model)
+
+
+def task_vocabulary(model: nn.Module) -> list[str] | None:
+    """The task names whose positions are the task ids `model` (or the model inside a DDP wrapper) reads:
+    its adapter's `tasks`; None for a model that reads no task ids (every method but the task-routed ones)."""
+    model = task_model(model)
+    if "task_ids" not in getattr(model, "call_input_names", ()):
+        return None
+    return list(model.comoe_config.tasks or [])
 
 
 def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:

@@ -46,6 +46,13 @@ def group_by_task(examples: list[Example]) -> dict[str, list[int]]:
     return groups
 
 
+def vocabulary_ids(examples: list[Example], vocabulary: list[str]) -> list[int]:
+    """Each example's task id in `vocabulary` (an adapter's task names, a task's id its position), -1 for a
+    task outside it."""
+    position = {name: index for index, name in enumerate(vocabulary)}
+    return [position.get(e.task, -1) for e in examples]
+
+
 def task_index(examples: list[Example]) -> tuple[list[str], list[int]]:
     """The distinct task names in order of first appearance, and each example's index into them."""
     names = list(dict.fromkeys(e.task for e in examples))

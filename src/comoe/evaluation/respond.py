@@ -3,11 +3,16 @@ template its folder records: the chat template, Alpaca, or the bare text)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from comoe.adapter.model import task_model, task_vocabulary
 from comoe.data.example import Example
 from comoe.data.formats import Messages, nonempty_field, parse_messages
 from comoe.data.record import trained_template
@@ -15,8 +20,10 @@ from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.runner import eval_quantization, load_for_eval
 from comoe.evaluation.settings import GenerateArgs
 from comoe.files import atomic_write_text
+from comoe.moe.routing import get_routing
 
 PROMPT_TASK = "prompt"  # the task the prompts are tagged with
+logger = logging.getLogger(__name__)
 
 
 def read_prompts(args: GenerateArgs) -> list[Any]:
@@ -79,6 +86,19 @@ def prompt_example(prompt: Any, template: str) -> Example:
     return Example(PROMPT_TASK, prompt, "", "", "", messages=(("user", prompt),), template=template)
 
 
+def unknown_task(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Prompts carry no task: an adapter that reads task ids (routing 'task') routes them as a task outside
+    its vocabulary (id -1: the mean of the known tasks' gates), with a warning; others are unchanged."""
+    vocabulary = task_vocabulary(model)
+    if vocabulary is None or "task_ids" not in get_routing(task_model(model).comoe_config.routing).inputs:
+        return contextlib.nullcontext()
+    logger.warning(
+        "prompts carry no task: the adapter's task-routed layers use the mean of its tasks' gates (%s)",
+        ", ".join(vocabulary),
+    )
+    return task_model(model).default_call_inputs(task_ids=[-1])
+
+
 def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     """Generate, then print the JSONL rows {prompt, response, truncated} or write them to args.output."""
     prompts = read_prompts(args)
@@ -89,7 +109,8 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     model, tokenizer = load_for_eval(
         args.model, args.adapter, args.dtype, args.device, eval_quantization(args)
     )
-    texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
+    with unknown_task(model):
+        texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
     rows = [
         {"prompt": [list(t) for t in p] if isinstance(p, tuple) else p, "response": text, "truncated": c}
         for p, text, c in zip(prompts, texts, cut, strict=True)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from comoe.adapter.folder import AdapterFolder, adapter_folder
-from comoe.data.example import Example
+from comoe.adapter.model import task_model, task_vocabulary
+from comoe.data.example import Example, group_by_task
 from comoe.data.record import trained_answers, trained_quantization, trained_template
 from comoe.data.selection import SourceSettings, select_examples
 from comoe.data.tasks import scoring_of
@@ -46,7 +47,38 @@ def predict(
     batch_size: int = 8,
     max_new_tokens: int = 32,
 ) -> list[Prediction]:
-    """Score every example: 'loglik' for choice tasks (others always generate), or 'generate'."""
+    """Score every example: 'loglik' for choice tasks (others always generate), or 'generate'. An adapter
+    that reads task ids (routing 'task', the loramoe objective) scores each task's examples with the task's
+    id in its vocabulary (a task outside it: -1, the mean of the known tasks' gates, with a warning)."""
+    vocabulary = task_vocabulary(model)
+    if vocabulary is None:
+        return _predict(model, tokenizer, examples, mode, batch_size, max_new_tokens)
+    predictions: list[Prediction] = [None] * len(examples)  # type: ignore[list-item]
+    for task, indices in group_by_task(examples).items():
+        task_id = vocabulary.index(task) if task in vocabulary else -1
+        if task_id < 0:
+            logger.warning(
+                "task %r is not among the adapter's training tasks %s: its examples are routed with the mean "
+                "of the known tasks' gates",
+                task,
+                vocabulary,
+            )
+        with task_model(model).default_call_inputs(task_ids=[task_id]):
+            group = [examples[i] for i in indices]
+            chosen = _predict(model, tokenizer, group, mode, batch_size, max_new_tokens)
+            for i, prediction in zip(indices, chosen, strict=True):
+                predictions[i] = prediction
+    return predictions
+
+
+def _predict(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    mode: str,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[Prediction]:
     predictions: list[Prediction | None] = [None] * len(examples)
     scored = [i for i, e in enumerate(examples) if mode == "loglik" and scoring_of(e) == "choice"]
     generated = sorted(set(range(len(examples))) - set(scored))

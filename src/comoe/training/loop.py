@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from comoe.adapter.model import task_vocabulary
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.data.collate import IGNORE_INDEX, Tokenized, encode_examples
-from comoe.data.example import Example, task_index
+from comoe.data.example import Example, task_index, vocabulary_ids
 from comoe.data.record import write_data_record
 from comoe.errors import Interrupted, NonFiniteLoss
 from comoe.evaluation.loglik import within_context
@@ -81,7 +82,7 @@ def trainable_items(
 def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -> Path:
     run = run_dir.path
     examples, validation = training_data(args, dataset)  # data errors before the model is loaded
-    model, tokenizer = build_model(args)
+    model, tokenizer = build_model(args, tasks=task_index(examples)[0])
     method = adapter_method(model)
     initial_routers = router_weights(model)  # the seeded initialisation, also when resuming
     cutoff = within_context(model, args.cutoff)  # never past the model's position embeddings
@@ -93,6 +94,8 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     val_kept = trainable_items(val_items, args.cutoff, cutoff, "validation examples") if validation else []
     val_items, validation = [val_items[i] for i in val_kept], [validation[i] for i in val_kept]
     val_names, val_ids = task_index(validation)
+    vocabulary = task_vocabulary(model)  # None unless the adapter reads task ids
+    val_model_ids = vocabulary_ids(validation, vocabulary) if vocabulary is not None else None
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
@@ -116,6 +119,13 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
             f"run directory {run}"
         )
     task_names, task_ids = task_index(examples)
+    if vocabulary is not None:  # the batches' task ids are the adapter's: ids into its task vocabulary
+        task_names, task_ids = vocabulary, vocabulary_ids(examples, vocabulary)
+        outside = sorted({e.task for e, i in zip(examples, task_ids, strict=True) if i < 0})
+        if outside:
+            raise ValueError(
+                f"tasks: {vocabulary} (the adapter's task vocabulary) lacks the training tasks {outside}"
+            )
     pad_id = tokenizer.pad_token_id
     batches = micro_batches(items, task_ids, args, pad_id, step * args.grad_accum, world)
     checkpoints = args.save_steps if not (args.fsdp and world.size > 1) else 0
@@ -166,7 +176,11 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                         "and grad_norm_<component> every --stats-steps are in log.jsonl)"
                     )
             if val_items and (step == total or (args.eval_steps and step % args.eval_steps == 0)):
-                parts.update(validation_loss(model, val_items, val_ids, val_names, args.batch_size, pad_id))
+                parts.update(
+                    validation_loss(
+                        model, val_items, val_ids, val_names, args.batch_size, pad_id, val_model_ids
+                    )
+                )
                 if args.save_best and parts["val_loss"] < best:
                     best = parts["val_loss"]
                     save_best(model, run, step, best, examples, world)

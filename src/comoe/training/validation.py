@@ -19,8 +19,11 @@ def validation_loss(
     task_names: list[str],
     batch_size: int,
     pad_id: int,
+    model_task_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """{'val_loss': per-token mean over all validation responses, 'val_loss/<task>': the same per task}.
+    `model_task_ids`: each item's task id in the adapter's task vocabulary (-1 outside it), for adapters
+    that read task ids (None for the others).
 
     Every process computes all of it (a few batches), so under DDP/FSDP all take part in each forward."""
     was_training = model.training
@@ -32,6 +35,8 @@ def validation_loss(
         for start in range(0, len(items), batch_size):
             chunk = list(range(start, min(start + batch_size, len(items))))
             batch = pad_batch([items[i] for i in chunk], pad_id)
+            if model_task_ids is not None:
+                batch["task_ids"] = torch.tensor([model_task_ids[i] for i in chunk])
             logits, targets = response_logits(model, {k: v.to(device) for k, v in batch.items()})
             rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
             tasks = torch.tensor([task_ids[i] for i in chunk])[rows]
