@@ -73,8 +73,8 @@ class ComoeConfig:
     routing: str = _field(
         "topk",
         "A registered routing kind (comoe.moe.routing): 'topk', sparse top-k of a per-token softmax; "
-        "'soft', every expert softmax-weighted; 'threshold', AdaMoLE's learned per-token threshold (a variable "
-        "number of experts per token).",
+        "'soft', every expert softmax-weighted; 'threshold', AdaMoLE's learned per-token threshold (a "
+        "variable number of experts per token).",
     )
     norm_topk_prob: bool | None = _field(
         None,

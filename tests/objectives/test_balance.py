@@ -6,8 +6,9 @@ import torch
 from comoe.config import ComoeConfig
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import route
+from comoe.moe.threshold import threshold_route
 from comoe.objectives import reference
-from comoe.objectives.balance import balance_loss, global_expert_fraction, load_balance_loss
+from comoe.objectives.balance import balance_batched, balance_loss, global_expert_fraction, load_balance_loss
 
 
 def case(tokens=30, n=6, k=2, seed=0, dtype=torch.float64):
@@ -54,3 +55,26 @@ def test_the_layer_objective_reads_the_record_mask_and_one_process_counts_locall
     for scope in ("local", "global"):
         value = balance_loss(record, ComoeConfig.preset("mixlora", num_experts=6, balance_scope=scope))
         torch.testing.assert_close(value, reference.load_balance_loss(routing.probs, routing.indices, mask))
+
+
+def test_a_variable_number_of_active_experts_counts_only_the_active_ones():
+    """AdaMoLE's threshold routing (the k = n layout, Routing.active): f_i is expert i's share of the really
+    active (token, expert) pairs over real tokens, written out as a loop; batched over layers as per layer."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(25, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    routing = threshold_route(logits, 3 * torch.randn(25, 1, generator=g))
+    mask = torch.rand(25, generator=g) > 0.3
+    counts = torch.zeros(5, dtype=torch.float64)
+    for t in range(25):
+        for i in range(5):
+            counts[i] += float(mask[t] and routing.active[t, i])
+    fraction = counts / counts.sum()
+    expected = 5 * (fraction * routing.probs[mask].double().mean(0)).sum()
+    record = LayerRecord(routing, torch.zeros(25, 5, 1), mask, torch.zeros(5, 1, 3))
+    value = balance_loss(record, ComoeConfig(routing="threshold", num_experts=5))
+    torch.testing.assert_close(value.double(), expected)
+    assert not torch.allclose(fraction, routing.probs[mask].double().mean(0).detach())  # not the mass
+    batched = balance_batched([record, record], ComoeConfig(routing="threshold", num_experts=5))
+    torch.testing.assert_close(batched, torch.stack([value, value]))
+    grads = [torch.autograd.grad(loss, logits, retain_graph=True)[0] for loss in (value, expected)]
+    torch.testing.assert_close(grads[0].double(), grads[1])

@@ -89,11 +89,31 @@ def _mass_fraction(probs: Tensor, mask: Tensor | None, across_processes: bool = 
     return (sums[..., :-1] / sums[..., -1:].clamp_min(1)).to(probs.dtype)
 
 
+def active_fraction(
+    indices: Tensor, active: Tensor, mask: Tensor | None, num_experts: int, across_processes: bool = False
+) -> Tensor:
+    """f_i for routing kinds whose number of active experts varies per token (Routing.active, the k = n
+    layout with zero gates for the inactive experts: AdaMoLE's threshold): expert i's share of the really
+    active (token, expert) assignments over real tokens, the Switch count with the inactive slots left out.
+    indices, active [..., T, k], mask [..., T] -> [..., n] (detached: a count)."""
+    weights = valid_mask(mask, active.shape[:-1], active.device).to(torch.float32)
+    slots = active.to(torch.float32) * weights.unsqueeze(-1)  # [..., T, k]
+    counts = (one_hot(indices, num_experts, torch.float32) * slots.unsqueeze(-1)).sum(dim=(-3, -2))
+    sums = torch.cat([counts, slots.sum(dim=(-2, -1)).unsqueeze(-1)], -1).double()
+    if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return (sums[..., :-1] / sums[..., -1:].clamp_min(1)).float()
+
+
 def balance_loss(record: LayerRecord, config: ComoeConfig) -> Tensor:
     """Switch load balancing of one layer, with expert load counted locally or over all processes; for
-    dense routing (k = n) the load is the probability mass (mass_fraction)."""
+    dense routing (k = n) the load is the probability mass (mass_fraction), except for kinds that mark
+    their really active experts (Routing.active), whose active assignments are counted (active_fraction)."""
     across = config.balance_scope == "global"
-    if record.routing.indices.shape[1] == record.routing.num_experts:
+    routing = record.routing
+    if routing.active is not None:
+        fraction = active_fraction(routing.indices, routing.active, record.mask, routing.num_experts, across)
+    elif record.routing.indices.shape[1] == record.routing.num_experts:
         fraction = mass_fraction(record, across)
     else:
         fraction = global_expert_fraction(record) if across else None
@@ -110,7 +130,11 @@ def balance_batched(records: list[LayerRecord], config: ComoeConfig) -> Tensor |
     probs = stacked(records, lambda record: record.routing.probs)
     mask = stacked(records, lambda record: record.mask)
     indices = stacked(records, lambda record: record.routing.indices)
-    fraction = _mass_fraction(probs, mask, across) if dense else None
+    active = stacked(records, lambda record: record.routing.active)
+    if active is not None:
+        fraction = active_fraction(indices, active, mask, probs.shape[-1], across)
+    else:
+        fraction = _mass_fraction(probs, mask, across) if dense else None
     return load_balance_loss(probs, indices, mask, fraction)
 
 
