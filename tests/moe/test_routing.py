@@ -10,8 +10,10 @@ from comoe.moe.routing import (
     Router,
     Routing,
     RoutingKind,
+    TaskRouting,
     TopKRouting,
     get_routing,
+    per_token,
     register_routing,
     route,
     sort_by_expert,
@@ -187,3 +189,116 @@ def test_unknown_routing_kinds_are_refused_listing_the_registered_ones():
     assert get_routing("topk") is TopKRouting and get_routing("soft").dense
     with pytest.raises(ValueError, match="routing='dense' is not a registered routing kind; valid: topk, soft"):
         get_comoe_model(tiny_llama(), ComoeConfig.preset("moe", routing="dense"))
+
+
+# ---- routing 'task': MOELoRA's task-motivated gate (Liu et al. 2023) ---------------------------------------
+
+TASKS = ["qa", "sum", "nli"]
+
+
+def task_model(**overrides):
+    torch.manual_seed(0)
+    config = ComoeConfig.preset("moelora-liu", tasks=TASKS, lora_dropout=0.0, **overrides)
+    model = get_comoe_model(tiny_llama(), config)
+    for layer in model.comoe_layers().values():
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+    return model
+
+
+def test_per_token_spreads_each_sequence_value_over_its_tokens():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert per_token(values, 6).tolist() == [[1.0, 2.0]] * 3 + [[3.0, 4.0]] * 3
+    assert per_token(torch.tensor([7]), 4).tolist() == [7, 7, 7, 7]  # one value for every row
+    with pytest.raises(ValueError, match="per-sequence input of 2 rows cannot be spread over the 5 tokens"):
+        per_token(values, 5)
+
+
+def test_the_task_gate_is_the_written_out_mixture_in_value_and_gradient():
+    model = task_model()
+    layer = model.comoe_layers()["model.layers.0.mlp.down_proj"]
+    assert layer.routing_kind is TaskRouting and layer.active_experts == 8
+    assert layer.task_embedding.weight.shape == (3, 64) and layer.router.weight.shape == (8, 64)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    task_ids = torch.tensor([2, 0])
+    model._context.call_inputs = {"task_ids": task_ids}
+    got = layer(x)
+    # plainly: one gate per example, softmax(W_T e_task), the same for each of its tokens
+    expected = []
+    for b in range(2):
+        gate = torch.softmax(layer.router.weight @ layer.task_embedding.weight[task_ids[b]], dim=-1)
+        rows = [layer.base_layer(x[b, t]) for t in range(5)]
+        for t in range(5):
+            for i in range(8):
+                rows[t] = rows[t] + gate[i] * layer.scaling * (layer.lora_A[i] @ x[b, t]) @ layer.lora_B[i]
+        expected.append(torch.stack(rows))
+    expected = torch.stack(expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    params = [x, layer.task_embedding.weight, layer.router.weight, layer.lora_A, layer.lora_B]
+    grads = torch.autograd.grad(got.square().sum(), params)
+    want = torch.autograd.grad(expected.square().sum(), params)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert grads[1][1].abs().sum() == 0 and grads[1][0].abs().sum() > 0  # only the tasks seen learn
+
+
+def test_a_task_outside_the_vocabulary_gets_the_mean_of_the_known_tasks_gates():
+    layer = next(iter(task_model().comoe_layers().values()))
+    logits = TaskRouting.task_logits(layer, torch.tensor([-1, 1]))
+    known = torch.softmax(layer.router(layer.task_embedding.weight), -1)
+    torch.testing.assert_close(torch.softmax(logits[0], -1), known.mean(0))
+    torch.testing.assert_close(torch.softmax(logits[1], -1), known[1])
+
+
+def test_task_ids_travel_through_forward_and_generate_and_are_refused_when_missing():
+    model = task_model()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1])).logits
+        other = model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([2, 1])).logits
+        assert not torch.allclose(first[0], other[0]) and torch.allclose(first[1], other[1])
+        with model.default_call_inputs(task_ids=[0]):  # one id for every row
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[0], first[0])
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]), max_new_tokens=3, do_sample=False
+        )
+        # greedy decoding's first new token is the forward's argmax at the last position
+        assert torch.equal(generated[:, 6], first[:, -1].argmax(-1))
+        with pytest.raises(ValueError, match="task_ids: missing; this adapter \\(routing='task'"):
+            model(input_ids=ids, attention_mask=mask)
+        with model.disable_adapters():  # the base model needs no task ids
+            model(input_ids=ids, attention_mask=mask)
+    with (
+        pytest.raises(ValueError, match="default_call_inputs: \\['prompt'\\] are not inputs"),
+        model.default_call_inputs(prompt=[1]),
+    ):
+        pass
+
+
+def test_other_methods_read_no_per_call_inputs():
+    model = get_comoe_model(tiny_llama(), ComoeConfig.preset("comoe", r=4))
+    assert model.call_input_names == frozenset()
+    model(input_ids=torch.randint(0, 128, (2, 5)))
+    assert model._context.call_inputs == {}
+
+
+def test_a_task_routed_adapter_saves_its_vocabulary_and_loads_to_the_same_logits(tmp_path):
+    model = task_model()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.task_embedding.weight.normal_()
+        before = model(input_ids=ids, task_ids=torch.tensor([1, 2])).logits
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "model.layers.1.self_attn.q_proj.task_embedding.weight" in keys
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.comoe_config.tasks == TASKS and loaded.call_input_names == {"task_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, task_ids=torch.tensor([1, 2])).logits, before)
+
+
+def test_task_routing_needs_a_task_vocabulary():
+    with pytest.raises(ValueError, match="tasks: null; routing='task' needs the task vocabulary"):
+        get_comoe_model(tiny_llama(), ComoeConfig.preset("moelora-liu"))
