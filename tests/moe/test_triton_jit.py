@@ -1,5 +1,7 @@
 """Triton as an optional dependency: the mode its kernels run in and where they can run."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from comoe.moe import triton_jit
 from comoe.moe.triton_jit import TRITON_AVAILABLE, jit, next_power_of_2, runnable, tl
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+interpreted_only = pytest.mark.skipif(not triton_jit.INTERPRETER, reason="kernels compiled for the GPU (TRITON_INTERPRET=0)")
 
 
 def _double(x_ptr, y_ptr, size, BLOCK: tl.constexpr):
@@ -15,6 +18,7 @@ def _double(x_ptr, y_ptr, size, BLOCK: tl.constexpr):
     tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=inside) * 2, mask=inside)
 
 
+@interpreted_only
 def test_kernels_run_in_the_interpreter_the_test_suite_sets():
     """tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported; a kernel runs on CPU tensors."""
     assert triton_jit.INTERPRETER
@@ -26,6 +30,7 @@ def test_kernels_run_in_the_interpreter_the_test_suite_sets():
     torch.testing.assert_close(y, 2 * x)
 
 
+@interpreted_only
 def test_where_the_kernels_run(monkeypatch):
     assert runnable("cuda") is None and runnable("cpu") is None  # the interpreter runs any device's tensors
     monkeypatch.setattr(triton_jit, "INTERPRETER", False)

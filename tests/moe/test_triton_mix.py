@@ -11,7 +11,13 @@ from comoe.moe.triton_jit import TRITON_AVAILABLE
 from comoe.moe.triton_mix import MIX_BACKWARD_B, MIX_BACKWARD_Z, MIX_FORWARD, scatter_mix, triton_runs_on
 from tests.helpers import dense_reference, grads, make_layer
 
-pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+pytestmark = [
+    pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)"),
+    pytest.mark.skipif(
+        TRITON_AVAILABLE and not triton_jit.INTERPRETER and not torch.cuda.is_available(),
+        reason="TRITON_INTERPRET=0 and no CUDA device: nowhere to run the kernels",
+    ),
+]
 # The interpreter here (tests/conftest.py); on a GPU machine `TRITON_INTERPRET=0 pytest` runs the compiled
 # kernels on CUDA tensors.
 DEVICE = torch.device("cpu" if triton_jit.INTERPRETER or not torch.cuda.is_available() else "cuda")

@@ -14,7 +14,13 @@ from comoe.objectives.contrastive import comoe_batched, comoe_objective
 from comoe.objectives.reference import comoe_loss
 from comoe.objectives.triton_infonce import COMOE_INFONCE, fused_comoe_applies, fused_comoe_loss
 
-pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+pytestmark = [
+    pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)"),
+    pytest.mark.skipif(
+        TRITON_AVAILABLE and not triton_jit.INTERPRETER and not torch.cuda.is_available(),
+        reason="TRITON_INTERPRET=0 and no CUDA device: nowhere to run the kernels",
+    ),
+]
 # The interpreter here (tests/conftest.py); on a GPU machine `TRITON_INTERPRET=0 pytest` runs the compiled
 # kernel on CUDA tensors.
 DEVICE = torch.device("cpu" if triton_jit.INTERPRETER or not torch.cuda.is_available() else "cuda")
