@@ -89,6 +89,12 @@ def test_expert_similarity_equals_materialised_outputs():
     shared_B = torch.randn(1, 8, 20, generator=g).expand(4, -1, -1).contiguous()
     same_z = z[:, :1].expand(-1, 4, -1).contiguous()  # every expert identical: redundancy 1
     assert expert_similarity(same_z, shared_B) == pytest.approx(1.0, abs=1e-5)
+    # materialised outputs (a bank whose outputs are not B z, e.g. DoRA experts) are taken as they are, masked
+    other = torch.randn(30, 4, 20, generator=g)
+    mask = torch.arange(30) % 3 > 0
+    cos = cosine_similarity_matrix(other[mask])
+    expected = float(torch.stack([cos[:, i, j] for i in range(4) for j in range(i + 1, 4)]).mean())
+    assert expert_similarity(z, lora_B, mask, outputs=other) == pytest.approx(expected, abs=1e-5)
 
 
 def test_accumulator_counts_equal_a_plain_loop():
