@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.adapter.ffn import ComoeFFN, LoraLinear
 from comoe.adapter.layer import ComoeContext
+from comoe.adapter.lora import matched_lora_config
 from comoe.adapter.method import method_for
 from comoe.adapter.serialization import WEIGHTS_NAME
 from comoe.objectives.reference import load_balance_loss
@@ -234,5 +235,7 @@ def test_misconfigurations_are_refused_naming_the_field():
         ComoeConfig.preset("mixlora-ffn", ffn_experts=[])
     with pytest.raises(ValueError, match="ffn_experts=\\['ffn'\\] matches no module"):
         get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora-ffn", ffn_experts=["ffn"]))
+    with pytest.raises(ValueError, match="ffn_experts=\\['mlp'\\]: the matched LoRA baseline"):
+        matched_lora_config(ComoeConfig.preset("mixlora-ffn"), tiny_llama())
     with pytest.raises(ValueError, match="target_modules: .*inside the ffn_experts MLPs"):
         get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora-ffn", target_modules=["q_proj", "up_proj"]))

@@ -174,6 +174,7 @@ class ExpertProjection(nn.Module):
 def ffn_shapes(
     bank: type[ExpertBank],
     routing: type[RoutingKind],
+    config: ComoeConfig,
     num_experts: int,
     r: int,
     in_features: int,
@@ -187,7 +188,7 @@ def ffn_shapes(
         "up_proj": (in_features, intermediate),
         "down_proj": (intermediate, out_features),
     }
-    shapes = dict(routing.shapes(num_experts, in_features))
+    shapes = dict(routing.shapes_for(config, num_experts, in_features))
     for projection, (d_in, d_out) in sizes.items():
         for key, shape in bank.shapes(num_experts, r, d_in, d_out).items():
             shapes[f"{projection}.{key}"] = shape
@@ -229,6 +230,7 @@ class ComoeFFN(nn.Module):
                 "(balance, router_z) with them"
             )
         self.base_layer = mlp
+        self.config = config  # read by routing kinds whose router depends on more than n, d_in
         self.in_features, self.intermediate_features, self.out_features = mlp_features(mlp)
         self.num_experts, self.top_k, self.r = config.num_experts, config.top_k, config.r
         self.scaling = config.scaling
@@ -258,7 +260,7 @@ class ComoeFFN(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's parameters by path under the MLP (the keys of `ffn_shapes`)."""
         d, d_ff, d_out = self.in_features, self.intermediate_features, self.out_features
-        keys = ffn_shapes(self.bank, self.routing_kind, self.num_experts, self.r, d, d_ff, d_out)
+        keys = ffn_shapes(self.bank, self.routing_kind, self.config, self.num_experts, self.r, d, d_ff, d_out)
         return {key: self.get_parameter(key) for key in keys}
 
     @property
@@ -345,6 +347,7 @@ def mixlora_shapes(
     bank, routing = get_bank(config.expert_bank), get_routing(config.routing)
     for name, mlp in mlps.items():
         n = config.experts_at(layer_index(name), num_blocks)
-        for key, shape in ffn_shapes(bank, routing, n, config.r, *mlp_features(mlp)).items():
+        block_config = config.at_depth(layer_index(name), num_blocks)
+        for key, shape in ffn_shapes(bank, routing, block_config, n, config.r, *mlp_features(mlp)).items():
             shapes[f"{name}.{key}"] = shape
     return shapes

@@ -29,6 +29,11 @@ def matched_lora_config(config: ComoeConfig, model: nn.Module, use_dora: bool = 
     magnitude vector of d_out entries, which is counted first: the rank is the integer nearest to
     (comoe parameters - sum d_out) / sum(d_in + d_out), at least 1.
     """
+    if config.ffn_experts is not None:
+        raise ValueError(
+            f"ffn_experts={config.ffn_experts!r}: the matched LoRA baseline counts per-linear experts only; "
+            "match a LoRA to MixLoRA's FFN-block form by its own target_modules and r"
+        )
     config = resolve_targets(model, config)
     targets = find_target_linears(model, config)
     configs = layer_configs(model, config, list(targets))  # experts_by_depth: each block's count
