@@ -140,7 +140,8 @@ class ComoeLinear(nn.Module):
             return result
         flat = x.reshape(-1, self.in_features).to(self.router.weight.dtype)
         router_input = self._jittered(flat) if self.router_jitter > 0 and self.training else flat
-        strategy = choose_strategy(self.expert_compute, self.num_experts, self.active_experts, flat.device.type)
+        device_type = flat.device.type
+        strategy = choose_strategy(self.expert_compute, self.num_experts, self.active_experts, device_type)
         fused = self.bank.outputs_are_lora and fuses(self.routing_kind, strategy)  # moe/fused.py
         if fused:
             logits = self.router(router_input)

@@ -1,0 +1,168 @@
+"""Routing and the blocks mix fused into one autograd Function with a hand-written backward.
+
+    probs = softmax(logits),  G = top-k gates scattered to [T, n] (renormalised, or p as it is, or p for
+    soft routing),  delta = (z * (G expanded over r) * scaling) @ B          z [T, n, r], B [n, r, d_out]
+
+This is exactly `route` followed by the `blocks` strategy (comoe.moe.routing, comoe.moe.experts), with
+fewer dispatched ops: on a GPU at comoe's sizes every aten op costs host time (docs/performance.md,
+bench_dispatch.py), and autograd's generic backward of the unfused graph (the gate renormalisation, the
+top-k gather, the scatter, the broadcasts) queues several ops per forward op. Here:
+
+- the gates are spread over each expert's r columns by one matmul with a constant [n, n*r] block matrix
+  that also carries the scaling, so gating is one multiply, with no reshapes;
+- renormalised top-k gates are a softmax over the active experts' logits (p_i / sum_{j active} p_j =
+  exp(l_i) / sum_{j active} exp(l_j)), so their backward is one softmax backward on the dense gates;
+- the forward saves z, B, the probabilities, the dense gates, their expansion and the gated z, and the
+  backward is seven matmuls and elementwise ops (dB, dz, dgates, dlogits), skipping what no input needs.
+
+Tested (tests/moe/test_fused.py): gradcheck in float64, and equal to route + blocks in values and every
+gradient (logits, z, B; through the routing's probabilities and gates, as the objectives read them).
+The layer takes this path where the mix strategy resolves to `blocks` and the routing kind is one of the
+built-in `topk` and `soft` (`fuses`); other strategies, routing kinds and banks keep the general path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from comoe.moe.routing import Routing, SoftRouting, TopKRouting
+
+_EXPANSIONS: dict[tuple, torch.Tensor] = {}
+
+
+def gate_expansion(
+    num_experts: int, r: int, scaling: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """[n, n*r]: row i holds `scaling` on expert i's r columns, 0 elsewhere, so dense gates [T, n] @ it
+    are the gates repeated over each expert's rank, scaled. Built once per shape, device and dtype."""
+    key = (num_experts, r, scaling, device, dtype)
+    expansion = _EXPANSIONS.get(key)
+    if expansion is None:
+        expansion = torch.eye(num_experts, device=device, dtype=dtype).repeat_interleave(r, dim=1) * scaling
+        _EXPANSIONS[key] = expansion
+    return expansion
+
+
+class RouteMixBlocks(torch.autograd.Function):
+    """(logits [T, n], z [T, n, r], B [n, r, d_out]) -> (delta [T, d_out], probs [T, n], indices [T, k],
+    gates [T, k]); soft routing: (delta, probs) (its indices are every expert, its gates the probs)."""
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 (the routing's options)
+        ctx: Any,
+        logits: torch.Tensor,
+        z: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        top_k: int,
+        soft: bool,
+        normalize: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        num_tokens = logits.shape[0]
+        n, r, d_out = lora_B.shape
+        # float32 as `route` (float64 stays float64: gradcheck)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        if soft:
+            indices, gates, dense = None, None, probs
+        else:
+            top, indices = probs.topk(top_k, dim=-1)
+            gates = top / top.sum(dim=-1, keepdim=True) if normalize else top
+            dense = torch.zeros_like(probs).scatter_(1, indices, gates)
+        expansion = gate_expansion(n, r, scaling, probs.device, probs.dtype)
+        spread = (dense @ expansion).to(z.dtype)  # [T, n*r]: gate * scaling on each expert's r columns
+        flat_z = z.reshape(num_tokens, n * r)
+        weighted = flat_z * spread
+        delta = weighted @ lora_B.reshape(n * r, d_out)
+        ctx.save_for_backward(flat_z, lora_B, probs, dense, spread, weighted, expansion)
+        ctx.options = (soft, normalize, logits.dtype, tuple(z.shape), indices)
+        ctx.set_materialize_grads(False)
+        if soft:
+            return delta, probs
+        ctx.mark_non_differentiable(indices)
+        return delta, probs, indices, gates
+
+    @staticmethod
+    def backward(ctx: Any, grad_delta: torch.Tensor | None, *grad_routing: torch.Tensor | None) -> tuple:
+        flat_z, lora_B, probs, dense, spread, weighted, expansion = ctx.saved_tensors
+        soft, normalize, logits_dtype, z_shape, indices = ctx.options
+        n, r, d_out = lora_B.shape
+        grad_probs = grad_routing[0] if grad_routing else None
+        grad_gates = None if soft else grad_routing[2]
+        needs_logits, needs_z, needs_b = ctx.needs_input_grad[:3]
+        grad_logits = grad_z = grad_b = grad_dense = None
+        if grad_delta is not None:
+            grad_delta = grad_delta.to(weighted.dtype)
+            if needs_b:
+                grad_b = (weighted.t() @ grad_delta).view(n, r, d_out)
+            if needs_z or needs_logits:
+                grad_weighted = grad_delta @ lora_B.reshape(n * r, d_out).t()  # [T, n*r]
+                if needs_z:
+                    grad_z = (grad_weighted * spread).view(z_shape)
+                if needs_logits:
+                    grad_dense = (grad_weighted * flat_z).to(expansion.dtype) @ expansion.t()  # [T, n]
+        if needs_logits:
+            if grad_gates is not None:  # an objective read the gates themselves
+                scattered = torch.zeros_like(dense).scatter_(1, indices, grad_gates.to(dense.dtype))
+                grad_dense = scattered if grad_dense is None else grad_dense + scattered
+            grad_logits = _gates_backward(grad_dense, grad_probs, probs, dense, soft, normalize)
+            grad_logits = None if grad_logits is None else grad_logits.to(logits_dtype)
+        return grad_logits, grad_z, grad_b, None, None, None, None
+
+
+def _softmax_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The gradient of a softmax's input from its output's gradient: output * (grad - <grad, output>)."""
+    return torch._softmax_backward_data(grad, output, -1, output.dtype)
+
+
+def _gates_backward(
+    grad_dense: torch.Tensor | None,
+    grad_probs: torch.Tensor | None,
+    probs: torch.Tensor,
+    dense: torch.Tensor,
+    soft: bool,
+    normalize: bool,
+) -> torch.Tensor | None:
+    """dL/dlogits from the dense gates' and the probabilities' gradients. Renormalised top-k gates are a
+    softmax over the active experts (zero elsewhere): one softmax backward on the dense gates. Soft gates
+    are the probabilities; plain top-k gates are p on the active experts (their mask: dense > 0, or
+    where p underflowed to 0 a zero gate whose gradient p * (...) is 0 either way)."""
+    if not soft and normalize:
+        parts = [] if grad_dense is None else [_softmax_backward(grad_dense, dense)]
+        if grad_probs is not None:
+            parts.append(_softmax_backward(grad_probs.to(probs.dtype), probs))
+        return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    if grad_dense is not None and not soft:
+        grad_dense = torch.where(dense > 0, grad_dense, 0)
+    total = grad_dense
+    if grad_probs is not None:
+        total = grad_probs.to(probs.dtype) if total is None else total + grad_probs
+    return None if total is None else _softmax_backward(total, probs)
+
+
+def route_and_mix(
+    logits: torch.Tensor,
+    z: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    top_k: int,
+    soft: bool = False,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, Routing]:
+    """`route(logits, top_k, soft, normalize)` then `mix_blocks(z, routing, lora_B, scaling)` as one
+    RouteMixBlocks: (delta [T, d_out] in z's dtype, the Routing). Shapes: logits [T, n], z [T, n, r],
+    lora_B [n, r, d_out]."""
+    if soft:
+        delta, probs = RouteMixBlocks.apply(logits, z, lora_B, scaling, top_k, True, normalize)
+        indices = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape[0], -1)
+        return delta, Routing(probs, indices, probs)
+    delta, probs, indices, gates = RouteMixBlocks.apply(logits, z, lora_B, scaling, top_k, False, normalize)
+    return delta, Routing(probs, indices, gates)
+
+
+def fuses(routing_kind: type, strategy: str) -> bool:
+    """Whether a layer with this routing kind whose mix strategy resolved to `strategy` takes
+    route_and_mix: the built-in topk and soft kinds (exactly: a registered subclass may route otherwise)
+    with the blocks strategy."""
+    return strategy == "blocks" and routing_kind in (TopKRouting, SoftRouting)
