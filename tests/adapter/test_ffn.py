@@ -150,12 +150,13 @@ def test_the_mixture_starts_as_the_base_mlp_bit_for_bit():
     assert float(layer.router.weight.std()) == pytest.approx(0.02, rel=0.3)  # MoE-PEFT's router_init_range
 
 
-def test_the_preset_starts_as_the_base_model_and_counts_its_parameters_by_hand():
-    base = tiny_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_preset_starts_as_the_base_model_and_counts_its_parameters_by_hand(dtype):
+    base = tiny_llama().to(dtype)
     ids = torch.randint(0, 128, (2, 7))
     expected = base(ids).logits
     model = get_comoe_model(base, ComoeConfig.preset("mixlora-ffn")).eval()
-    assert torch.equal(model(input_ids=ids).logits, expected)
+    assert torch.equal(model(input_ids=ids).logits, expected)  # bf16 base, float32 adapter: still exact
     # per block: plain LoRA r (d_in + d_out) on q (64->64), k and v (64->32), o (64->64) with r = 16;
     # 8 FFN experts: 8 r [(64 + 96) gate + (64 + 96) up + (96 + 64) down] + the router 8 x 64; 2 blocks
     attention = 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
