@@ -2,7 +2,7 @@
 
 import pytest
 
-from comoe.data.example import Example, group_by_task, task_index
+from comoe.data.example import Example, group_by_task, task_index, vocabulary_ids
 
 
 def test_an_example_renders_with_alpaca_and_scores_by_its_task_unless_told():
@@ -22,3 +22,9 @@ def test_grouping_keeps_the_order_of_first_appearance():
     assert group_by_task(examples) == {"b": [0, 2], "a": [1, 4], "c": [3]}
     assert task_index(examples) == (["b", "a", "c"], [0, 1, 0, 2, 1])
     assert group_by_task([]) == {} and task_index([]) == ([], [])
+
+
+def test_vocabulary_ids_are_positions_in_the_adapters_tasks_and_minus_one_outside():
+    examples = [Example(task, str(i), "", "", "") for i, task in enumerate(["b", "x", "a", "b"])]
+    assert vocabulary_ids(examples, ["a", "b"]) == [1, -1, 0, 1]
+    assert vocabulary_ids([], ["a"]) == []
