@@ -7,8 +7,9 @@ expert) pairs are sorted by expert and cut into blocks of BLOCK_M pairs that eac
 One kernel launch then gathers each block's r-wide z rows straight from the [T, n, r] tensor (no gathered
 copy), multiplies them by that expert's B tile on the tensor cores, applies gate and scaling and writes
 the rows to their (token, slot) position; the k rows of a token are summed after (as ScatterMoE does for
-k > 1). The block layout is computed on the device without a host sync (an upper bound of
-ceil(T*k / BLOCK_M) + n blocks; unused ones mask everything).
+k > 1; in float32, so the sum rounds once). Each program finds its expert and rows from the experts'
+cumulative block counts (one cumsum on the device, no host sync); the grid is an upper bound,
+ceil(T*k / BLOCK_M) + n blocks, and programs past the last block mask everything.
 
 Backward, two kernels over the same layout, exact (no recomputation of the forward):
 
@@ -37,16 +38,33 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU
 __all__ = ["BLOCK_M", "BLOCK_N", "ScatterMix", "mix_triton", "scatter_mix", "triton_runs_on"]
 
 
+def _block_rows(block_ends_ptr, group_start_ptr, counts_ptr, N, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's expert and its rows [start, end) of the sorted pairs: block b belongs to the expert
+    whose cumulative block count first exceeds b; blocks past the last expert's get an empty range."""
+    block = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    ends = tl.load(block_ends_ptr + experts, mask=experts < N, other=2147483647)
+    expert = tl.sum((ends <= block).to(tl.int32), axis=0)
+    used = expert < N
+    expert = tl.minimum(expert, N - 1)
+    count = tl.load(counts_ptr + expert)
+    first = tl.load(group_start_ptr + expert)
+    first_block = tl.load(block_ends_ptr + expert) - (count + BLOCK_M - 1) // BLOCK_M
+    start = first + (block - first_block) * BLOCK_M
+    end = tl.where(used, first + count, start)
+    return expert, start, end
+
+
 def _mix_forward_kernel(
-    z_ptr, szt, sze, szr, b_ptr, gates_ptr, order_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
-    y_ptr, K, R, D_OUT, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    z_ptr, szt, sze, szr, b_ptr, gates_ptr, order_ptr, block_ends_ptr, group_start_ptr, counts_ptr,
+    y_ptr, K, N, R, D_OUT, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    rows = tl.load(block_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(block_end_ptr + pid_m)
+    expert, start, end = _block_rows(block_ends_ptr, group_start_ptr, counts_ptr, N, BLOCK_M, BLOCK_E)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
     pair = tl.load(order_ptr + rows, mask=row_mask, other=0)  # position in the flattened [T, k] routing
     token = pair // K
     rr = tl.arange(0, BLOCK_R)
@@ -74,14 +92,14 @@ def _mix_forward_kernel(
 
 
 def _mix_backward_z_kernel(
-    z_ptr, szt, sze, szr, b_ptr, gates_ptr, order_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+    z_ptr, szt, sze, szr, b_ptr, gates_ptr, order_ptr, block_ends_ptr, group_start_ptr, counts_ptr,
     grad_ptr, dz_ptr, dgate_ptr, K, N, R, D_OUT, scaling,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + pid_m)
-    rows = tl.load(block_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(block_end_ptr + pid_m)
+    expert, start, end = _block_rows(block_ends_ptr, group_start_ptr, counts_ptr, N, BLOCK_M, BLOCK_E)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_mask = rows < end
     pair = tl.load(order_ptr + rows, mask=row_mask, other=0)
     token = pair // K
     rr = tl.arange(0, BLOCK_R)
@@ -112,14 +130,14 @@ def _mix_backward_z_kernel(
 
 
 def _mix_backward_b_kernel(
-    z_ptr, szt, sze, szr, gates_ptr, order_ptr, group_start_ptr, group_end_ptr, grad_ptr, db_ptr,
+    z_ptr, szt, sze, szr, gates_ptr, order_ptr, group_start_ptr, counts_ptr, grad_ptr, db_ptr,
     K, R, D_OUT, scaling,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     expert = tl.program_id(0)
     pid_n = tl.program_id(1)
     first = tl.load(group_start_ptr + expert)
-    end = tl.load(group_end_ptr + expert)
+    end = first + tl.load(counts_ptr + expert)
     rr = tl.arange(0, BLOCK_R)
     r_mask = rr < R
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,6 +168,7 @@ def _mix_backward_b_kernel(
     )
 
 
+_block_rows = jit(_block_rows)  # called from the two block kernels
 MIX_FORWARD = jit(_mix_forward_kernel)
 MIX_BACKWARD_Z = jit(_mix_backward_z_kernel)
 MIX_BACKWARD_B = jit(_mix_backward_b_kernel)
@@ -166,23 +185,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _block_layout(
-    counts: torch.Tensor, group_start: torch.Tensor, num_pairs: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocks of <= block_m sorted pairs of one expert: (expert, first row, end row) per block, [B] each.
+def _block_ends(counts: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[n] cumulative count of blocks of <= block_m sorted pairs per expert (each block one expert's)."""
+    return torch.cumsum((counts + (block_m - 1)) // block_m, 0)
 
-    B = ceil(num_pairs / block_m) + n bounds the count without reading `counts` on the host; the blocks
-    past the last one get an empty row range."""
-    n = counts.numel()
-    blocks = (counts + block_m - 1) // block_m
-    block_ends = torch.cumsum(blocks, 0)
-    index = torch.arange(_cdiv(num_pairs, block_m) + n, device=counts.device)
-    expert = torch.searchsorted(block_ends, index, right=True)
-    used = expert < n
-    expert = expert.clamp_max(n - 1)
-    start = group_start[expert] + (index - (block_ends - blocks)[expert]) * block_m
-    end = torch.where(used, group_start[expert] + counts[expert], start)
-    return expert.to(torch.int32), start, end
+
+def _num_blocks(num_pairs: int, n: int, block_m: int) -> int:
+    """An upper bound of the block count known without reading the counts on the host (no sync); the
+    programs past the last block find an empty row range."""
+    return _cdiv(num_pairs, block_m) + n
 
 
 class ScatterMix(torch.autograd.Function):
@@ -209,46 +220,46 @@ class ScatterMix(torch.autograd.Function):
         lora_B = lora_B.contiguous()
         gates_flat = gates.contiguous().view(-1)
         pairs = sort_by_expert(indices, n)
-        group_start = pairs.offsets.long() - pairs.counts
-        layout = _block_layout(pairs.counts, group_start, num_tokens * k, block_m)
+        group_start = pairs.offsets - pairs.counts
+        block_ends = _block_ends(pairs.counts, block_m)
         block_r = max(MIN_DOT, next_power_of_2(r))
         # k rows per token written apart and summed after; in float32 when k > 1 so the sum rounds once
         y = z.new_empty(num_tokens * k, d_out, dtype=z.dtype if k == 1 else torch.float32)
         if y.numel():
-            MIX_FORWARD[(layout[0].numel(), _cdiv(d_out, block_n))](
-                z, *z.stride(), lora_B, gates_flat, pairs.order, *layout, y, k, r, d_out, float(scaling),
-                BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=_precision(z.dtype),
+            MIX_FORWARD[(_num_blocks(num_tokens * k, n, block_m), _cdiv(d_out, block_n))](
+                z, *z.stride(), lora_B, gates_flat, pairs.order, block_ends, group_start, pairs.counts, y,
+                k, n, r, d_out, float(scaling), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n,
+                BLOCK_E=next_power_of_2(n), PRECISION=_precision(z.dtype),
             )  # fmt: skip
-        ctx.save_for_backward(z, gates_flat, lora_B, pairs.order, group_start, pairs.counts, *layout)
+        ctx.save_for_backward(z, gates_flat, lora_B, pairs.order, group_start, pairs.counts, block_ends)
         ctx.shape = (num_tokens, n, r, d_out, k)
         ctx.scaling, ctx.block_m, ctx.block_n, ctx.block_r = float(scaling), block_m, block_n, block_r
         ctx.gates_shape = gates.shape
-        return y.view(num_tokens, k, d_out).sum(1).to(z.dtype)
+        return y.view(num_tokens, d_out) if k == 1 else y.view(num_tokens, k, d_out).sum(1).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        z, gates_flat, lora_B, order, group_start, counts, block_expert, block_start, block_end = (
-            ctx.saved_tensors
-        )
+        z, gates_flat, lora_B, order, group_start, counts, block_ends = ctx.saved_tensors
         num_tokens, n, r, d_out, k = ctx.shape
         grad_out = grad_out.contiguous().to(z.dtype)
         precision = _precision(z.dtype)
         sizes = {"BLOCK_M": ctx.block_m, "BLOCK_R": ctx.block_r, "BLOCK_N": ctx.block_n}
         sizes["PRECISION"] = precision
+        block_e = {"BLOCK_E": next_power_of_2(n)}
         grad_z = grad_gates = grad_b = None
         if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and grad_out.numel():
             grad_z = torch.zeros(num_tokens, n, r, dtype=z.dtype, device=z.device)
             grad_gates = torch.empty_like(gates_flat)
-            MIX_BACKWARD_Z[(block_expert.numel(),)](
-                z, *z.stride(), lora_B, gates_flat, order, block_expert, block_start, block_end,
-                grad_out, grad_z, grad_gates, k, n, r, d_out, ctx.scaling, **sizes,
+            MIX_BACKWARD_Z[(_num_blocks(num_tokens * k, n, ctx.block_m),)](
+                z, *z.stride(), lora_B, gates_flat, order, block_ends, group_start, counts,
+                grad_out, grad_z, grad_gates, k, n, r, d_out, ctx.scaling, **sizes, **block_e,
             )  # fmt: skip
             grad_gates = grad_gates.view(ctx.gates_shape)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros_like(lora_B)
             if grad_out.numel():
                 MIX_BACKWARD_B[(n, _cdiv(d_out, ctx.block_n))](
-                    z, *z.stride(), gates_flat, order, group_start, group_start + counts, grad_out, grad_b,
+                    z, *z.stride(), gates_flat, order, group_start, counts, grad_out, grad_b,
                     k, r, d_out, ctx.scaling, **sizes,
                 )  # fmt: skip
         if not ctx.needs_input_grad[0]:
