@@ -44,6 +44,10 @@ def test_presets():
     assert comoe.balance_weight == 0.0 and comoe.contrastive == "comoe" and comoe.contrastive_weight == 0.01
     mix = ComoeConfig.preset("mixlora")
     assert (mix.num_experts, mix.top_k, mix.balance_weight, mix.contrastive) == (8, 2, 0.01, "none")
+    assert mix.ffn_experts is None and "ffn_experts" not in mix.to_dict()  # per-linear, folders as before
+    ffn = ComoeConfig.preset("mixlora-ffn")  # MoE-PEFT's template and default coefficient (docs/methods/mixlora.md)
+    assert (ffn.num_experts, ffn.top_k, ffn.r, ffn.lora_alpha, ffn.lora_dropout) == (8, 2, 16, 32.0, 0.05)
+    assert (ffn.ffn_experts, ffn.objective_weights, ffn.target_modules) == (["mlp"], {"balance": 0.001}, comoe.target_modules)
     assert ComoeConfig.preset("moelora").contrastive == "moelora"
     hydra = ComoeConfig.preset("hydralora")  # the HydraLoRA release's defaults (docs/methods/hydralora.md)
     assert (hydra.num_experts, hydra.r, hydra.lora_alpha, hydra.lora_dropout) == (4, 4, 32.0, 0.05)

@@ -39,6 +39,11 @@ def test_the_card_states_the_base_model_and_the_experts():
         ("hydralora", "HydraLoRA (arXiv 2404.19245) without a contrastive objective", "soft (dense) routing"),
         ("mola", "MoLA (arXiv 2402.08562) without a contrastive objective", "2/4/6/8 (by depth, bottom to top)"),
         ("omoe", "OMoE (arXiv 2501.10062) without a contrastive objective", "; expert bank 'omoe'"),
+        (
+            "mixlora-ffn",
+            "MixLoRA (arXiv 2404.15159, FFN-block experts) without a contrastive objective",
+            "the experts are whole FFN blocks of mlp (plain LoRA on the targets)",
+        ),
     ],
 )
 def test_the_title_names_the_method_of_each_preset(preset, title, numbers):

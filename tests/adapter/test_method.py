@@ -20,7 +20,7 @@ class Wrapper(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "preset",
-    ["comoe", "moe", "moelora", "mixlora", "hydralora", "omoe", "mola", "comoe-dora", "lora", "dora"],
+    ["comoe", "moe", "moelora", "mixlora", "mixlora-ffn", "hydralora", "omoe", "mola", "comoe-dora", "lora", "dora"],
 )
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)
@@ -30,7 +30,8 @@ def test_each_preset_builds_a_model_its_method_owns(preset):
     assert isinstance(model, PeftModel) == baseline
     assert method_of(model) is method and method_of(Wrapper(model)) is method  # DoRA's PEFT model is not LoRA's
     assert method.has_routing == (not baseline)
-    assert len(method.routed_layers(model)) == (0 if baseline else 6 if preset == "hydralora" else 8)
+    routed = {"hydralora": 6, "mixlora-ffn": 2}.get(preset, 8)  # mixlora-ffn: the MLPs, not plain LoRAs
+    assert len(method.routed_layers(model)) == (0 if baseline else routed)
 
 
 def test_auxiliary_losses_are_the_models_or_zero():
