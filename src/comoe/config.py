@@ -130,8 +130,8 @@ class ComoeConfig:
     expert_compute: str = _field(
         "auto",
         "How expert outputs are computed, a strategy of comoe.moe.experts: 'blocks' (masked up-projection "
-        "in one matmul), 'grouped' (tokens sorted by expert, grouped matmul), or 'auto' (the strategy the "
-        "device prefers for this shape).",
+        "in one matmul), 'grouped' (tokens sorted by expert, grouped matmul), 'triton' (one fused Triton "
+        "kernel, CUDA; the extra comoe[triton]), or 'auto' (the strategy the device prefers for this shape).",
     )
     aux_objectives: dict[str, float] = _field(
         {},

@@ -143,9 +143,10 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
         ("omoe", OMOE_TINY),
         ("mola", ""),
         ("adamole", ""),
+        ("milora", ""),
         ("comoe-dora", ""),
         ("mixlora-ffn", ""),
-        ("moelora-liu", ""),
+        ("moelora-liu", "val_fraction: 0.5\neval_steps: 2\n"),  # validation with the adapter's task ids
         ("loramoe", LORAMOE_TYPES),
     ],
     ids=[
@@ -155,6 +156,7 @@ OMOE_TINY = "adapter_config: {r: 8}\n"  # 4 experts * r 8 = the tiny model's 32 
         "omoe",
         "mola",
         "adamole",
+        "milora",
         "comoe-dora",
         "mixlora-ffn",
         "moelora-liu",
@@ -184,6 +186,8 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
         assert (config["routing"], config["num_experts"], config["r"]) == ("threshold", 8, 4)
         assert config["balance_weight"] == 0.001 and all(row["balance"] > 0 for row in rows)
         assert "model.layers.0.self_attn.q_proj.threshold.bias" in load_file(run / "adapter" / WEIGHTS_NAME)
+    if preset == "milora":  # one decision per sequence from its prompt; evaluation generates with it below
+        assert (config["routing"], config["num_experts"], config["top_k"]) == ("prompt", 4, 2)
     if preset == "comoe-dora":  # DoRA experts under CoMoE: a magnitude vector [n, d_out] per adapted linear
         assert (config["expert_bank"], config["contrastive"]) == ("dora", "comoe")
         assert all(row["contrastive"] > 0 for row in rows)
@@ -206,6 +210,7 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
     if preset in ("moelora-liu", "loramoe"):  # the training tasks recorded as the task vocabulary
         assert "syllogism" in config["tasks"] and len(set(config["tasks"])) == 5
     if preset == "moelora-liu":  # a task embedding [tasks, 64] and a gate [8, 64] per adapted linear
+        assert math.isfinite(rows[-1]["val_loss"]) and math.isfinite(rows[-1]["val_loss/syllogism"])
         shapes = {k: v.shape for k, v in load_file(run / "adapter" / WEIGHTS_NAME).items()}
         assert shapes["model.layers.0.mlp.down_proj.task_embedding.weight"] == (5, 64)
         assert shapes["model.layers.0.mlp.down_proj.router.weight"] == (8, 64)
