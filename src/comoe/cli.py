@@ -1,4 +1,4 @@
-"""The `comoe` command line: train, eval, compare, generate, analyze, demo.
+"""The `comoe` command line: train, eval, compare, generate, analyze, demo, serve.
 
 Each subcommand's flags come from its settings dataclass (comoe.*.settings, pure Python), so `comoe --help`
 and `comoe train --help` never load torch, transformers or peft. The modules that do the work are imported
@@ -34,6 +34,7 @@ from comoe.errors import USER_ERRORS
 from comoe.evaluation.settings import CompareArgs, EvalArgs, GenerateArgs
 from comoe.plugins import load_plugins
 from comoe.recipes.settings import DemoArgs
+from comoe.serving.settings import ServeArgs
 from comoe.settings import add_flags, load_settings
 from comoe.training.settings import TrainArgs
 
@@ -123,6 +124,14 @@ def _demo(args: DemoArgs) -> None:
     print(f"report: {report}")
 
 
+def _serve(args: ServeArgs) -> None:
+    from comoe.serving.server import serve
+
+    code = serve(args)
+    if code:
+        sys.exit(code)
+
+
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 # Commands whose progress and warnings go to stderr: generate prints its JSONL rows on stdout.
 PROGRESS_ON_STDERR = {"generate"}
@@ -135,6 +144,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "generate": (GenerateArgs, _generate, "answer prompts with a base model and optional adapter (JSONL)"),
     "analyze": (AnalyzeArgs, _analyze, "measure expert specialisation of a comoe adapter"),
     "demo": (DemoArgs, _demo, "fine-tune SmolLM2-135M on built-in tasks, evaluate, write a report"),
+    "serve": (ServeArgs, _serve, "serve a comoe adapter: an OpenAI-compatible vLLM server"),
 }
 
 
