@@ -310,7 +310,7 @@ class ComoeFFN(nn.Module):
         delta = mix(z_down, routing, lora_B, self.scaling, strategy)
         if self.context.keep_records:
             kept = logits if self.keep_logits else None
-            self.record = LayerRecord(routing, z_down, None, lora_B, None, None, kept)
+            self.record = LayerRecord(routing, z_down, None, lora_B, logits=kept)
         out = result.reshape(-1, self.out_features) + delta.to(result.dtype)
         return out.view(*h.shape[:-1], self.out_features)
 
