@@ -227,7 +227,7 @@ def test_the_dora_baseline_trains_in_comoe_trainer_and_saves_a_peft_folder(tmp_p
 
 
 # Routed presets of the method zoo with their tiny-model overrides (omoe: n * r must fit the 32 k/v outputs)
-ZOO = {"omoe": dict(r=8), "mola": dict(), "mixlora-ffn": dict(), "comoe-dora": dict(r=4)}
+ZOO = {"omoe": dict(r=8), "mola": dict(), "adamole": dict(), "milora": dict(), "mixlora-ffn": dict(), "comoe-dora": dict(r=4)}
 
 
 @pytest.mark.parametrize("preset", list(ZOO))
@@ -250,3 +250,26 @@ def test_the_zoos_routed_presets_train_in_comoe_trainer_and_reload(tmp_path, pre
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("preset", ["moelora-liu", "loramoe"])
+def test_task_routed_presets_keep_the_task_ids_column_in_comoe_trainer(tmp_path, preset):
+    torch.manual_seed(0)
+    config = ComoeConfig.preset(preset, tasks=["a", "b", "c"], knowledge_tasks=["b"], lora_dropout=0.0)
+    model = get_comoe_model(tiny_llama(seed=0), config)
+    data = dataset().add_column("task_ids", [0, 1] * 8)  # tasks a and b only
+    before = adapter_tensors(model)
+    trainer = ComoeTrainer(
+        model=model, args=arguments(tmp_path / "run", max_steps=2, save_strategy="no"), train_dataset=data
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all(row["task"] > 0 for row in rows)
+    if preset == "loramoe":
+        assert all(row["localized_balance"] > 0 for row in rows)
+    after = adapter_tensors(model)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved
+    if preset == "moelora-liu":  # the embeddings of the tasks trained moved, task c's did not
+        key = next(k for k in before if k.endswith("task_embedding.weight"))
+        assert not torch.equal(before[key][:2], after[key][:2]) and torch.equal(before[key][2], after[key][2])

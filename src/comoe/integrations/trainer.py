@@ -38,6 +38,16 @@ class ComoeTrainerMixin:
         method = method_of(model)
         return model if method is not None and method.has_routing else None
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps the dataset columns the forward's signature names (remove_unused_columns); a
+        ComoeModel also reads its per-call inputs (`call_input_names`, e.g. a `task_ids` column of int task
+        ids into its `tasks`), which the wrapped forward's signature does not name."""
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        comoe = self._comoe_model()
+        columns = self._signature_columns  # type: ignore[has-type]
+        if comoe is not None and columns is not None:
+            self._signature_columns = [*columns, *sorted(comoe.call_input_names - set(columns))]
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         comoe = self._comoe_model()
         if comoe is None:
