@@ -4,16 +4,20 @@
 
 JOBS.json is a list of jobs, each {"model": base folder, "adapter": comoe folder or null, "lora": PEFT LoRA
 folder or null, "prompts": [[token ids], ...], "max_tokens": N, "logprobs": K, "dtype": "float32",
-"tensor_parallel_size": 1, "enforce_eager": true, "repeats": 0}; OUT.json gets, per job, the greedy tokens
+"tensor_parallel_size": 1, "enforce_eager": true, "repeats": 0, "copy": [from, to] or absent (a folder
+copied over another before the job: a changed adapter at the same path), "env": {name: value} (set for
+this job's engine, e.g. VLLM_CPU_OMP_THREADS_BIND)}; OUT.json gets, per job, the greedy tokens
 and, per generated token, the top-K log-probabilities {token: logprob} (vLLM's raw log-softmax of the
-logits), and, with repeats > 0, the best tokens/s of that many timed runs (EOS ignored, so every prompt
-generates max_tokens). Jobs run one after another in this process (one engine at a time).
+logits), and, with repeats > 0, for each batch size in "batches" (default: all prompts) the best tokens/s
+of that many timed runs of the first that many prompts (EOS ignored: every prompt generates max_tokens). Jobs run one after another in this process (one engine at a time).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -47,6 +51,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams  # noqa: PLC0415  (the engine starts only when a job runs)
     from vllm.lora.request import LoRARequest  # noqa: PLC0415
 
+    os.environ.update(job.get("env", {}))
+    if job.get("copy"):
+        source, target = job["copy"]
+        shutil.copytree(source, target, dirs_exist_ok=True)
     arguments = engine_arguments(job["model"], job.get("adapter"))
     lora = job.get("lora")
     extra: dict[str, Any] = {}
@@ -76,13 +84,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result["logprobs"].append([{str(t): p.logprob for t, p in step.items()} for step in steps])
     if job.get("repeats", 0):
         timed = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
-        rates = []
-        for _ in range(job["repeats"]):
-            start = time.perf_counter()
-            done = llm.generate(prompts, timed, lora_request=request, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            rates.append(sum(len(o.outputs[0].token_ids) for o in done) / seconds)
-        result["tokens_per_s"] = max(rates)
+        result["tokens_per_s"] = {}
+        for batch in job.get("batches", [len(prompts)]):
+            rates = []
+            for _ in range(job["repeats"]):
+                start = time.perf_counter()
+                done = llm.generate(prompts[:batch], timed, lora_request=request, use_tqdm=False)
+                seconds = time.perf_counter() - start
+                rates.append(sum(len(o.outputs[0].token_ids) for o in done) / seconds)
+            result["tokens_per_s"][str(batch)] = max(rates)
     del llm
     gc.collect()
     return result
