@@ -74,7 +74,8 @@ class ComoeConfig:
         "topk",
         "A registered routing kind (comoe.moe.routing): 'topk', sparse top-k of a per-token softmax; "
         "'soft', every expert softmax-weighted; 'threshold', AdaMoLE's learned per-token threshold (a "
-        "variable number of experts per token).",
+        "variable number of experts per token); 'prompt', MiLoRA's prompt-aware top-k routing (one decision "
+        "per sequence, from the mean of its prompt tokens).",
     )
     norm_topk_prob: bool | None = _field(
         None,
@@ -470,6 +471,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         balance_weight=0.001,
         contrastive="none",
     ),
+    # MiLoRA (Zhang et al., Findings of EMNLP 2024, arXiv 2410.18035): prompt-aware routing, one top-k
+    # decision per sequence from the mean of each adapted linear's input over the prompt, reused for every
+    # token and decode step. The paper's settings were not available to us: CoMoE's experts (4, top-2, r=16,
+    # alpha=32, q/k/v/o) for a like-for-like comparison, no auxiliary loss (docs/methods/milora.md).
+    "milora": dict(num_experts=4, top_k=2, r=16, lora_alpha=32.0, routing="prompt", contrastive="none"),
     # CoMoE with DoRA experts (the CoMoE paper's Table 2, arXiv 2505.17553): CoMoE's defaults (4 experts,
     # top-2, r=16, alpha=32, q/k/v/o, lambda=0.01), each expert a DoRA (arXiv 2402.09353; docs/methods/
     # comoe-dora.md).

@@ -7,10 +7,19 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from comoe import ComoeConfig, get_comoe_model
-from comoe.adapter.streams import DECODER, ENCODER, TokenMasks, bound_arguments, layer_streams
+from comoe.adapter.streams import (
+    DECODER,
+    ENCODER,
+    TokenMasks,
+    bound_arguments,
+    cached_length,
+    layer_streams,
+    prompt_inputs,
+)
+from comoe.moe.prompt import PROMPT_CACHED, PROMPT_MASK
 from comoe.moe.routing import Routing
 from comoe.objectives.auxiliary import compute_auxiliary_losses
 from tests.helpers import tiny_llama
@@ -202,3 +211,23 @@ def test_bound_arguments_and_masks_for_a_layer():
         masks.for_layer(DECODER, 10, "q_proj")
     four_d = TokenMasks.bind({"attention_mask": torch.zeros(2, 1, 4, 4)}, encoder_decoder=False)
     assert four_d.for_layer(DECODER, 8) is None
+
+
+def test_prompt_inputs_mark_the_real_unlabelled_tokens_or_a_continued_cache():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 5, 6], [7, 8, 9, -100]])  # row 1 labels every real token
+    mask = prompt_inputs({"input_ids": ids, "attention_mask": attention, "labels": labels})[PROMPT_MASK]
+    assert mask.tolist() == [[False, True, False, False], [True, True, True, False]]  # row 1: its real tokens
+    plain = prompt_inputs({"input_ids": ids, "attention_mask": attention})
+    assert plain[PROMPT_MASK].tolist() == attention.bool().tolist() and PROMPT_CACHED not in plain
+    given = prompt_inputs({"input_ids": ids, "labels": labels}, torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]]))
+    assert given[PROMPT_MASK].tolist() == [[True, False, False, False], [False, True, False, False]]
+    with pytest.raises(ValueError, match="prompt_mask: shape \\(2, 3\\)"):
+        prompt_inputs({"input_ids": ids}, torch.ones(2, 3))
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4), 0)
+    step = prompt_inputs({"input_ids": ids[:, :1], "cache": cache})
+    assert cached_length({"cache": cache}) == 5 and PROMPT_CACHED in step
+    assert step[PROMPT_MASK].shape == (2, 1) and not step[PROMPT_MASK].any()
+    assert prompt_inputs({"attention_mask": attention}) == {}

@@ -122,6 +122,24 @@ def test_prompt_cache_off_is_the_plain_path(smol_tokenizer):
     assert off == plain
 
 
+def test_prompt_routed_adapters_are_scored_on_the_plain_path(smol_tokenizer):
+    """MiLoRA's routing decides per prompt row; a prompt cache repeated once per option has no such rows
+    (a decode step refuses it), so such adapters are scored per option, the prompt pooled alone."""
+    torch.manual_seed(0)
+    model = get_comoe_model(
+        tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset("milora", lora_dropout=0.0)
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "router" in name:
+                parameter.normal_(0, 0.3)
+    model.eval()
+    examples = questions(5)
+    scores, _ = option_loglikelihoods(model, smol_tokenizer, examples, 4)
+    plain, _ = plain_scores(model, smol_tokenizer, examples, 4, window=128)
+    assert scores == plain
+
+
 def test_the_context_is_read_from_the_config_of_each_family_and_cuts_the_cutoff():
     """One lookup for evaluation, generation, training and analysis: max_position_embeddings (GPT-2's
     n_positions, a multimodal model's text_config), else the caller's default."""

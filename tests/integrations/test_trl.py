@@ -160,8 +160,15 @@ def test_sft_trainer_trains_the_dora_baseline(smol_tokenizer, tmp_path):
 
 @pytest.mark.parametrize(
     "preset, overrides",
-    [("omoe", dict(r=8)), ("mola", dict()), ("comoe-dora", dict(r=4)), ("mixlora-ffn", dict())],
-    ids=["omoe", "mola", "comoe-dora", "mixlora-ffn"],
+    [
+        ("omoe", dict(r=8)),
+        ("mola", dict()),
+        ("adamole", dict()),
+        ("milora", dict()),
+        ("comoe-dora", dict(r=4)),
+        ("mixlora-ffn", dict()),
+    ],
+    ids=["omoe", "mola", "adamole", "milora", "comoe-dora", "mixlora-ffn"],
 )
 def test_sft_trainer_trains_the_zoos_routed_presets(smol_tokenizer, tmp_path, preset, overrides):
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def test_bad_adapter_overrides_fail_when_the_settings_are_built(overrides, messa
             {"preset": "vera"},
             "preset='vera' is invalid: expected one of 'comoe', 'moe', 'moelora', 'mixlora', 'mixlora-ffn', "
             "'hydralora', "
-            "'omoe', 'mola', 'adamole', 'comoe-dora', ",  # the presets added later follow
+            "'omoe', 'mola', 'adamole', 'milora', 'comoe-dora', ",  # the presets added later follow
         ),
         ({"epochs": "1"}, "epochs='1' is invalid: expected a number"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing=1 is invalid: expected true or false"),

@@ -29,8 +29,9 @@ from comoe.adapter.hf_compat import (
 from comoe.adapter.injection import adapter_tensors, eject, inject
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.adapter.persistence import AdapterPersistenceMixin
-from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decoder
+from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decoder, prompt_inputs
 from comoe.config import ComoeConfig
+from comoe.moe.prompt import PROMPT_INPUTS
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import (
@@ -82,6 +83,8 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self._routing_inputs: frozenset[str] = frozenset().union(*(k.inputs for k in kinds if k is not None))
         self.call_input_names = self._routing_inputs | ({"task_ids"} if self._task_ids_in_records else set())
         self._default_inputs: dict[str, torch.Tensor] = {}  # inside default_call_inputs()
+        # routing kinds that read the call's prompt (MiLoRA's): the model binds it from each call
+        self.reads_prompt = any(kind is not None and kind.reads_prompt for kind in kinds)
         backbone = self.base_model
         self._can_carry = backbone is not model
         if self._can_carry:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
@@ -127,6 +130,8 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         arguments = bound_arguments(self.wrapped_model.forward, args, kwargs)
         has_labels = arguments.get("labels") is not None
         self._take_call_inputs(kwargs, losses=self.training or has_labels)
+        if self.reads_prompt:
+            self._bind_prompt(arguments, kwargs.pop("prompt_mask", None))
         mode = choose_delivery(
             wants_aux=self._context.adapters_enabled and (self.training or has_labels),
             has_labels=has_labels,
@@ -174,6 +179,15 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             }
         self._context.call_inputs = inputs
 
+    def _bind_prompt(self, arguments: dict[str, Any], prompt: torch.Tensor | None = None) -> None:
+        """The call's prompt tokens (or that it continues a KV cache) into the layers' context, for routing
+        kinds that read it (streams.prompt_inputs; `prompt` [B, L]: a caller's own prompt_mask keyword,
+        e.g. comoe's training loop, which passes no labels)."""
+        inputs = self._context.call_inputs
+        for key in PROMPT_INPUTS:
+            inputs.pop(key, None)
+        inputs.update(prompt_inputs(arguments, prompt))
+
     @contextlib.contextmanager
     def default_call_inputs(self, **inputs: Any) -> Iterator[None]:
         """Inside this block, calls (forward and generate) that do not pass a per-call input get these:
@@ -195,7 +209,10 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
 
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
-        and the head itself): in training, keep the records the auxiliary losses need."""
+        and the head itself): in training, keep the records the auxiliary losses need. Each such call
+        (generate's steps too) binds its prompt for the routing kinds that read it."""
+        if self._call is None and self.reads_prompt:
+            self._bind_prompt(bound_arguments(module.forward, args, kwargs))
         if self._call is not None or not (self.training and self._context.adapters_enabled):
             return
         adds = self.delivery.caller_adds
@@ -317,7 +334,13 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         """The wrapped model's generate; this adapter's per-call inputs (e.g. task_ids [B]) are taken out
         first (transformers refuses model keywords it does not know) and hold for every step."""
         self._take_call_inputs(kwargs, losses=False)
-        return self.wrapped_model.generate(*args, **kwargs)
+        try:
+            return self.wrapped_model.generate(*args, **kwargs)
+        finally:  # a prompt's routing decision holds for its generation only (RoutingKind.reset)
+            for layer in self._injection.layers.values():
+                kind = getattr(layer, "routing_kind", None)
+                if kind is not None:
+                    kind.reset(layer)
 
     # ---- adapters on and off ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from comoe.moe.prompt import PROMPT_CACHED, PROMPT_MASK
+
 DECODER = "decoder"
 ENCODER = "encoder"
 # Decoder-side modules whose input is the encoder's output (cross-attention keys and values): T5, BART /
@@ -63,6 +65,51 @@ def bound_arguments(forward: Callable[..., Any], args: tuple, kwargs: dict[str, 
         elif kind is not inspect.Parameter.VAR_POSITIONAL:
             values[name] = value
     return values
+
+
+IGNORE_LABEL = -100  # the label value transformers' causal-LM loss skips (comoe's collate: the prompt)
+
+
+def cached_length(arguments: dict[str, Any]) -> int:
+    """How many tokens the call's KV cache already holds (`cache`, or `past_key_values` before transformers
+    5.2x; a Cache's get_seq_length, or a legacy tuple's key length); 0 without one."""
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0
+
+
+def prompt_inputs(arguments: dict[str, Any], prompt: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The per-call inputs of prompt-aware routing (comoe.moe.prompt) from a call's bound arguments:
+    PROMPT_MASK [B, L] bool, the call's prompt tokens -- the real tokens (attention_mask) that `prompt`
+    [B, L] marks, or else whose label is -100 when labels [B, L] are given (a sequence without such a token:
+    all its real tokens), every real token otherwise -- and PROMPT_CACHED when the call continues a KV cache
+    (a decode step: the mask is all False and the layers reuse the prompt's decision). {} when the call has
+    neither input_ids nor inputs_embeds."""
+    ids = arguments.get("input_ids")
+    shape = ids.shape if isinstance(ids, torch.Tensor) else None
+    embeds = arguments.get("inputs_embeds")
+    if shape is None and isinstance(embeds, torch.Tensor):
+        shape = embeds.shape[:2]
+    if shape is None:
+        return {}
+    device = (ids if isinstance(ids, torch.Tensor) else embeds).device
+    if cached_length(arguments) > 0:
+        decode = torch.zeros(shape, dtype=torch.bool, device=device)
+        return {PROMPT_MASK: decode, PROMPT_CACHED: torch.ones(1)}
+    mask = _two_dimensional(arguments.get("attention_mask"))
+    real = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask[:, -shape[1] :].bool()
+    labels = arguments.get("labels")
+    if prompt is None and isinstance(labels, torch.Tensor) and labels.shape == real.shape:
+        prompt = labels == IGNORE_LABEL
+    if prompt is None:
+        return {PROMPT_MASK: real}
+    if tuple(prompt.shape) != tuple(real.shape):
+        raise ValueError(f"prompt_mask: shape {tuple(prompt.shape)}, expected input_ids' {tuple(real.shape)}")
+    prompt = real & prompt.to(device=real.device, dtype=torch.bool)
+    return {PROMPT_MASK: torch.where(prompt.any(dim=1, keepdim=True), prompt, real)}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from comoe.data.collate import IGNORE_INDEX, pad_batch, prompt_ids, tokenize_exa
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.scoring import choice_options, option_response
-from comoe.models.head import head_logits, response_logits
+from comoe.models.head import head_logits, response_logits, unwrap_model
 
 # The keyword a model's forward takes its KV cache by: renamed from past_key_values to cache in
 # transformers 5.2x (the old name warns there); both releases are supported.
@@ -60,6 +60,8 @@ def option_loglikelihoods(
     forward on the cached path, sequences per forward on the plain one.
     """
     window = window or context_length(model)
+    # prompt-aware routing (MiLoRA) decides per prompt row; a cache repeated per option has no such rows
+    prompt_cache = prompt_cache and not getattr(unwrap_model(model), "reads_prompt", False)
     scores: list[list[float]] = [[] for _ in examples]
     truncated = [False] * len(examples)
     plain: list[int] = []

@@ -33,6 +33,8 @@ def response_logits(
     # the per-call inputs an adapter reads (task_ids for task-routed methods; none for the others)
     names = getattr(unwrap_model(model), "call_input_names", ())
     inputs = {name: batch[name] for name in names if name in batch}
+    if getattr(unwrap_model(model), "reads_prompt", False):  # prompt-aware routing pools the prompt alone
+        inputs["prompt_mask"] = batch["labels"] == IGNORE_INDEX
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
