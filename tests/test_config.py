@@ -119,3 +119,28 @@ def test_experts_by_depth_splits_the_blocks_bottom_to_top_and_is_validated():
         ComoeConfig(num_experts=8, top_k=2, experts_by_depth=[1, 8])
     with pytest.raises(ValueError, match="experts_by_depth"):
         ComoeConfig(experts_by_depth=[])
+
+
+def test_the_task_routed_presets_and_their_fields():
+    liu = ComoeConfig.preset("moelora-liu")  # docs/methods/moelora-liu.md: R = 16 split into 8 experts of rank 2
+    assert (liu.num_experts, liu.r, liu.lora_alpha, liu.scaling, liu.lora_dropout) == (8, 2, 4.0, 2.0, 0.1)
+    assert (liu.routing, liu.active_experts, liu.task_embedding_dim, liu.tasks) == ("task", 8, 64, None)
+    assert liu.target_modules[-3:] == ["gate_proj", "up_proj", "down_proj"] and liu.objective_weights == {}
+    dou = ComoeConfig.preset("loramoe")  # docs/methods/loramoe.md
+    assert (dou.num_experts, dou.r, dou.lora_alpha, dou.routing, dou.active_experts) == (8, 4, 32.0, "soft", 8)
+    assert (dou.objective_weights, dou.localized_balance_delta, dou.knowledge_tasks) == ({"loramoe": 0.1}, 0.1, [])
+    assert not {"tasks", "task_embedding_dim", "knowledge_tasks", "localized_balance_delta"} & set(
+        ComoeConfig().to_dict()
+    )  # default folders unchanged
+    config = ComoeConfig.preset("loramoe", tasks=["a", "b"], knowledge_tasks=["b"], localized_balance_delta=0.2)
+    assert ComoeConfig.from_dict(config.to_dict()) == config and config.to_dict()["tasks"] == ["a", "b"]
+    for field, value, message in [
+        ("tasks", [], "a non-empty list of task names or null"),
+        ("tasks", ["a", "a"], "distinct task names"),
+        ("tasks", "a", "a list of task names"),
+        ("knowledge_tasks", [1], "a list of task names"),
+        ("task_embedding_dim", 0, ">= 1"),
+        ("localized_balance_delta", 1.0, "< 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"{field}=.*{message}"):
+            ComoeConfig(**{field: value})

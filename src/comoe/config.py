@@ -495,7 +495,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # which divides by the total rank (docs/methods/moelora-liu.md).
     "moelora-liu": dict(
         num_experts=8,
-        top_k=8,
         r=2,
         lora_alpha=4.0,
         lora_dropout=0.1,
@@ -508,7 +507,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # beta * CV^2 of the type-weighted importances (beta = delta = 0.1; docs/methods/loramoe.md).
     "loramoe": dict(
         num_experts=8,
-        top_k=8,
         r=4,
         lora_alpha=32.0,
         lora_dropout=0.05,

@@ -39,6 +39,14 @@ def test_the_card_states_the_base_model_and_the_experts():
         ("hydralora", "HydraLoRA (arXiv 2404.19245) without a contrastive objective", "soft (dense) routing"),
         ("mola", "MoLA (arXiv 2402.08562) without a contrastive objective", "2/4/6/8 (by depth, bottom to top)"),
         ("omoe", "OMoE (arXiv 2501.10062) without a contrastive objective", "; expert bank 'omoe'"),
+        ("adamole", "AdaMoLE (arXiv 2405.00361) without a contrastive objective", "learned-threshold (a variable"),
+        ("milora", "MiLoRA (arXiv 2410.18035) without a contrastive objective", "prompt-aware top-2 (one decision"),
+        (
+            "moelora-liu",
+            "MOELoRA of Liu et al. (arXiv 2310.18339) without a contrastive objective",
+            "task-conditioned dense (MOELoRA, tasks: none recorded)",
+        ),
+        ("loramoe", "LoRAMoE (arXiv 2312.09979) without a contrastive objective", "soft (dense) routing"),
         (
             "mixlora-ffn",
             "MixLoRA (arXiv 2404.15159, FFN-block experts) without a contrastive objective",

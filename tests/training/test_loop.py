@@ -310,7 +310,7 @@ def test_router_lr_ratio_moves_the_routers_faster_and_resumes_exactly(tiny_model
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("preset", ["comoe", "lora", "comoe-dora"])
+@pytest.mark.parametrize("preset", ["comoe", "lora", "comoe-dora", "moelora-liu"])  # moelora-liu: task ids
 def test_bf16_base_with_gradient_checkpointing_trains_float32_adapters(tmp_path, tiny_model_dir, preset):
     run = train(
         train_args(

@@ -15,6 +15,8 @@ from comoe.files import atomic_write_text
 CARD_NAME = "README.md"
 # The methods that an expert bank makes (titles of the cards of folders without a contrastive objective).
 BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 2501.10062)"}
+# The methods that a routing kind makes.
+ROUTING_METHODS = {"threshold": "AdaMoLE (arXiv 2405.00361)", "prompt": "MiLoRA (arXiv 2410.18035)"}
 
 
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
@@ -22,6 +24,11 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
     plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
     if config.ffn_experts is not None:
         plain = "MixLoRA (arXiv 2404.15159, FFN-block experts)"
+    plain = ROUTING_METHODS.get(config.routing, plain)
+    if config.routing == "task":
+        plain = "MOELoRA of Liu et al. (arXiv 2310.18339)"
+    if "loramoe" in config.aux_objectives:
+        plain = "LoRAMoE (arXiv 2312.09979)"
     if config.experts_by_depth is not None:
         plain = "MoLA (arXiv 2402.08562)" if config.expert_bank == "lora" else f"{plain} (MoLA depths)"
     method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
@@ -32,6 +39,12 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         header.append(f"base_model: {base_model}")
     header.append("---")
     routing = "soft (dense)" if config.routing == "soft" else f"top-{config.top_k}"
+    if config.routing == "threshold":
+        routing = "learned-threshold (a variable number of experts per token)"
+    if config.routing == "prompt":
+        routing = f"prompt-aware top-{config.top_k} (one decision per sequence, from its prompt)"
+    if config.routing == "task":
+        routing = f"task-conditioned dense (MOELoRA, tasks: {', '.join(config.tasks or ['none recorded'])})"
     experts = str(config.num_experts)
     if config.experts_by_depth is not None:
         experts = f"{'/'.join(map(str, config.experts_by_depth))} (by depth, bottom to top)"
