@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comoe.adapter.model import get_comoe_model
-from comoe.config import ComoeConfig
+from comoe.config import PRESETS, ComoeConfig
 from tests.helpers import tiny_llama
 
 adapter_module = pytest.importorskip("comoe_vllm.adapter", reason="comoe-vllm is not installed (make setup)")
@@ -153,3 +153,19 @@ def test_fingerprint_follows_the_weights(tmp_path):
     assert ComoeAdapter.read(tmp_path).fingerprint == first
     trained_adapter(SERVED["soft"], tmp_path, seed=1)
     assert ComoeAdapter.read(tmp_path).fingerprint != first
+
+
+# Presets whose inference is not one routed LoRA mixture per linear: refused when the server starts.
+NOT_SERVED = {"mixlora-ffn", "adamole", "milora", "comoe-dora", "moelora-liu"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_routed_lora_mixture_preset_is_served_and_no_other(tmp_path, preset):
+    fit = {"moelora-liu": {"tasks": ["a", "b"]}, "omoe": {"r": 4}}  # what the tiny model needs
+    config = ComoeConfig.preset(preset, **fit.get(preset, {}))
+    get_comoe_model(tiny_llama(), config).save_pretrained(tmp_path)
+    if preset in NOT_SERVED:
+        with pytest.raises(ValueError, match="comoe generate"):
+            ComoeAdapter.read(tmp_path)
+    else:
+        assert ComoeAdapter.read(tmp_path).experts
