@@ -151,3 +151,12 @@ def test_bad_input_is_refused(monkeypatch):
     monkeypatch.setattr(triton_jit, "INTERPRETER", False)  # as on a machine without the interpreter
     with pytest.raises(ValueError, match="expert_compute='triton': Triton kernels run on CUDA tensors.*got tensors on 'cpu'"):
         scatter_mix(z.cpu(), routing.gates.cpu(), routing.indices.cpu(), lora_B.cpu(), 1.0)
+
+
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients():
+    z, lora_B, logits = routed(0, 4, 2, torch.Generator().manual_seed(7))
+    routing = route(logits, 2)
+    out = scatter_mix(z, routing.gates, routing.indices, lora_B, 1.0)
+    assert out.shape == (0, 40)
+    (grad_b,) = torch.autograd.grad(out.sum(), (lora_B,))
+    assert torch.equal(grad_b, torch.zeros_like(lora_B))
