@@ -4,7 +4,7 @@ gradient, a value worked by hand, the task -> type map, and the objective throug
 import pytest
 import torch
 
-from comoe import ComoeConfig, get_comoe_model
+from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import route
 from comoe.objectives.auxiliary import requirements
@@ -104,3 +104,22 @@ def test_the_objective_of_a_call_is_the_layers_mean_of_the_reference():
         model(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match="task_ids: missing"):
         model(input_ids=ids, attention_mask=mask, labels=ids)
+
+
+def test_a_loramoe_adapter_saves_its_task_settings_and_loads_to_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    config = ComoeConfig.preset("loramoe", tasks=["qa", "wiki"], knowledge_tasks=["wiki"], lora_dropout=0.0)
+    model = get_comoe_model(tiny_llama(), config)
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(std=0.1)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits  # inference needs no task ids
+    model.save_pretrained(tmp_path)
+    loaded = ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.comoe_config == model.comoe_config and loaded.comoe_config.knowledge_tasks == ["wiki"]
+    assert loaded.call_input_names == {"task_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before)
