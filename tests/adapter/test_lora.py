@@ -29,6 +29,22 @@ def test_comoe_parameters_of_one_layer_are_experts_plus_router(n, r, d_in, d_out
 
 
 @pytest.mark.parametrize(
+    ("fields", "router"),
+    [
+        (dict(routing="threshold"), lambda n, d_in: n * d_in + d_in + 1),  # AdaMoLE's threshold network
+        (dict(routing="prompt"), lambda n, d_in: n * d_in),
+        (dict(routing="task", tasks=["a", "b", "c"], task_embedding_dim=6), lambda n, d_in: 3 * 6 + n * 6),
+    ],
+    ids=["threshold", "prompt", "task"],
+)
+def test_the_routing_kinds_own_router_parameters_are_counted(fields, router):
+    config = ComoeConfig(num_experts=5, top_k=5, r=3, target_modules=["0"], **fields)
+    assert comoe_trainable_parameters(config, 10, 7) == 5 * 3 * (10 + 7) + router(5, 10)
+    model = get_comoe_model(torch.nn.Sequential(torch.nn.Linear(10, 7)), config)
+    assert trainable(model) == comoe_trainable_parameters(config, 10, 7)
+
+
+@pytest.mark.parametrize(
     ("n", "r", "targets"),
     [(4, 4, ["q_proj", "k_proj", "v_proj", "o_proj"]), (8, 2, ["q_proj", "v_proj"]), (2, 1, ["k_proj"])],
 )

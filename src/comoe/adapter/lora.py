@@ -3,6 +3,8 @@ count."""
 
 from __future__ import annotations
 
+import math
+
 from peft import LoraConfig
 from torch import nn
 
@@ -10,14 +12,17 @@ from comoe.adapter.layer import layer_features
 from comoe.adapter.targeting import find_target_linears, layer_configs, resolve_targets
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
+from comoe.moe.routing import get_routing
 
 
 def comoe_trainable_parameters(config: ComoeConfig, in_features: int, out_features: int) -> int:
-    """Trainable parameters comoe adds to one linear layer: the expert bank's plus the router's (n * d_in);
-    n * r * (d_in + d_out) + n * d_in for LoRA experts."""
+    """Trainable parameters comoe adds to one linear layer: the expert bank's plus the routing kind's
+    router parameters (RoutingKind.shapes_for); n * r * (d_in + d_out) + n * d_in for LoRA experts and a
+    top-k router, + d_in + 1 for AdaMoLE's threshold network."""
     bank = get_bank(config.expert_bank)
     experts = bank.num_parameters(config.num_experts, config.r, in_features, out_features)
-    return experts + config.num_experts * in_features
+    router = get_routing(config.routing).shapes_for(config, config.num_experts, in_features)
+    return experts + sum(math.prod(shape) for shape in router.values())
 
 
 def matched_lora_config(config: ComoeConfig, model: nn.Module, use_dora: bool = False) -> LoraConfig:
