@@ -73,6 +73,20 @@ def test_bfloat16_close_to_reference(strategy):
         assert (fast.double() - slow.double()).abs().max() / slow.double().abs().max() < 5e-2
 
 
+@pytest.mark.parametrize("strategy", ["blocks", "grouped"])
+def test_float32_experts_under_bfloat16_autocast_match_the_float32_layer(strategy):
+    """Mixed precision (torch.autocast, as Trainer's bf16=True runs it): the down-projection comes out in
+    bfloat16 while the experts' B stays float32, and every strategy must take that mix of dtypes."""
+    layer = make_layer(32, 24, 8, 2, 8, strategy)
+    x = torch.randn(4, 6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    ref = dense_reference(layer, x)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 2e-2
+    for fast, slow in zip(grads(layer, x, out.float()), grads(layer, x, ref), strict=True):
+        assert (fast.double() - slow.double()).abs().max() / slow.double().abs().max() < 5e-2
+
+
 def test_strategies_agree_with_each_other():
     x = torch.randn(50, 24)
     blocks = make_layer(24, 40, 8, 2, 4, "blocks")(x)

@@ -9,6 +9,7 @@ from transformers import LlamaForSequenceClassification
 
 from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.adapter.layer import ComoeLinear
+from comoe.config import PRESETS
 from comoe.objectives.reference import comoe_loss, load_balance_loss
 from tests.helpers import tiny_config, tiny_llama
 
@@ -213,3 +214,40 @@ def test_contrastive_weight_zero_trains_exactly_like_plain_moe():
         plain.adapter_state_dict().items(), zero.adapter_state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_trains_under_bfloat16_autocast_as_in_float32(preset):
+    """Mixed precision (torch.autocast: Trainer's bf16=True, Accelerate's mixed_precision) runs the base's
+    and the experts' matmuls in bfloat16 while the adapter's weights stay float32; every preset's loss and
+    its adapter's gradients must then be those of the float32 step, to bfloat16's precision."""
+    # r = 4 fits omoe's n * r <= 32 outputs here; two tasks for the presets that route or balance by task
+    config = ComoeConfig.preset(preset, r=4, lora_dropout=0.0, tasks=["a", "b"])
+
+    def step(autocast: bool):
+        torch.manual_seed(0)
+        model = get_comoe_model(tiny_llama(), config).train()
+        with torch.no_grad():  # experts away from B = 0, so that the objectives have directions
+            for name, param in model.named_parameters():
+                if param.requires_grad and "lora_B" in name:
+                    param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+        inputs = {name: torch.zeros(2, dtype=torch.long) for name in model.call_input_names}  # task ids
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids, **inputs).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().float(), grads
+
+    loss32, grads32 = step(False)
+    loss16, grads16 = step(True)
+    assert torch.isfinite(loss16) and abs(loss16 - loss32) < 2e-2 * abs(loss32)
+    assert grads16.keys() == grads32.keys() and grads32
+    for name, grad in grads32.items():
+        assert grads16[name].dtype == grad.dtype == torch.float32, name  # the weights' own dtype
+        if not grad.any():  # e.g. omoe's V while its A is still zero
+            assert not grads16[name].any(), name
+            continue
+        cosine = torch.nn.functional.cosine_similarity(grads16[name].flatten(), grad.flatten(), dim=0)
+        # the same direction, to bfloat16's precision (a top-k choice may flip for a near-tied token)
+        assert cosine > 0.95, (name, float(cosine))

@@ -150,6 +150,8 @@ class ComoeLinear(nn.Module):
         dropped = self.lora_dropout(flat)
         z = self.bank.down_project(self, dropped)
         lora_B = self.bank.up_weight(self)
+        if lora_B.dtype != z.dtype:  # under torch.autocast z comes out in the autocast dtype, B does not
+            lora_B = lora_B.to(z.dtype)
         outputs = None  # every expert's output [T, n, d_out], from a bank whose outputs are not s B^T z
         if fused:  # route + blocks in one autograd Function: fewer dispatched ops
             soft, normalize = self.routing_kind.dense, self.normalize_gates
