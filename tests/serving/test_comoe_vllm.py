@@ -169,3 +169,17 @@ def test_every_routed_lora_mixture_preset_is_served_and_no_other(tmp_path, prese
             ComoeAdapter.read(tmp_path)
     else:
         assert ComoeAdapter.read(tmp_path).experts
+
+
+def test_slices_of_different_expert_counts_pack_as_their_own_mixtures():
+    """The packed layer's general path (slices with different n or r) against each slice alone."""
+    torch.manual_seed(0)
+    experts = [
+        adapter_module.Experts(torch.randn(n, 32), torch.randn(n, r, 32), torch.randn(n, r, d_out))
+        for n, r, d_out in ((4, 8, 24), (2, 4, 16))
+    ]
+    routing = adapter_module.Routing(top_k=2, soft=False, normalize=True, scaling=2.0)
+    x = torch.randn(9, 32)
+    packed = PackedMixture([Slice(experts[0], slice(None), 0), Slice(experts[1], slice(None), 24)], 40, routing)
+    alone = [PackedMixture([Slice(e, slice(None), 0)], e.out_features, routing)(x) for e in experts]
+    torch.testing.assert_close(packed(x), torch.cat(alone, dim=-1), rtol=1e-5, atol=1e-5)

@@ -94,10 +94,17 @@ class PackedMixture(nn.Module):
         shrunk = flat @ self.shrink.t()
         if self.all_reduce is not None:
             shrunk = self.all_reduce(shrunk)
-        gated = []
         scaling = self.routing.scaling
+        if len({(n, r) for _, n, r in self.layout}) == 1:  # every slice alike: route them in one go
+            _, n, r = self.layout[0]
+            parts = shrunk.view(-1, len(self.layout), n + n * r)
+            gates = dense_gates(parts[..., :n].reshape(-1, n), self.routing) * scaling
+            z = parts[..., n:].reshape(-1, n, r)
+            gated = (z * gates.to(z.dtype).unsqueeze(-1)).reshape(shrunk.shape[0], -1)
+            return gated @ self.expand
+        pieces = []
         for offset, n, r in self.layout:
             gates = dense_gates(shrunk[:, offset : offset + n], self.routing) * scaling
             z = shrunk[:, offset + n : offset + n + n * r].reshape(-1, n, r)
-            gated.append((z * gates.to(z.dtype).unsqueeze(-1)).reshape(-1, n * r))
-        return (gated[0] if len(gated) == 1 else torch.cat(gated, dim=-1)) @ self.expand
+            pieces.append((z * gates.to(z.dtype).unsqueeze(-1)).reshape(-1, n * r))
+        return torch.cat(pieces, dim=-1) @ self.expand

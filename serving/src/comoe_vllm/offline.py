@@ -9,7 +9,8 @@ copied over another before the job: a changed adapter at the same path), "env": 
 this job's engine, e.g. VLLM_CPU_OMP_THREADS_BIND)}; OUT.json gets, per job, the greedy tokens
 and, per generated token, the top-K log-probabilities {token: logprob} (vLLM's raw log-softmax of the
 logits), and, with repeats > 0, for each batch size in "batches" (default: all prompts) the best tokens/s
-of that many timed runs of the first that many prompts (EOS ignored: every prompt generates max_tokens). Jobs run one after another in this process (one engine at a time).
+of that many timed runs of the first that many prompts (EOS ignored: every prompt generates max_tokens).
+Jobs run one after another in this process (one engine at a time).
 """
 
 from __future__ import annotations
