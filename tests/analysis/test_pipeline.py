@@ -120,3 +120,22 @@ def test_unknown_tasks_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="no_such_task"):
         analyze(args)
+
+
+def test_a_task_routed_adapter_is_analysed_with_its_task_ids(tiny_model_dir, tmp_path, monkeypatch):
+    base, _ = load_base(str(tiny_model_dir))
+    config = ComoeConfig.preset("moelora-liu", tasks=["syllogism", "chain_sum"], lora_dropout=0.0)
+    get_comoe_model(base, config).save_pretrained(tmp_path / "adapter")
+    seen = []
+    original = pipeline.SpecialisationAccumulator.update
+
+    def update(self, records, *args, **kwargs):
+        seen.extend(record.routing.probs for record in records.values())
+        return original(self, records, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.SpecialisationAccumulator, "update", update)
+    adapter, output = str(tmp_path / "adapter"), str(tmp_path / "an")
+    summary = analyze(AnalyzeArgs(adapter=adapter, tasks=["chain_sum", "syllogism"], limit=2, output=output))
+    assert summary["tasks"] == ["chain_sum", "syllogism"] and len(summary["layers"]) == 2 * 7
+    # every token of an example carries its task's gate: two distinct gates per layer call (2 tasks)
+    assert seen and all(len({tuple(row.tolist()) for row in probs.round(decimals=5)}) == 2 for probs in seen)

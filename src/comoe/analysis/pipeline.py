@@ -10,12 +10,13 @@ from typing import Any
 import torch
 
 from comoe.adapter.method import method_of
+from comoe.adapter.model import task_vocabulary
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
 from comoe.analysis.plots import plot_summary
 from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
 from comoe.data.collate import encode_examples, pad_batch
-from comoe.data.example import task_index
+from comoe.data.example import task_index, vocabulary_ids
 from comoe.evaluation.loglik import within_context
 from comoe.evaluation.runner import eval_examples, load_for_eval
 from comoe.files import atomic_write_text
@@ -31,6 +32,8 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
             f"--adapter {args.adapter}: analysis needs a comoe adapter (routing), not a PEFT one"
         )
     task_names, task_ids = task_index(examples)
+    vocabulary = task_vocabulary(model)  # an adapter that reads task ids gets its own (-1 outside them)
+    model_ids = vocabulary_ids(examples, vocabulary) if vocabulary is not None else None
     accumulator = SpecialisationAccumulator(method.routed_layers(model), task_names)
     device = next(model.parameters()).device
     cutoff = within_context(model, args.cutoff)  # never past the model's position embeddings
@@ -38,8 +41,11 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
         items, _ = encode_examples(tokenizer, examples[start : start + args.batch_size], cutoff)
         batch = {k: v.to(device) for k, v in pad_batch(items, tokenizer.pad_token_id).items()}
         rows = torch.tensor(task_ids[start : start + args.batch_size], device=device)
+        inputs = {}
+        if model_ids is not None:
+            inputs["task_ids"] = torch.tensor(model_ids[start : start + args.batch_size], device=device)
         with torch.no_grad(), method.record_routing(model) as records:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **inputs)
             accumulator.update(records, token_tasks(rows, batch["attention_mask"]), batch["input_ids"])
     summary = accumulator.summary()
     summary.update(
