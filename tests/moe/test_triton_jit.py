@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +14,7 @@ from comoe.moe import triton_jit
 from comoe.moe.triton_jit import TRITON_AVAILABLE, jit, next_power_of_2, runnable, tl
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed (the 'triton' extra)")
+ROOT = Path(__file__).resolve().parents[2]
 interpreted_only = pytest.mark.skipif(not triton_jit.INTERPRETER, reason="kernels compiled for the GPU (TRITON_INTERPRET=0)")
 
 
@@ -43,3 +49,16 @@ def test_where_the_kernels_run(monkeypatch):
 @pytest.mark.parametrize(("value", "expected"), [(1, 1), (2, 2), (3, 4), (16, 16), (17, 32)])
 def test_next_power_of_2(value, expected):
     assert next_power_of_2(value) == expected
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_for_a_cuda_gpu_without_one():
+    """tests/moe/triton_aot.py compiles every kernel of comoe to PTX and a cubin for sm_90 (H100/H200) in
+    float32, bfloat16 and float16: what only the compiler refuses fails here, with no GPU (~30 s)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "moe" / "triton_aot.py")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.endswith("bytes of PTX")]
+    assert len(lines) == 11, done.stdout

@@ -30,7 +30,6 @@ from comoe.objectives.cosine import NORMALIZE_EPS
 from comoe.objectives.infonce import valid_mask
 
 BLOCK_T = 16  # tokens per program
-FILL = -1.0e30  # a finite "minus infinity" for masked logits: empty rows stay finite (and weighted out)
 
 __all__ = ["BLOCK_T", "FusedComoeInfoNCE", "fused_comoe_applies", "fused_comoe_loss"]
 
@@ -74,11 +73,12 @@ def _comoe_infonce_kernel(
     candidate = rsc & (is_anchor == 0)
     positive = candidate & active[:, None, :]
 
-    sim_c = tl.where(candidate, sim, FILL)
+    # masked logits get a finite "minus infinity" (-1e30), so rows with nothing in them stay finite
+    sim_c = tl.where(candidate, sim, -1.0e30)
     max_c = tl.max(sim_c, axis=2)
     exp_c = tl.where(candidate, tl.exp(sim_c - max_c[:, :, None]), 0.0)
     sum_c = tl.sum(exp_c, axis=2)
-    sim_p = tl.where(positive, sim, FILL)
+    sim_p = tl.where(positive, sim, -1.0e30)
     max_p = tl.max(sim_p, axis=2)
     exp_p = tl.where(positive, tl.exp(sim_p - max_p[:, :, None]), 0.0)
     sum_p = tl.sum(exp_p, axis=2)
