@@ -119,3 +119,26 @@ def test_comoe_lm_names_another_base_of_the_same_shapes_as_comoe_eval_does(adapt
     with caplog.at_level("WARNING", logger="comoe"):
         ComoeLM(adapter=str(adapter_dir), pretrained=str(other), batch_size=1)
     assert f"was trained on base model {base_name(adapter_dir)}; running it on {other}" in caplog.text
+
+
+def test_a_task_routed_adapter_runs_every_request_as_the_task_named(tiny_model_dir, tmp_path, caplog):
+    base, _ = load_base(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = get_comoe_model(base, ComoeConfig.preset("moelora-liu", tasks=["a", "b"], lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.3)
+            layer.task_embedding.weight.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        expected = {t: model(input_ids=ids, task_ids=torch.tensor([t, t])).logits for t in (1, -1)}
+    lm = ComoeLM(adapter=str(tmp_path / "adapter"), task="b", batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(lm._model_call(ids), expected[1])
+    with caplog.at_level("WARNING", logger="comoe"):
+        unknown = ComoeLM(adapter=str(tmp_path / "adapter"), batch_size=2)
+    assert "task=None is none of them" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(unknown._model_call(ids), expected[-1])

@@ -13,12 +13,16 @@ Command line (lm-eval's own CLI, with the `comoe` model registered first):
 
 `ComoeLM` is lm-eval's HFLM on the adapted model, so every lm-eval task and option works as for a plain
 Hugging Face model; the base model comes from the adapter folder (or `pretrained=` to override it) and is
-loaded as comoe loads it (built-in alias, local folder or hub id). Needs `pip install lm-eval`.
+loaded as comoe loads it (built-in alias, local folder or hub id). An adapter that routes by task (routing
+'task', MOELoRA) runs every request as `task=NAME` (one of its training tasks; otherwise the mean of its
+tasks' gates, with a warning). Needs `pip install lm-eval`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +32,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from comoe.adapter.folder import AdapterFolder, adapter_folder
+from comoe.adapter.model import task_model, task_vocabulary
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
 from comoe.data.record import trained_quantization
 from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.auto import load_adapted
+
+logger = logging.getLogger(__name__)
 
 
 @register_model("comoe")
@@ -40,7 +47,13 @@ class ComoeLM(HFLM):
     """lm-eval's Hugging Face model with a comoe (or PEFT) adapter folder applied: `adapter` is its path
     (as --model_args give it) or the AdapterFolder read from it."""
 
-    def __init__(self, adapter: AdapterFolder | str, pretrained: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        adapter: AdapterFolder | str,
+        pretrained: str | None = None,
+        task: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         folder = adapter_folder(adapter)  # read once; a bad folder fails before the base model is loaded
         name = pretrained or folder.base_model_name_or_path
         if name is None:
@@ -51,6 +64,18 @@ class ComoeLM(HFLM):
         # refused naming the recorded base, and a base the adapter was trained quantized is loaded so
         model, tokenizer = load_adapted(folder, pretrained, quantization=trained_quantization(folder.path))
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        self._task_scope = contextlib.ExitStack()  # a task-routed adapter's task id for every request
+        vocabulary = task_vocabulary(model)
+        if vocabulary is not None:
+            task_id = vocabulary.index(task) if task in vocabulary else -1
+            if task_id < 0:
+                logger.warning(
+                    "the adapter routes by task (its tasks: %s) and task=%r is none of them: every request "
+                    "uses the mean of its tasks' gates (pass task=NAME in --model_args)",
+                    ", ".join(vocabulary),
+                    task,
+                )
+            self._task_scope.enter_context(task_model(model).default_call_inputs(task_ids=[task_id]))
 
 
 def write_choice_task(folder: str | Path, name: str, examples: list[Example], eos_token: str) -> Path:
