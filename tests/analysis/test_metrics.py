@@ -127,6 +127,30 @@ def test_accumulator_counts_equal_a_plain_loop():
     assert summary["layers"][name]["tokens"] == 19
 
 
+def test_accumulator_counts_only_the_active_experts_of_a_threshold_routing():
+    """AdaMoLE's k = n layout: the task x expert table counts the (token, expert) pairs that are active."""
+    torch.manual_seed(0)
+    model = get_comoe_model(tiny_llama(), ComoeConfig.preset("adamole", lora_dropout=0.0))
+    for layer in model.comoe_layers().values():
+        with torch.no_grad():
+            layer.router.weight.normal_(std=1.0)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    rows = torch.tensor([0, 1])
+    accumulator = SpecialisationAccumulator(model.comoe_layers(), ["a", "b"])
+    with torch.no_grad(), model.record_routing() as records:
+        model(input_ids=ids, attention_mask=mask)
+        accumulator.update(records, token_tasks(rows, mask), ids)
+    name = "model.layers.0.self_attn.q_proj"
+    active = records[name].routing.active
+    table = torch.zeros(2, 8, dtype=torch.float64)
+    for token in range(12):
+        for expert in range(8):
+            table[rows[token // 6], expert] += float(active[token, expert])
+    assert 12 < table.sum() < 12 * 8  # a variable number of experts per token, neither 1 nor all
+    assert torch.equal(accumulator.joint[name].double(), table)
+
+
 def test_training_logs_routing_statistics(tiny_model_dir, tmp_path):
     run = train(
         train_args(

@@ -195,8 +195,11 @@ class SpecialisationAccumulator:
             mask = token_tasks >= 0 if record.mask is None else record.mask & (token_tasks >= 0)
             indices = record.routing.indices[mask]
             probs = record.routing.probs[mask]
-            # dense routing: every expert takes every token, so the table counts probability mass
+            # dense routing: every expert takes every token, so the table counts probability mass; a routing
+            # that marks its active experts (AdaMoLE's threshold, Routing.active) counts its active pairs
             weights = probs if indices.shape[1] == probs.shape[1] else None
+            if record.routing.active is not None:
+                weights = record.routing.active[mask].double()
             _count_pairs(self.joint[name], token_tasks[mask], indices, weights)
             if token_ids is not None:
                 buckets = token_ids.reshape(-1)[mask] % TOKEN_BUCKETS
