@@ -4,13 +4,15 @@ is rendered with (nothing registered)."""
 import json
 
 import pytest
+import torch
 
+from comoe import ComoeConfig, get_comoe_model
 from comoe.cli import main
 from comoe.data import TASKS
 from comoe.data.prompts import render_prompt
-from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts
+from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts, unknown_task
 from comoe.evaluation.settings import GenerateArgs
-from tests.helpers import token_ids
+from tests.helpers import tiny_llama, token_ids
 
 
 def test_generate_reads_prompt_files(tmp_path):
@@ -67,3 +69,19 @@ def test_generation_fits_the_models_context(tiny_gpt2_dir, smol_tokenizer, tmp_p
     report = tmp_path / "eval.json"
     assert main(["eval", *model, "--data", str(data), "--mode", "generate", "--output", str(report)]) == 0
     assert json.loads(report.read_text())["max_new_tokens"] == 16
+
+
+def test_prompts_of_a_task_routed_adapter_use_the_mean_gate_and_others_are_unchanged(caplog):
+    routed = get_comoe_model(tiny_llama(), ComoeConfig.preset("moelora-liu", tasks=["a", "b"], r=4))
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = routed(input_ids=ids, task_ids=torch.tensor([-1, -1])).logits
+        with caplog.at_level("WARNING", logger="comoe"), unknown_task(routed):
+            torch.testing.assert_close(routed(input_ids=ids).logits, expected)
+    assert "prompts carry no task" in caplog.text
+    caplog.clear()
+    for other in ("comoe", "loramoe"):  # no task ids at inference: nothing set, nothing said
+        model = get_comoe_model(tiny_llama(), ComoeConfig.preset(other, tasks=["a"], r=4))
+        with unknown_task(model):
+            assert model._default_inputs == {}
+    assert "prompts carry no task" not in caplog.text
