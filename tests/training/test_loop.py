@@ -404,3 +404,16 @@ def test_a_model_with_a_longer_context_keeps_the_cutoff(tiny_model_dir, tmp_path
         train(train_args(tiny_model_dir, tmp_path / "run", data=[str(data)], max_steps=1, cutoff=30))
     assert "on 4 examples (3 cut at 30 tokens), 1 steps" in caplog.text
     assert "context" not in caplog.text
+
+
+def test_a_task_vocabulary_that_lacks_a_training_task_is_refused(tiny_model_dir, tmp_path):
+    config = {"r": 4, "num_experts": 4, "tasks": ["syllogism", "chain_sum"]}  # three built-in tasks missing
+    args = train_args(
+        tiny_model_dir, tmp_path / "run", preset="moelora-liu", adapter_config=config, max_steps=1
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"tasks: \['syllogism', 'chain_sum'\] \(the adapter's task vocabulary\) "
+        r"lacks the training tasks \['family_relationships', 'letter_counting', 'spell_backward'\]",
+    ):
+        train(args)
