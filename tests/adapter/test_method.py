@@ -20,7 +20,10 @@ class Wrapper(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "preset",
-    ["comoe", "moe", "moelora", "mixlora", "mixlora-ffn", "hydralora", "omoe", "mola", "comoe-dora", "lora", "dora"],
+    [
+        *("comoe", "moe", "moelora", "mixlora", "mixlora-ffn", "hydralora", "omoe", "mola", "comoe-dora"),
+        *("adamole", "milora", "lora", "dora"),
+    ],
 )
 def test_each_preset_builds_a_model_its_method_owns(preset):
     method = method_for(preset)
