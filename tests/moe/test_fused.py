@@ -7,7 +7,15 @@ from torch import nn
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import ComoeConfig
 from comoe.moe.experts import mix_blocks
-from comoe.moe.fused import RouteMixBlocks, fuses, gate_expansion, route_and_mix
+from comoe.moe.fused import (
+    LinearRouteMixBlocks,
+    RouteMixBlocks,
+    autocasting,
+    fuses,
+    gate_expansion,
+    linear_route_and_mix,
+    route_and_mix,
+)
 from comoe.moe.routing import SoftRouting, TopKRouting, route
 
 MODES = [("topk", True), ("topk", False), ("soft", True)]
@@ -125,3 +133,93 @@ def test_a_layer_on_the_blocks_strategy_equals_the_unfused_composition(preset):
     expected = torch.autograd.grad((expected_out**2).sum(), parameters)
     for mine, theirs in zip(got, expected, strict=True):
         torch.testing.assert_close(mine, theirs)
+
+
+def linear_inputs(dtype=torch.float64, seed=4, tokens=6, d_in=5, n=4, r=3, d_out=5):
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+
+    return tensor(tokens, d_in), tensor(n, d_in), tensor(n * r, d_in), tensor(n, r, d_out), tensor(tokens, d_in)
+
+
+@pytest.mark.parametrize("kind, normalize", MODES)
+@pytest.mark.parametrize("separate_input", [False, True])
+def test_linear_fused_gradcheck_in_float64_through_every_output(kind, normalize, separate_input):
+    soft = kind == "soft"
+    x, router, down, lora_B, x_down = linear_inputs()
+
+    def outputs(x, router, down, lora_B, x_down):
+        result = LinearRouteMixBlocks.apply(
+            x, router, down, lora_B, x_down if separate_input else None, 1.5, 2, soft, normalize
+        )
+        return tuple(t for t in result if t.is_floating_point())  # delta, logits, z, probs (and gates)
+
+    assert torch.autograd.gradcheck(outputs, (x, router, down, lora_B, x_down))
+
+
+@pytest.mark.parametrize("kind, normalize", MODES)
+@pytest.mark.parametrize("separate_input", [False, True])
+def test_linear_fused_equals_the_written_out_layer_in_values_and_every_gradient(kind, normalize, separate_input):
+    """Router logits x W_g^T, z = x_down W_down^T, route, blocks: the outputs and the gradients of x, the
+    router, A, B and the experts' own input, with a loss reading every output (the objectives read
+    logits, z, probs and gates)."""
+    soft = kind == "soft"
+    x, router, down, lora_B, x_down = linear_inputs(dtype=torch.float32, seed=5, tokens=9, d_in=8, n=6, r=4)
+    experts_input = x_down if separate_input else x
+    inputs_ = (x, router, down, lora_B, x_down)
+
+    def loss(delta, logits, z, routing):
+        return (
+            (delta**2).sum() + (logits**2).sum() + (z * z.detach()).sum() + routing.probs[:, 0].sum()
+            + (routing.gates**2).sum()
+        )  # fmt: skip
+
+    logits = x @ router.t()
+    routing = route(logits, 2, soft=soft, normalize=normalize)
+    z = (experts_input @ down.t()).view(9, 6, 4)
+    delta = mix_blocks(z, routing, lora_B, 1.5)
+    expected = torch.autograd.grad(loss(delta, logits, z, routing), inputs_, allow_unused=True)
+    fused = linear_route_and_mix(
+        x, router, down, lora_B, x_down if separate_input else None, 1.5, 2, soft, normalize
+    )
+    for mine, theirs in zip(fused[:3], (delta, logits, z), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(fused[3].gates, routing.gates)
+    got = torch.autograd.grad(loss(*fused), inputs_, allow_unused=True)
+    for mine, theirs in zip(got, expected, strict=True):  # float32 sums in another order: 1e-4
+        if theirs is None:
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset, fields", [("moe", dict(lora_dropout=0.1)), ("comoe", dict(router_jitter=0.05))])
+def test_a_layer_with_dropout_or_jitter_matches_its_unfused_path(preset, fields):
+    """The linear-fused layer (the lora bank has a down_weight) against the same layer forced onto the
+    general path (the grouped strategy computes the same sum), with the same random draws."""
+    config = ComoeConfig.preset(preset, r=4, expert_compute="blocks", **fields)
+    torch.manual_seed(0)
+    layer = ComoeLinear(nn.Linear(16, 12), config, ComoeContext())
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(10, 16, requires_grad=True)
+    parameters = [x, layer.router.weight, layer.lora_A, layer.lora_B]
+    torch.manual_seed(1)
+    out = layer(x)
+    got = torch.autograd.grad((out**2).sum(), parameters)
+    layer.expert_compute = "grouped"
+    torch.manual_seed(1)
+    expected_out = layer(x)
+    expected = torch.autograd.grad((expected_out**2).sum(), parameters)
+    torch.testing.assert_close(out, expected_out)
+    for mine, theirs in zip(got, expected, strict=True):  # float32 sums in another order: 1e-4
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_autocasting_is_read_per_device_type_and_false_where_autocast_does_not_exist():
+    assert not autocasting("cpu") and not autocasting("meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocasting("cpu") and not autocasting("meta")

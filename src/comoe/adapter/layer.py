@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 from comoe.moe.experts import choose_strategy, expert_gram, mix
-from comoe.moe.fused import fuses, route_and_mix
+from comoe.moe.fused import autocasting, fuses, linear_route_and_mix, route_and_mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import requirements
@@ -143,17 +143,31 @@ class ComoeLinear(nn.Module):
         device_type = flat.device.type
         strategy = choose_strategy(self.expert_compute, self.num_experts, self.active_experts, device_type)
         fused = self.bank.outputs_are_lora and fuses(self.routing_kind, strategy)  # moe/fused.py
-        if fused:
+        # router, down- and up-projection in one autograd Function (not under autocast: its dtypes)
+        down_weight = None
+        if fused and not autocasting(device_type):
+            down_weight = self.bank.down_weight(self)
+        if down_weight is None and fused:
             logits = self.router(router_input)
-        else:
+        elif down_weight is None:
             logits, routing = self.routing_kind.route(self, router_input)
         dropped = self.lora_dropout(flat)
-        z = self.bank.down_project(self, dropped)
         lora_B = self.bank.up_weight(self)
+        if down_weight is not None:
+            x_down = None if dropped is router_input else dropped
+            soft, normalize = self.routing_kind.dense, self.normalize_gates
+            delta, logits, z, routing = linear_route_and_mix(
+                router_input, self.router.weight, down_weight, lora_B, x_down, self.scaling, self.top_k, soft,
+                normalize,
+            )  # fmt: skip
+        else:
+            z = self.bank.down_project(self, dropped)
         if lora_B.dtype != z.dtype:  # under torch.autocast z comes out in the autocast dtype, B does not
             lora_B = lora_B.to(z.dtype)
         outputs = None  # every expert's output [T, n, d_out], from a bank whose outputs are not s B^T z
-        if fused:  # route + blocks in one autograd Function: fewer dispatched ops
+        if down_weight is not None:
+            pass  # the adapter term came with z above
+        elif fused:  # route + blocks in one autograd Function: fewer dispatched ops
             soft, normalize = self.routing_kind.dense, self.normalize_gates
             delta, routing = route_and_mix(logits, z, lora_B, self.scaling, self.top_k, soft, normalize)
         elif self.bank.outputs_are_lora:

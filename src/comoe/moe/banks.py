@@ -60,6 +60,13 @@ class ExpertBank:
         raise NotImplementedError
 
     @classmethod
+    def down_weight(cls, layer: nn.Module) -> torch.Tensor | None:
+        """The down-projections as one matrix W [n*r, d_in] with down_project(x) = (x W^T).view(T, n, r),
+        for banks where that holds: the layer then computes routing, down- and up-projection in one
+        autograd Function (comoe.moe.fused). None (the default): down_project is called."""
+        return None
+
+    @classmethod
     def routed_output(
         cls,
         layer: nn.Module,
@@ -115,8 +122,13 @@ class LoraExperts(ExpertBank):
 
     @classmethod
     def down_project(cls, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n, r, _ = layer.lora_A.shape
+        return (x @ cls.down_weight(layer).t()).view(-1, n, r)
+
+    @classmethod
+    def down_weight(cls, layer: nn.Module) -> torch.Tensor:
         n, r, d_in = layer.lora_A.shape
-        return (x @ layer.lora_A.reshape(n * r, d_in).t()).view(-1, n, r)
+        return layer.lora_A.view(n * r, d_in)
 
     @classmethod
     def up_weight(cls, layer: nn.Module) -> torch.Tensor:
@@ -200,6 +212,10 @@ class OrthogonalExperts(ExpertBank):
     @classmethod
     def down_project(cls, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return LoraExperts.down_project(layer, x)
+
+    @classmethod
+    def down_weight(cls, layer: nn.Module) -> torch.Tensor:
+        return LoraExperts.down_weight(layer)
 
     @classmethod
     def up_weight(cls, layer: nn.Module) -> torch.Tensor:
