@@ -132,14 +132,15 @@ class RouteMixBlocks(torch.autograd.Function):
         flat_z = z.reshape(z.shape[0], -1)
         mixed = _mix_forward(logits, flat_z, lora_B, scaling, top_k, soft, normalize)
         delta, probs, indices, gates, *kept = mixed
+        # probs is returned as a view: a saved output would cost a detach when saved and when read
         ctx.save_for_backward(flat_z, lora_B, probs, *kept)
         ctx.options = (soft, normalize, indices)
         ctx.shapes = (logits.dtype, tuple(z.shape))
         ctx.set_materialize_grads(False)
         if soft:
-            return delta, probs
+            return delta, probs.view(probs.shape)
         ctx.mark_non_differentiable(indices)
-        return delta, probs, indices, gates
+        return delta, probs.view(probs.shape), indices, gates
 
     @staticmethod
     def backward(ctx: Any, grad_delta: torch.Tensor | None, *grad_routing: torch.Tensor | None) -> tuple:
@@ -185,9 +186,9 @@ class LinearRouteMixBlocks(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         z = flat_z.view(-1, n, r)
         if soft:
-            return delta, logits, z, probs
+            return delta, logits, z, probs.view(probs.shape)
         ctx.mark_non_differentiable(indices)
-        return delta, logits, z, probs, indices, gates
+        return delta, logits, z, probs.view(probs.shape), indices, gates
 
     @staticmethod
     def backward(  # noqa: PLR0913 (one gradient per output)
