@@ -29,7 +29,11 @@ from comoe.models.gguf import alias_cache, cache_root
 from comoe.models.loading import load_base
 from comoe.serving.server import serving_python
 
-ENGINE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+ENGINE_ENV = {
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the runner's process: one start less per job
+}
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:
