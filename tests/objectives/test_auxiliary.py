@@ -107,6 +107,8 @@ BATCHED_CASES = [
     ("mixlora", dict()),
     ("mixlora", dict(aux_objectives={"router_z": 0.001})),
     ("hydralora", dict(balance_weight=0.01)),  # dense routing: the load is the probability mass
+    ("comoe-dora", dict()),  # materialised outputs (DoRA experts): their plain cosines, batched too
+    ("comoe-dora", dict(contrastive="moelora")),  # materialised outputs: declined, per layer
 ]
 
 

@@ -35,23 +35,19 @@ def record_gram(record: LayerRecord) -> torch.Tensor:
 
 def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
     """`comoe_objective` of every record of one group (same shapes: comoe.objectives.auxiliary) at once,
-    [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension.
-    None (the per-layer path) for records that carry materialised outputs."""
-    if records[0].outputs is not None:
-        return None
+    [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension;
+    for records that carry materialised outputs (DoRA experts), the outputs' plain cosines instead."""
     indices = stacked(records, lambda record: record.routing.indices)
-    grams = [record_gram(record) for record in records]
-    z = stacked(records, lambda record: record.z)
-    if takes_fused_kernel(z, indices, config):
-        floor = stacked(records, lambda record: record.norm_floor)
-        mask = stacked(records, lambda record: record.mask)
-        return comoe_fused(z, indices, torch.stack(grams), floor, mask, config)
-    rows = anchor_cosines(
-        z,
-        indices,
-        torch.stack(grams),
-        stacked(records, lambda record: record.norm_floor),
-    )
+    floor = stacked(records, lambda record: record.norm_floor)
+    if records[0].outputs is not None:
+        rows = output_anchor_cosines(stacked(records, lambda record: record.outputs), indices, floor)
+    else:
+        grams = torch.stack([record_gram(record) for record in records])
+        z = stacked(records, lambda record: record.z)
+        if takes_fused_kernel(z, indices, config):
+            mask = stacked(records, lambda record: record.mask)
+            return comoe_fused(z, indices, grams, floor, mask, config)
+        rows = anchor_cosines(z, indices, grams, floor)
     return comoe_loss_from_anchor_cosines(
         rows,
         indices,

@@ -37,20 +37,24 @@ def floored_norms(squared: Tensor, floor: Tensor | None) -> Tensor:
 
 
 def output_anchor_cosines(outputs: Tensor, indices: Tensor, floor: Tensor | None = None) -> Tensor:
-    """[T, k, n] cosines between each token's active experts (rows, ``indices`` [T, k]) and all n experts
-    (columns), from materialised expert outputs ``outputs`` [T, n, d], in float32 at least; ``floor`` [T]
-    per-token norm floor in output space (see normalize_with_floor). The k rows of the reference's [T, n, n]
-    matrix (``reference.cosine_similarity_matrix``), one [k, d] x [d, n] product per token."""
-    unit = normalize_with_floor(
-        outputs.to(torch.promote_types(outputs.dtype, torch.float32)),
-        floor=None if floor is None else floor.unsqueeze(-1),
-    )
-    anchors = unit.gather(1, indices.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))  # [T, k, d]
-    return anchors @ unit.transpose(1, 2)
+    """[..., T, k, n] cosines between each token's active experts (rows, ``indices`` [..., T, k]) and all n
+    experts (columns), from materialised expert outputs ``outputs`` [..., T, n, d] (leading dimensions: e.g.
+    layers stacked), in float32 at least; ``floor`` [..., T] per-token norm floor in output space. The k
+    rows of the reference's [T, n, n] matrix (``reference.cosine_similarity_matrix``): all n x n dot
+    products in one batched matmul, the norms its diagonal (floored as normalize_with_floor floors them),
+    then the anchors' rows, so no [T, n, d] tensor is normalised or gathered (each of those costs a pass
+    over T * n * d in the forward and the backward)."""
+    work = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
+    dots = work @ work.transpose(-1, -2)  # [T, n, n]
+    norms = floored_norms(dots.diagonal(dim1=-2, dim2=-1), None if floor is None else floor.unsqueeze(-1))
+    cosines = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    return cosines.gather(-2, indices.unsqueeze(-1).expand(*indices.shape, cosines.shape[-1]))
 
 
 def output_item_cosines(items: Tensor, floor: Tensor | None = None) -> Tensor:
     """[N, N] cosines between N materialised (token, expert) outputs ``items`` [N, d], in float32 at least;
-    ``floor`` [N] per-item norm floor in output space."""
-    unit = normalize_with_floor(items.to(torch.promote_types(items.dtype, torch.float32)), floor=floor)
-    return unit @ unit.t()
+    ``floor`` [N] per-item norm floor in output space (normalised as normalize_with_floor does)."""
+    work = items.to(torch.promote_types(items.dtype, torch.float32))
+    dots = work @ work.t()
+    norms = floored_norms(dots.diagonal(), floor)
+    return dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
