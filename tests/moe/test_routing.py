@@ -269,6 +269,11 @@ def test_task_ids_travel_through_forward_and_generate_and_are_refused_when_missi
             model(input_ids=ids, attention_mask=mask)
         with model.disable_adapters():  # the base model needs no task ids
             model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="task_ids: missing"):  # a direct call reuses no earlier ids
+            model.base_model(input_ids=ids, attention_mask=mask)
+        with model.default_call_inputs(task_ids=[1]):
+            model.base_model(input_ids=ids, attention_mask=mask)
     with (
         pytest.raises(ValueError, match="default_call_inputs: \\['prompt'\\] are not inputs"),
         model.default_call_inputs(prompt=[1]),

@@ -83,6 +83,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self._routing_inputs: frozenset[str] = frozenset().union(*(k.inputs for k in kinds if k is not None))
         self.call_input_names = self._routing_inputs | ({"task_ids"} if self._task_ids_in_records else set())
         self._default_inputs: dict[str, torch.Tensor] = {}  # inside default_call_inputs()
+        self._generating = False  # inside generate()
         # routing kinds that read the call's prompt (MiLoRA's): the model binds it from each call
         self.reads_prompt = any(kind is not None and kind.reads_prompt for kind in kinds)
         backbone = self.base_model
@@ -211,6 +212,8 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
         and the head itself): in training, keep the records the auxiliary losses need. Each such call
         (generate's steps too) binds its prompt for the routing kinds that read it."""
+        if self._call is None and self._routing_inputs and not self._generating:
+            self._take_call_inputs({}, losses=False)  # a direct call: no stale ids of an earlier call
         if self._call is None and self.reads_prompt:
             self._bind_prompt(bound_arguments(module.forward, args, kwargs))
         if self._call is not None or not (self.training and self._context.adapters_enabled):
@@ -334,9 +337,11 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         """The wrapped model's generate; this adapter's per-call inputs (e.g. task_ids [B]) are taken out
         first (transformers refuses model keywords it does not know) and hold for every step."""
         self._take_call_inputs(kwargs, losses=False)
+        self._generating = True  # its steps call the backbone directly: the inputs hold for all of them
         try:
             return self.wrapped_model.generate(*args, **kwargs)
         finally:  # a prompt's routing decision holds for its generation only (RoutingKind.reset)
+            self._generating = False
             for layer in self._injection.layers.values():
                 kind = getattr(layer, "routing_kind", None)
                 if kind is not None:
