@@ -20,6 +20,7 @@ from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.runner import eval_quantization, load_for_eval
 from comoe.evaluation.settings import GenerateArgs
 from comoe.files import atomic_write_text
+from comoe.models.compile import compile_blocks
 from comoe.moe.routing import get_routing
 
 PROMPT_TASK = "prompt"  # the task the prompts are tagged with
@@ -109,6 +110,8 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     model, tokenizer = load_for_eval(
         args.model, args.adapter, args.dtype, args.device, eval_quantization(args)
     )
+    if args.compile:
+        logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
     with unknown_task(model):
         texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
     rows = [

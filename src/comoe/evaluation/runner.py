@@ -32,6 +32,7 @@ from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.evaluation.summary import write_summary
 from comoe.files import atomic_write_text
 from comoe.models.auto import adapt_base, base_model_name, load_adapted
+from comoe.models.compile import compile_blocks
 from comoe.models.device import resolve_device
 from comoe.models.loading import same_model
 from comoe.settings import quantization_of, quantization_unset
@@ -263,6 +264,8 @@ def evaluate(
     if max_new_tokens is None:  # math needs room for a chain of thought; answers elsewhere are short
         max_new_tokens = 256 if any(scoring_of(e) in ("number", "letter") for e in examples) else 32
         max_new_tokens = min(max_new_tokens, max(1, context_length(model) // 2))  # half a short context
+    if args.compile:  # each model evaluated (with several adapters: each in turn on the one base)
+        logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
     start = time.perf_counter()
     predictions = predict(model, tokenizer, examples, args.mode, args.batch_size, max_new_tokens)
     report = summarise(predictions)

@@ -43,6 +43,9 @@ class EvalArgs(DataArgs):
     )
     dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP)
+    compile: bool = setting(
+        False, "torch.compile each decoder block before evaluating (the first batches compile)"
+    )
     load_in_4bit: bool | None = setting(None, LOAD_IN_4BIT_HELP + RECORDED_QUANTIZATION_HELP)
     load_in_8bit: bool | None = setting(None, LOAD_IN_8BIT_HELP + RECORDED_QUANTIZATION_HELP)
     data_dir: str | None = setting(None, "LLM-Adapters checkout or its dataset/ folder (default: built-in)")
@@ -137,6 +140,9 @@ class GenerateArgs:
     adapter: str | None = setting(None, "a comoe or PEFT adapter folder (default: the base model alone)")
     dtype: str = setting("float32", "the base model's dtype", choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP)
+    compile: bool = setting(
+        False, "torch.compile each decoder block before generating (the first batches compile)"
+    )
     load_in_4bit: bool | None = setting(None, LOAD_IN_4BIT_HELP + RECORDED_QUANTIZATION_HELP)
     load_in_8bit: bool | None = setting(None, LOAD_IN_8BIT_HELP + RECORDED_QUANTIZATION_HELP)
     prompt: str | None = setting(None, "one prompt (the user's turn under the chat template)")
