@@ -9,6 +9,7 @@ from torch import nn
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import CONTRASTIVES, ComoeConfig
+from comoe.moe.experts import expert_gram
 from comoe.objectives.auxiliary import (
     active_objectives,
     auxiliary_losses,
@@ -165,3 +166,27 @@ def test_an_objective_without_a_batched_form_runs_per_layer_and_one_may_decline_
     declining = dataclasses.replace(plain, batched_loss=decline)
     torch.testing.assert_close(objective_mean(declining, kept, config), expected)
     assert calls == ["group", "layer", "layer", "group", "layer", "layer", "group", "layer", "layer"]
+
+
+@pytest.mark.parametrize("preset", ["comoe", "moelora"])
+def test_grams_kept_by_the_forward_and_grams_of_the_stacked_b_give_the_same_objective(preset):
+    """In one process the layers keep no Gram matrix and the objective takes the group's Grams in one
+    batched matmul; with several processes (FSDP reshards B after the forward) the forward keeps each
+    layer's: the same values and gradients."""
+    config = ComoeConfig.preset(preset, r=4, lora_dropout=0.0)
+    layers, kept = mixed_records(config)
+    assert all(record.gram is None for record in kept)  # one process
+    with_grams = [dataclasses.replace(record, gram=expert_gram(record.lora_B)) for record in kept]
+    parameters = [p for layer in layers for p in layer.parameters()]
+    objective = active_objectives(config)[preset][0]
+    torch.manual_seed(7)
+    deferred = objective_mean(objective, kept, config)
+    torch.manual_seed(7)
+    forward = objective_mean(objective, with_grams, config)
+    torch.testing.assert_close(deferred, forward)
+    got = torch.autograd.grad(deferred, parameters, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(forward, parameters, retain_graph=True, allow_unused=True)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert (mine is None) == (theirs is None)
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs)

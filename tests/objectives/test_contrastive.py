@@ -9,6 +9,7 @@ from torch import nn
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import ComoeConfig
+from comoe.objectives.auxiliary import with_grams
 from comoe.objectives.contrastive import COMOE, CONTRASTIVE_NEEDS, MOELORA, record_gram
 
 
@@ -22,7 +23,8 @@ def test_gram_kept_by_the_forward_or_computed_from_b_gives_one_value(objective):
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.3)
     layer(torch.randn(20, 12))
-    kept = layer.record
+    assert layer.record.gram is None  # one process: the objectives take the Grams (auxiliary.with_grams)
+    kept = with_grams([layer.record])[0]
     assert kept.gram is not None and objective.needs == CONTRASTIVE_NEEDS
     flat = layer.lora_B.reshape(-1, 10)
     torch.testing.assert_close(record_gram(kept), flat @ flat.t())

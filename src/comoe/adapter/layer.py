@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
-from comoe.moe.experts import choose_strategy, expert_gram, mix
+from comoe.moe.experts import choose_strategy, expert_gram, gram_in_forward, mix
 from comoe.moe.fused import autocasting, fuses, linear_route_and_mix, route_and_mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import get_routing
@@ -181,7 +181,7 @@ class ComoeLinear(nn.Module):
         # longer asks for records) and requires it to save exactly the tensors the first run saved.
         gram, floor = None, None
         if self.training or self.context.keep_records:
-            if self.needs_gram and outputs is None:
+            if self.needs_gram and outputs is None and gram_in_forward():  # else the objectives take it
                 gram = expert_gram(lora_B)
             if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
                 base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)

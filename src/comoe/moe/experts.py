@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.moe.kernels import grouped_matmul
@@ -39,6 +40,19 @@ def expert_gram(lora_B: torch.Tensor) -> torch.Tensor:
     n, r, d_out = lora_B.shape
     flat = lora_B.float().reshape(n * r, d_out)
     return flat @ flat.t()
+
+
+def gram_in_forward() -> bool:
+    """Whether layers take their experts' Gram matrix in the forward: with several processes, where FSDP
+    reshards B after the forward. In one process the record's B is the parameter itself, and the
+    contrastive objectives compute the Grams of a group of layers in one batched matmul (fewer ops)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def expert_grams(lora_B: torch.Tensor) -> torch.Tensor:
+    """expert_gram of stacked up-projections [..., n, r, d_out] -> [..., n*r, n*r], in float32."""
+    flat = lora_B.float().flatten(-3, -2)
+    return flat @ flat.transpose(-1, -2)
 
 
 def mix_blocks(z: torch.Tensor, routing: Routing, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

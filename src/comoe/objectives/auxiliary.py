@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from comoe.config import ComoeConfig
+from comoe.moe.experts import expert_grams
 from comoe.moe.record import LayerRecord
 
 # The built-in objectives register themselves on import.
@@ -137,8 +138,28 @@ def objective_mean(objective: Objective, records: list[LayerRecord], config: Com
     return torch.stack(sums).sum() / len(records)
 
 
+def with_grams(records: list[LayerRecord]) -> list[LayerRecord]:
+    """The records with their Gram matrices B B^T: in one process the layers keep none (moe.experts.
+    gram_in_forward), and the Grams of the records of one B shape are taken here in one batched matmul."""
+    missing: dict[tuple, list[int]] = {}
+    for index, record in enumerate(records):
+        if record.gram is None and record.outputs is None:
+            missing.setdefault(_shape(record.lora_B), []).append(index)
+    if not missing:
+        return records
+    result = list(records)
+    for indices in missing.values():
+        grams = expert_grams(torch.stack([records[i].lora_B for i in indices]))
+        for index, gram in zip(indices, grams.unbind(), strict=True):
+            result[index] = dataclasses.replace(records[index], gram=gram)
+    return result
+
+
 def compute_auxiliary_losses(records: list[LayerRecord], config: ComoeConfig) -> AuxiliaryLosses:
-    """Every active objective of `config` over the layers' records."""
+    """Every active objective of `config` over the layers' records (their Gram matrices taken first when
+    an objective needs them and the forward did not keep them: with_grams)."""
+    if "gram" in requirements(config):
+        records = with_grams(records)
     zero = torch.zeros((), device=records[0].z.device) if records else torch.zeros(())
     result = AuxiliaryLosses(dict.fromkeys(ALWAYS_REPORTED, zero), dict.fromkeys(ALWAYS_REPORTED, zero))
     for objective, weight in active_objectives(config).values():

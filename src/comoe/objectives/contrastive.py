@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from comoe.config import ComoeConfig
-from comoe.moe.experts import expert_gram
+from comoe.moe.experts import expert_gram, expert_grams
 from comoe.moe.record import LayerRecord
 from comoe.objectives.cosine import output_anchor_cosines, output_item_cosines
 from comoe.objectives.gram import anchor_cosines, anchor_dots, item_cosines
@@ -33,6 +33,14 @@ def record_gram(record: LayerRecord) -> torch.Tensor:
     return record.gram if record.gram is not None else expert_gram(record.lora_B)
 
 
+def stacked_grams(records: list[LayerRecord]) -> torch.Tensor:
+    """[L, n*r, n*r] the Gram matrices of one group: the ones the forward kept (several processes), else
+    computed from the stacked B in one batched matmul."""
+    if records[0].gram is not None:
+        return torch.stack([record.gram for record in records])
+    return expert_grams(stacked(records, lambda record: record.lora_B))
+
+
 def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
     """`comoe_objective` of every record of one group (same shapes: comoe.objectives.auxiliary) at once,
     [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension;
@@ -42,7 +50,7 @@ def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tens
     if records[0].outputs is not None:
         rows = output_anchor_cosines(stacked(records, lambda record: record.outputs), indices, floor)
     else:
-        grams = torch.stack([record_gram(record) for record in records])
+        grams = stacked_grams(records)
         z = stacked(records, lambda record: record.z)
         if takes_fused_kernel(z, indices, config):
             mask = stacked(records, lambda record: record.mask)
@@ -131,7 +139,7 @@ def moelora_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Te
     z_items = z.flatten(-3, -2).gather(-2, rows)  # [L, N, r]
     floors = stacked(records, lambda record: record.norm_floor)
     floor = None if floors is None else floors.gather(-1, item_tokens)
-    cosines = item_cosines(z_items, experts, torch.stack([record_gram(r) for r in records]), floor)
+    cosines = item_cosines(z_items, experts, stacked_grams(records), floor)
     return supcon_loss(cosines, experts, config.temperature, item_valid)
 
 
