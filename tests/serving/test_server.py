@@ -204,7 +204,14 @@ def parity(tmp_path_factory, smol_tokenizer):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((root / "out.json").read_text())
     names = [f"{b}-{c}" for b in bases for c in CASES]
-    return cases, dict(zip([*names, "tp2", "compiled", "compiled-changed"], results, strict=True)), root
+    served = dict(zip([*names, "tp2", "compiled", "compiled-changed"], results, strict=True))
+    measured = {  # what docs/serving.md reports: per case, tokens compared and the largest log-prob gap
+        name: {"tokens": sum(map(len, served[name]["tokens"])),
+               "max_logprob_gap": _max_logprob_gap(cases["tiny-comoe" if name == "tp2" else name][0][1], served[name])}
+        for name in [*names, "tp2"]
+    }
+    (root / "measured.json").write_text(json.dumps(measured, indent=1))
+    return cases, served, root
 
 
 def _max_logprob_gap(expected_logprobs, served) -> float:
