@@ -51,9 +51,10 @@ $(SERVE_STAMP): serving/pyproject.toml Makefile
 	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e serving
 	touch $(SERVE_STAMP)
 
-# The serving tests (vLLM engines: parity with comoe's generate, the OpenAI server, tensor parallel 2).
+# The serving tests (vLLM engines: parity with comoe's generate, the OpenAI server, tensor parallel 2, a
+# compiled graph): about 15 minutes on 2 cores, so `make test` runs only their fast part.
 test-serve: $(STAMP) $(SERVE_STAMP)
-	$(BIN)/python -m pytest tests/serving
+	COMOE_TEST_SERVING=1 $(BIN)/python -m pytest tests/serving
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
