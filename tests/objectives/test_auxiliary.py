@@ -16,7 +16,9 @@ from comoe.objectives.auxiliary import (
     contrastive_loss,
     objective_mean,
     record_group,
+    with_grams,
 )
+from comoe.objectives.contrastive import stacked_grams
 from comoe.objectives.reference import load_balance_loss
 from comoe.objectives.registry import OBJECTIVES, Objective
 
@@ -190,3 +192,25 @@ def test_grams_kept_by_the_forward_and_grams_of_the_stacked_b_give_the_same_obje
         assert (mine is None) == (theirs is None)
         if theirs is not None:
             torch.testing.assert_close(mine, theirs)
+
+
+def test_grams_taken_for_a_group_are_not_stacked_again_and_give_the_layers_gradients():
+    config = ComoeConfig.preset("comoe", r=4, lora_dropout=0.0)
+    layers, kept = mixed_records(config)
+    filled = with_grams(kept)
+    first_group = [record for record in filled if record_group(record) == record_group(filled[0])]
+    base = stacked_grams(first_group)
+    assert base is first_group[0].gram._base  # the batched matmul's own output
+    assert not torch.equal(stacked_grams(first_group[::-1]), base)  # another order: stacked anew
+    torch.testing.assert_close(stacked_grams(first_group[::-1]), base.flip(0))
+    parameters = [p for layer in layers for p in layer.parameters()]
+    value = auxiliary_losses(kept, config)["contrastive"]
+    grads = torch.autograd.grad(value, parameters, allow_unused=True, retain_graph=True)
+    torch.manual_seed(0)
+    expected = torch.autograd.grad(
+        torch.stack([contrastive_loss(record, config) for record in kept]).mean(), parameters, allow_unused=True
+    )
+    for got, want in zip(grads, expected, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want)

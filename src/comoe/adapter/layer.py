@@ -184,7 +184,8 @@ class ComoeLinear(nn.Module):
             if self.needs_gram and outputs is None and gram_in_forward():  # else the objectives take it
                 gram = expert_gram(lora_B)
             if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
-                base_norm = result.detach().reshape(-1, self.out_features).float().norm(dim=-1)
+                with torch.no_grad():  # a scale without gradient (no_grad: no detach op to dispatch)
+                    base_norm = result.reshape(-1, self.out_features).float().norm(dim=-1)
                 # in z-space for the Gram path (output floor / s), in output space for materialised outputs
                 scale = self.norm_floor if outputs is not None else self.norm_floor / self.scaling
                 floor = base_norm * scale

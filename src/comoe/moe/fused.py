@@ -210,8 +210,10 @@ class LinearRouteMixBlocks(torch.autograd.Function):
         if grad_logits_out is not None and needs_logits:  # the router z-loss reads the logits
             grad_logits = grad_logits_out if grad_logits is None else grad_logits + grad_logits_out
         if grad_z_out is not None and needs_z:  # the contrastive objectives read z
-            flat = grad_z_out.reshape(grad_z_out.shape[0], -1)
-            grad_z = flat if grad_z is None else grad_z + flat
+            if grad_z is None:
+                grad_z = grad_z_out.reshape(grad_z_out.shape[0], -1)
+            else:  # grad_z is this backward's own tensor: add in place, whatever grad_z_out's layout
+                grad_z.view(grad_z_out.shape).add_(grad_z_out)
         if grad_logits is not None:
             grad_logits = grad_logits.to(x.dtype)
         experts_input = x if x_down is None else x_down

@@ -37,8 +37,22 @@ def stacked_grams(records: list[LayerRecord]) -> torch.Tensor:
     """[L, n*r, n*r] the Gram matrices of one group: the ones the forward kept (several processes), else
     computed from the stacked B in one batched matmul."""
     if records[0].gram is not None:
-        return torch.stack([record.gram for record in records])
+        base = _stacked_base(records)
+        return base if base is not None else torch.stack([record.gram for record in records])
     return expert_grams(stacked(records, lambda record: record.lora_B))
+
+
+def _stacked_base(records: list[LayerRecord]) -> torch.Tensor | None:
+    """The [L, n*r, n*r] tensor the records' grams are the rows of, in order (auxiliary.with_grams takes
+    one group's Grams in one matmul and hands them out as views), so it is not stacked again; else None."""
+    base = records[0].gram._base
+    if base is None or base.dim() != 3 or base.shape[0] != len(records):
+        return None
+    for index, record in enumerate(records):
+        gram = record.gram
+        if gram._base is not base or gram.storage_offset() != base.storage_offset() + index * base.stride(0):
+            return None
+    return base
 
 
 def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
