@@ -4,10 +4,12 @@ experts' B, Gram matrix and norm floor), what the model attaches (the token mask
 import torch
 
 from comoe import ComoeConfig, get_comoe_model
+from comoe.adapter import layer as layer_module
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.moe.experts import expert_gram
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import route
+from comoe.objectives.auxiliary import with_grams
 from tests.helpers import make_layer, tiny_llama
 
 
@@ -41,7 +43,7 @@ def test_without_keep_records_or_training_nothing_is_recorded():
     assert layer.record is None
 
 
-def test_contrastive_objectives_make_the_layer_keep_the_gram_matrix_and_the_norm_floor():
+def test_contrastive_objectives_make_the_layer_keep_the_gram_matrix_and_the_norm_floor(monkeypatch):
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 6)
     config = ComoeConfig(
@@ -58,8 +60,13 @@ def test_contrastive_objectives_make_the_layer_keep_the_gram_matrix_and_the_norm
         layer.lora_B.normal_()
     x = torch.randn(5, 8)
     _, record = recorded(layer, x)
+    assert record.gram is None  # one process: the auxiliary losses take every layer's Gram at once
+    record = with_grams([record])[0]
     torch.testing.assert_close(record.gram, expert_gram(layer.lora_B))
     torch.testing.assert_close(record.gram, layer.lora_B.reshape(8, 6) @ layer.lora_B.reshape(8, 6).t())
+    monkeypatch.setattr(layer_module, "gram_in_forward", lambda: True)  # several processes (FSDP)
+    _, kept = recorded(layer, x)
+    torch.testing.assert_close(kept.gram, record.gram)
     expected_floor = base(x).norm(dim=-1) * (0.01 / config.scaling)
     torch.testing.assert_close(record.norm_floor, expected_floor)
 
