@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
@@ -26,7 +36,7 @@ from comoe.models.gguf import alias_cache, cache_root
 from comoe.models.loading import load_base
 from comoe.serving.server import DEFAULT_VENV, serve_command
 from comoe.serving.settings import SERVE_PYTHON_ENV, ServeArgs
-from tests.helpers import tiny_config, tiny_llama
+from tests.helpers import TINY_SIZES, tiny_config, tiny_llama
 
 
 @pytest.fixture
@@ -141,6 +151,24 @@ def _serving_llama(folder: Path, tokenizer) -> Path:
     return folder
 
 
+# The other served families, as tiny random models (LLaMA's sizes; Gemma's head size given: it has its own).
+FAMILIES = {
+    "mistral": (MistralConfig, MistralForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 32}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"head_dim": 32}),
+}
+
+
+def _serving_family(folder: Path, tokenizer, family: str) -> Path:
+    config_class, model_class, extra = FAMILIES[family]
+    sizes = dict(TINY_SIZES, hidden_size=128, intermediate_size=192, vocab_size=len(tokenizer), max_position_embeddings=512)
+    torch.manual_seed(0)
+    model_class(config_class(**sizes, **extra)).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory, smol_tokenizer):
     """Every case on both bases, tensor parallel 2, and a compiled engine for an adapter changed in place,
@@ -151,35 +179,25 @@ def parity(tmp_path_factory, smol_tokenizer):
         "tiny": (str(_serving_llama(root / "tiny", smol_tokenizer)), 0.05),
         "smollm2": (str(alias_cache("smollm2-135m", cache_root(None))), 0.01),
     }
+    runs = [(f"{b}-{c}", folder, config, scale) for b, (folder, scale) in bases.items() for c, config in CASES.items()]
+    runs += [(f"family-{name}", str(_serving_family(root / name, smol_tokenizer, name)), CASES["comoe"], 0.05)
+             for name in FAMILIES]
     cases, jobs = {}, []
-    for base_name, (folder, scale) in bases.items():
-        for case, config in CASES.items():
-            base = load_base(folder)[0]
-            if case == "moe":  # every other block (packed layers with some slices, blocks without experts)
-                config = dataclasses.replace(config, layers_to_transform=list(range(1, base.config.num_hidden_layers, 2)))
-            model = _trained(base, config, scale)
-            adapter = root / f"{base_name}-{case}"
-            model.save_pretrained(adapter)
-            expected = _greedy(model, prompts)
-            with model.disable_adapters():
-                base_tokens = _greedy(model, prompts)[0]
-            cases[f"{base_name}-{case}"] = (expected, base_tokens)
-            if (base_name, case) == ("tiny", "comoe"):
-                chat = smol_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
-                cases["chat"] = (
-                    _greedy(model, [list(chat["input_ids"] if hasattr(chat, "keys") else chat)]),
-                    None,
-                )
-            jobs.append(
-                dict(
-                    model=folder,
-                    adapter=str(adapter),
-                    prompts=prompts,
-                    max_tokens=NEW_TOKENS,
-                    logprobs=LOGPROBS,
-                    env=ENGINE_ENV,
-                )
-            )
+    for name, folder, config, scale in runs:
+        base = load_base(folder)[0]
+        if name.endswith("-moe"):  # every other block (packed layers with some slices, blocks without experts)
+            config = dataclasses.replace(config, layers_to_transform=list(range(1, base.config.num_hidden_layers, 2)))
+        model = _trained(base, config, scale)
+        model.save_pretrained(root / name)
+        with model.disable_adapters():
+            base_logprobs = _greedy(model, prompts)[1]
+        cases[name] = (_greedy(model, prompts), base_logprobs)
+        if name == "tiny-comoe":
+            chat = smol_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+            chat_ids = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+            cases["chat"] = (_greedy(model, [chat_ids]), None)
+        jobs.append(dict(model=folder, adapter=str(root / name), prompts=prompts, max_tokens=NEW_TOKENS,
+                         logprobs=LOGPROBS, env=ENGINE_ENV))
     tiny = bases["tiny"][0]
     jobs.append(dict(jobs[0], tensor_parallel_size=2, env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
     # compiled: the comoe adapter, then another (top-1, other weights) copied over it at the same path
@@ -206,7 +224,7 @@ def parity(tmp_path_factory, smol_tokenizer):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((root / "out.json").read_text())
-    names = [f"{b}-{c}" for b in bases for c in CASES]
+    names = [name for name, *_ in runs]
     served = dict(zip([*names, "tp2", "compiled", "compiled-changed"], results, strict=True))
     measured = {  # what docs/serving.md reports: per case, tokens compared and the largest log-prob gap
         name: {"tokens": sum(map(len, served[name]["tokens"])),
@@ -228,11 +246,14 @@ def _max_logprob_gap(expected_logprobs, served) -> float:
 
 @needs_serving
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [f"{b}-{c}" for b in ("tiny", "smollm2") for c in CASES])
+@pytest.mark.parametrize(
+    "case", [f"{b}-{c}" for b in ("tiny", "smollm2") for c in CASES] + [f"family-{f}" for f in FAMILIES]
+)
 def test_vllm_serves_comoes_tokens_and_logprobs(parity, case):
     cases, results, _ = parity
-    (tokens, logprobs), base_tokens = cases[case]
-    assert tokens != base_tokens  # the adapter changes the answer: the test could fail
+    (tokens, logprobs), base_logprobs = cases[case]
+    changed = max((mine[0] - base[0]).abs().max().item() for mine, base in zip(logprobs, base_logprobs, strict=True))
+    assert changed > 100 * LOGPROB_TOLERANCE  # the adapter changes the model's answer: the test could fail
     assert results[case]["tokens"] == tokens
     assert _max_logprob_gap(logprobs, results[case]) < LOGPROB_TOLERANCE
 
