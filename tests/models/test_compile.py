@@ -1,11 +1,17 @@
 """Compiling a model block by block: the blocks are the decoder layers, and a compiled comoe model trains
 with the eager model's loss and gradients."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from comoe import ComoeConfig, get_comoe_model
+from comoe.evaluation import respond, runner
+from comoe.evaluation.respond import run_generate
+from comoe.evaluation.runner import run_eval
+from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.models.compile import compile_blocks, repeated_blocks
 from comoe.training.settings import TrainArgs
 from tests.helpers import tiny_llama
@@ -42,3 +48,68 @@ def test_a_compiled_comoe_model_has_the_eager_loss_and_gradients():
     assert set(grads) == set(eager_grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # inductor compiles the block twice (a static, then a dynamic sequence length)
+def test_a_compiled_model_trains_over_varying_lengths_without_recompiling_after_the_second():
+    """The first shape compiles a static graph and the second a dynamic one (torch's automatic dynamic
+    shapes); eight more sequence lengths then reuse it: no recompilation, losses equal to eager's. The
+    model is compiled before any eager call (a constant cached at the first traced call was a graph side
+    effect)."""
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+
+    def model():
+        torch.manual_seed(0)
+        built = get_comoe_model(tiny_llama(), ComoeConfig.preset("comoe", r=4, lora_dropout=0.0)).train()
+        with torch.no_grad():
+            for layer in built.comoe_layers().values():
+                layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        return built
+
+    compiled, eager = model(), model()
+    compile_blocks(compiled)
+    graphs = []
+    for step, length in enumerate([12, 17, 9, 30, 21, 14, 25, 11, 19, 28]):
+        ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(step))
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        loss = compiled(**batch).loss
+        loss.backward()
+        torch.testing.assert_close(loss, eager(**batch).loss, rtol=1e-5, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] > 0  # the static graph, then the dynamic one
+    assert graphs[2:] == [graphs[1]] * 8, graphs  # no recompilation after the second length
+
+
+@pytest.mark.slow  # compiles the blocks for the prefill and the decode steps
+def test_generate_and_eval_with_compile_give_the_eager_tokens(monkeypatch):
+    torch.manual_seed(0)
+    model = get_comoe_model(tiny_llama(), ComoeConfig.preset("comoe", r=4)).eval()
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(input_ids=ids, **settings)
+        compile_blocks(model)
+        compiled = model.generate(input_ids=ids, **settings)
+    assert torch.equal(compiled, eager)
+
+
+def test_comoe_eval_and_generate_compile_the_model_they_run_when_asked(tiny_model_dir, tmp_path, monkeypatch):
+    compiled = []
+    for module in (runner, respond):  # a spy: which models would be compiled (compiling itself is above)
+        monkeypatch.setattr(module, "compile_blocks", lambda model: compiled.append(type(model).__name__) or 1)
+    run_generate(GenerateArgs(model=str(tiny_model_dir), prompt="hi", max_new_tokens=2, device="cpu"))
+    assert compiled == []
+    run_generate(
+        GenerateArgs(model=str(tiny_model_dir), prompt="hi", max_new_tokens=2, device="cpu", compile=True)
+    )
+    assert compiled == ["LlamaForCausalLM"]
+    data = tmp_path / "test.jsonl"
+    row = {"prompt": "Colour of the sky?", "completion": " blue", "choices": [" red", " blue"]}
+    data.write_text(json.dumps(row) + "\n")
+    run_eval(EvalArgs(model=str(tiny_model_dir), data=[str(data)], device="cpu", compile=True))
+    assert compiled == ["LlamaForCausalLM"] * 2

@@ -43,6 +43,8 @@ def gate_expansion(
 ) -> torch.Tensor:
     """[n, n*r]: row i holds `scaling` on expert i's r columns, 0 elsewhere, so dense gates [T, n] @ it
     are the gates repeated over each expert's rank, scaled. Built once per shape, device and dtype."""
+    if torch.compiler.is_compiling():  # traced: a graph constant (writing the cache would be a side effect)
+        return torch.eye(num_experts, device=device, dtype=dtype).repeat_interleave(r, dim=1) * scaling
     key = (num_experts, r, scaling, device, dtype)
     expansion = _EXPANSIONS.get(key)
     if expansion is None:
