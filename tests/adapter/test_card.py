@@ -41,8 +41,6 @@ def test_the_card_states_the_base_model_and_the_experts():
         ("omoe", "OMoE (arXiv 2501.10062) without a contrastive objective", "; expert bank 'omoe'"),
         ("adamole", "AdaMoLE (arXiv 2405.00361) without a contrastive objective", "learned-threshold (a variable"),
         ("milora", "MiLoRA (arXiv 2410.18035) without a contrastive objective", "prompt-aware top-2 (one decision"),
-        ("adamole", "AdaMoLE (arXiv 2405.00361) without a contrastive objective", "learned-threshold (a variable"),
-        ("milora", "MiLoRA (arXiv 2410.18035) without a contrastive objective", "prompt-aware top-2 (one decision"),
         (
             "moelora-liu",
             "MOELoRA of Liu et al. (arXiv 2310.18339) without a contrastive objective",

@@ -17,8 +17,6 @@ CARD_NAME = "README.md"
 BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 2501.10062)"}
 # The methods that a routing kind makes.
 ROUTING_METHODS = {"threshold": "AdaMoLE (arXiv 2405.00361)", "prompt": "MiLoRA (arXiv 2410.18035)"}
-# The methods that a routing kind makes.
-ROUTING_METHODS = {"threshold": "AdaMoLE (arXiv 2405.00361)", "prompt": "MiLoRA (arXiv 2410.18035)"}
 
 
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
@@ -26,7 +24,6 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
     plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
     if config.ffn_experts is not None:
         plain = "MixLoRA (arXiv 2404.15159, FFN-block experts)"
-    plain = ROUTING_METHODS.get(config.routing, plain)
     plain = ROUTING_METHODS.get(config.routing, plain)
     if config.routing == "task":
         plain = "MOELoRA of Liu et al. (arXiv 2310.18339)"
@@ -42,10 +39,6 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         header.append(f"base_model: {base_model}")
     header.append("---")
     routing = "soft (dense)" if config.routing == "soft" else f"top-{config.top_k}"
-    if config.routing == "threshold":
-        routing = "learned-threshold (a variable number of experts per token)"
-    if config.routing == "prompt":
-        routing = f"prompt-aware top-{config.top_k} (one decision per sequence, from its prompt)"
     if config.routing == "threshold":
         routing = "learned-threshold (a variable number of experts per token)"
     if config.routing == "prompt":
