@@ -52,7 +52,7 @@ $(SERVE_STAMP): serving/pyproject.toml Makefile
 	touch $(SERVE_STAMP)
 
 # The serving tests (vLLM engines: parity with comoe's generate, the OpenAI server, tensor parallel 2, a
-# compiled graph): about 15 minutes on 2 cores, so `make test` runs only their fast part.
+# compiled graph): 6 to 15 minutes on 2 cores, so `make test` runs only their fast part.
 test-serve: $(STAMP) $(SERVE_STAMP)
 	COMOE_TEST_SERVING=1 $(BIN)/python -m pytest tests/serving
 
