@@ -84,13 +84,20 @@ def test_missing_serving_environment_names_make_serve_setup(tmp_path):
 # --- vLLM itself (slow: engines start in the serving environment) ---------------------------------------
 
 SERVE_PYTHON = Path(os.environ.get(SERVE_PYTHON_ENV) or DEFAULT_VENV / "bin" / "python")
-# vLLM engines take minutes on 2 cores (6 to 15 here), past `make test`'s budget: `make test-serve`
-# builds the environment and runs them (COMOE_TEST_SERVING=1).
+# vLLM engines take minutes on 2 cores. `make test` builds the serving environment and runs the core
+# (COMOE_TEST_SERVING=core: the tiny LLaMA's comoe, moe and soft parity, the OpenAI server); `make
+# test-serve` runs everything (COMOE_TEST_SERVING=1: also SmolLM2-135M, the other families, tensor
+# parallel 2 and a compiled engine; 6 to 15 minutes here).
+SERVING = os.environ.get("COMOE_TEST_SERVING", "")
 needs_serving = pytest.mark.skipif(
-    not SERVE_PYTHON.is_file() or os.environ.get("COMOE_TEST_SERVING") != "1",
-    reason=f"vLLM serving tests run with `make test-serve` (the serving environment {SERVE_PYTHON}, "
-    "COMOE_TEST_SERVING=1)",
+    not SERVE_PYTHON.is_file() or SERVING not in ("1", "core"),
+    reason=f"vLLM serving tests run with `make test` / `make test-serve` (the serving environment "
+    f"{SERVE_PYTHON}, COMOE_TEST_SERVING=core or 1)",
 )
+needs_full_serving = pytest.mark.skipif(
+    SERVING != "1", reason="run by `make test-serve` (COMOE_TEST_SERVING=1), past make test's budget"
+)
+FULL = SERVING == "1"
 PROMPTS = ["Hello world", "The capital of France is", "1 2 3 4 5", "Spell this word backward: sun"]
 NEW_TOKENS = 8
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -175,13 +182,12 @@ def parity(tmp_path_factory, smol_tokenizer):
     served in one process of the serving environment; with comoe's own outputs for each."""
     root = tmp_path_factory.mktemp("serving")
     prompts = [smol_tokenizer(text)["input_ids"] for text in PROMPTS]
-    bases = {
-        "tiny": (str(_serving_llama(root / "tiny", smol_tokenizer)), 0.05),
-        "smollm2": (str(alias_cache("smollm2-135m", cache_root(None))), 0.01),
-    }
+    bases = {"tiny": (str(_serving_llama(root / "tiny", smol_tokenizer)), 0.05)}
+    if FULL:
+        bases["smollm2"] = (str(alias_cache("smollm2-135m", cache_root(None))), 0.01)
     runs = [(f"{b}-{c}", folder, config, scale) for b, (folder, scale) in bases.items() for c, config in CASES.items()]
     runs += [(f"family-{name}", str(_serving_family(root / name, smol_tokenizer, name)), CASES["comoe"], 0.05)
-             for name in FAMILIES]
+             for name in (FAMILIES if FULL else [])]
     cases, jobs = {}, []
     for name, folder, config, scale in runs:
         base = load_base(folder)[0]
@@ -199,7 +205,8 @@ def parity(tmp_path_factory, smol_tokenizer):
         jobs.append(dict(model=folder, adapter=str(root / name), prompts=prompts, max_tokens=NEW_TOKENS,
                          logprobs=LOGPROBS, env=ENGINE_ENV))
     tiny = bases["tiny"][0]
-    jobs.append(dict(jobs[0], tensor_parallel_size=2, env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+    full_jobs = []
+    full_jobs.append(dict(jobs[0], tensor_parallel_size=2, env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
     # compiled: the comoe adapter, then another (top-1, other weights) copied over it at the same path
     changed = _trained(
         load_base(tiny)[0], ComoeConfig.preset("moe", top_k=1, target_modules=ALL_LINEARS), 0.05, seed=1
@@ -214,7 +221,8 @@ def parity(tmp_path_factory, smol_tokenizer):
         logprobs=0,
         env={**ENGINE_ENV, "VLLM_CACHE_ROOT": str(root / "vllm-cache")},
     )
-    jobs += [compiled, dict(compiled, copy=[str(root / "changed"), str(root / "in-place")])]
+    full_jobs += [compiled, dict(compiled, copy=[str(root / "changed"), str(root / "in-place")])]
+    jobs += full_jobs if FULL else []
     (root / "jobs.json").write_text(json.dumps(jobs))
     run = subprocess.run(
         [str(SERVE_PYTHON), "-m", "comoe_vllm.offline", str(root / "jobs.json"), str(root / "out.json")],
@@ -225,11 +233,12 @@ def parity(tmp_path_factory, smol_tokenizer):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((root / "out.json").read_text())
     names = [name for name, *_ in runs]
-    served = dict(zip([*names, "tp2", "compiled", "compiled-changed"], results, strict=True))
+    extra = ["tp2", "compiled", "compiled-changed"] if FULL else []
+    served = dict(zip([*names, *extra], results, strict=True))
     measured = {  # what docs/serving.md reports: per case, tokens compared and the largest log-prob gap
         name: {"tokens": sum(map(len, served[name]["tokens"])),
                "max_logprob_gap": _max_logprob_gap(cases["tiny-comoe" if name == "tp2" else name][0][1], served[name])}
-        for name in [*names, "tp2"]
+        for name in [*names, *extra[:1]]
     }
     (root / "measured.json").write_text(json.dumps(measured, indent=1))
     return cases, served, root
@@ -247,7 +256,10 @@ def _max_logprob_gap(expected_logprobs, served) -> float:
 @needs_serving
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", [f"{b}-{c}" for b in ("tiny", "smollm2") for c in CASES] + [f"family-{f}" for f in FAMILIES]
+    "case",
+    [f"tiny-{c}" for c in CASES]
+    + [pytest.param(f"smollm2-{c}", marks=needs_full_serving) for c in CASES]
+    + [pytest.param(f"family-{f}", marks=needs_full_serving) for f in FAMILIES],
 )
 def test_vllm_serves_comoes_tokens_and_logprobs(parity, case):
     cases, results, _ = parity
@@ -259,6 +271,7 @@ def test_vllm_serves_comoes_tokens_and_logprobs(parity, case):
 
 
 @needs_serving
+@needs_full_serving
 @pytest.mark.slow
 def test_tensor_parallel_2_serves_the_same_tokens(parity):
     cases, results, _ = parity
@@ -268,6 +281,7 @@ def test_tensor_parallel_2_serves_the_same_tokens(parity):
 
 
 @needs_serving
+@needs_full_serving
 @pytest.mark.slow
 def test_a_changed_adapter_never_reuses_a_stale_compiled_graph(parity):
     """Compiled (torch.compile) for the comoe adapter, then the same path holding a top-1 adapter: vLLM's
