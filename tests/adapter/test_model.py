@@ -153,6 +153,31 @@ def test_disable_adapters_and_unload_give_the_base_model():
         assert torch.equal(unloaded(input_ids=ids, attention_mask=mask).logits, base)
 
 
+def hooks_of(model: nn.Module) -> dict[str, tuple[list, list]]:
+    return {
+        name: (list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()))
+        for name, m in model.named_modules()
+    }
+
+
+def test_unload_leaves_the_base_with_the_hooks_it_had_and_another_preset_runs():
+    base = tiny_llama()
+    before = hooks_of(base)
+    ids, mask = batch()
+    model = get_comoe_model(base, ComoeConfig.preset("moelora-liu", tasks=["a", "b"]))
+    assert hooks_of(base) != before  # the backbone carries the model's hooks while wrapped
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+    unloaded = model.unload()
+    assert hooks_of(unloaded) == before
+    with torch.no_grad():  # without task_ids: the task-routed adapter's hooks are gone
+        plain = unloaded(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(plain, tiny_llama()(input_ids=ids, attention_mask=mask).logits)
+        again = get_comoe_model(unloaded, ComoeConfig.preset("milora"))
+        assert again(input_ids=ids, attention_mask=mask).logits.shape == plain.shape
+        assert hooks_of(again.unload()) == before
+
+
 def test_merge_and_unload_explains_why_not():
     with pytest.raises(NotImplementedError, match="depends on each token"):
         get_comoe_model(tiny_llama(), ComoeConfig()).merge_and_unload()

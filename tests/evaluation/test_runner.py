@@ -182,6 +182,19 @@ def test_several_adapters_are_evaluated_on_one_base_load_one_report_each(tmp_pat
         run_eval(EvalArgs(adapter=[comoe, lora], **settings))
 
 
+def test_a_task_routed_adapter_first_leaves_the_base_clean_for_the_next(tmp_path, two_adapters, tiny_model_dir):
+    _, lora, data = two_adapters
+    base, _ = load_base(str(tiny_model_dir))
+    torch.manual_seed(0)
+    routed = get_comoe_model(base, ComoeConfig.preset("moelora-liu", r=2, tasks=["colour", "light"]))
+    routed.save_pretrained(tmp_path / "liu" / "adapter")
+    liu = str(tmp_path / "liu" / "adapter")
+    settings = dict(data=[data], device="cpu", batch_size=4)
+    reports, _ = run_evals(EvalArgs(adapter=[liu, lora], **settings))
+    assert [r["adapter"] for r in reports] == [liu, lora]
+    assert reports[1]["examples"] == run_eval(EvalArgs(adapter=lora, **settings))["examples"]
+
+
 def test_adapters_of_different_bases_are_refused_before_loading(tmp_path, two_adapters):
     comoe, lora, data = two_adapters
     config = Path(lora) / "adapter_config.json"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from comoe.adapter.aux_gradient import token_share
 from comoe.adapter.delivery import Delivery, LossDelivery, choose_delivery
@@ -88,9 +89,10 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         self.reads_prompt = any(kind is not None and kind.reads_prompt for kind in kinds)
         backbone = self.base_model
         self._can_carry = backbone is not model
+        self._hooks: list[RemovableHandle] = []  # removed by unload(): the base goes back without them
         if self._can_carry:  # called directly by some trainers (TRL's fused LM head): see _backbone_*
-            backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True)
-            backbone.register_forward_hook(self._backbone_hook)
+            self._hooks.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
+            self._hooks.append(backbone.register_forward_hook(self._backbone_hook))
 
     @property
     def base_model(self) -> nn.Module:
@@ -361,7 +363,11 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
     disable_adapter = disable_adapters  # PEFT's PeftModel spells it in the singular
 
     def unload(self) -> nn.Module:
-        """Put the original layers (and modules_to_save originals) back; return the untouched base model."""
+        """Put the original layers (and modules_to_save originals) back and remove this model's hooks from
+        the backbone; return the base model as it was before wrapping (this ComoeModel is spent)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         return eject(self.wrapped_model, self._injection)
 
     def merge_and_unload(self) -> nn.Module:
