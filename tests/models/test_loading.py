@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from comoe.cli import main
 from comoe.models import ALIASES, gguf, load_base
+from comoe.training.loop import train
+from tests.helpers import train_args
 
 pytestmark = pytest.mark.slow  # most tests need the ~20 s GGUF conversion of SmolLM2-135M
 
@@ -163,6 +167,24 @@ def test_a_missing_local_path_is_not_tried_on_the_hub(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match=f"model {missing!r}: no such folder"):
         load_base(missing)
+
+
+def test_peft_and_comoe_folders_of_one_alias_record_it_and_evaluate_together(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / ALIAS)  # the alias's converted cache: the tiny model
+    monkeypatch.setenv("COMOE_CACHE", str(tmp_path / "cache"))
+    adapters = []
+    for preset, config in (("lora", {"r": 4}), ("comoe", {"r": 4, "num_experts": 2})):
+        args = train_args(ALIAS, tmp_path / preset, preset=preset, adapter_config=config, max_steps=1)
+        adapters.append(train(replace(args, save_steps=0, stats_steps=0)) / "adapter")
+        recorded = json.loads((adapters[-1] / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert recorded == ALIAS, preset  # not this machine's cache path
+    output = tmp_path / "eval.json"
+    argv = ["eval", "--with-base", "--adapter", str(adapters[0]), "--adapter", str(adapters[1])]
+    options = ["--tasks", "chain_sum", "--limit", "2", "--mode", "generate", "--max-new-tokens", "4"]
+    assert main([*argv, *options, "--output", str(output)]) == 0  # one base for both, without --model
+    assert json.loads((tmp_path / "eval.base.json").read_text())["model"] == ALIAS
 
 
 def _fake_conversion(tiny_folder: Path):

@@ -38,9 +38,9 @@ def load_base(
     CPU), where bitsandbytes quantizes them. ``cache_dir`` only matters for aliases: their converted copies
     live in ``cache_dir / alias`` (default: ``$COMOE_CACHE``, else ``~/.cache/comoe``).
 
-    The model's ``config._name_or_path`` (what an adapter folder records as its base model) is the alias
-    for an alias and the absolute path for a local folder (see :func:`recorded_name`), so that the
-    recorded name loads the same model from any working directory.
+    The model's ``config._name_or_path`` and ``name_or_path`` (what comoe and PEFT adapter folders record as
+    their base model) are the alias for an alias and the absolute path for a local folder (see
+    :func:`recorded_name`), so that the recorded name loads the same model from any working directory.
     """
     loading = dict(dtype=dtype, quantization=quantization, device=device, trust_remote_code=trust_remote_code)
     if name_or_path in ALIASES:
@@ -53,8 +53,9 @@ def load_base(
     else:
         return _load_from_hub(name_or_path, **loading)
     model, tokenizer = _load_pretrained(folder, **loading)
-    # recorded in adapter folders: the alias, not this machine's cache path; a folder from anywhere
-    model.config._name_or_path = recorded_name(name_or_path)
+    # recorded in adapter folders: the alias, not this machine's cache path; a folder from anywhere. comoe's
+    # folders read the config's name, PEFT's the model's `name_or_path` attribute: both get the same one.
+    model.config._name_or_path = model.name_or_path = recorded_name(name_or_path)
     return model, tokenizer
 
 
