@@ -89,8 +89,13 @@ SERVE_PYTHON = Path(os.environ.get(SERVE_PYTHON_ENV) or DEFAULT_VENV / "bin" / "
 # test-serve` runs everything (COMOE_TEST_SERVING=1: also SmolLM2-135M, the other families, tensor
 # parallel 2 and a compiled engine; 6 to 15 minutes here).
 SERVING = os.environ.get("COMOE_TEST_SERVING", "")
+# built: an explicit environment, or .venv-serve completed by `make serve-setup` (its stamp; a build that
+# failed half-way has a python but no stamp)
+SERVE_READY = SERVE_PYTHON.is_file() and (
+    bool(os.environ.get(SERVE_PYTHON_ENV)) or (DEFAULT_VENV / ".installed").is_file()
+)
 needs_serving = pytest.mark.skipif(
-    not SERVE_PYTHON.is_file() or SERVING not in ("1", "core"),
+    not SERVE_READY or SERVING not in ("1", "core"),
     reason=f"vLLM serving tests run with `make test` / `make test-serve` (the serving environment "
     f"{SERVE_PYTHON}, COMOE_TEST_SERVING=core or 1)",
 )
