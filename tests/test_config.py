@@ -113,8 +113,11 @@ def test_experts_by_depth_splits_the_blocks_bottom_to_top_and_is_validated():
     assert config.to_dict()["experts_by_depth"] == [2, 4, 6, 8]
     assert "experts_by_depth" not in ComoeConfig().to_dict()  # default folders unchanged
     assert ComoeConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match=r"num_experts.*max\(experts_by_depth\) = 8"):
+    with pytest.raises(ValueError, match=r"experts_by_depth=\[2, 4, 6, 8\] and num_experts=4 disagree"):
         ComoeConfig(num_experts=4, experts_by_depth=[2, 4, 6, 8])
+    # the preset's num_experts is not the field the user changed: both are named, the changed one first
+    with pytest.raises(ValueError, match=r"^experts_by_depth=\[2, 4, 6, 9\] and num_experts=8 disagree"):
+        ComoeConfig.from_preset("mola", {"experts_by_depth": [2, 4, 6, 9]})
     with pytest.raises(ValueError, match="experts_by_depth"):
         ComoeConfig(num_experts=8, top_k=2, experts_by_depth=[1, 8])
     with pytest.raises(ValueError, match="experts_by_depth"):

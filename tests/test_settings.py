@@ -10,8 +10,9 @@ from comoe.analysis.settings import AnalyzeArgs
 from comoe.cli import COMMANDS, build_parser, main
 from comoe.evaluation.settings import EvalArgs, GenerateArgs
 from comoe.recipes.settings import DemoArgs
-from comoe.settings import add_flags, load_settings
+from comoe.settings import add_flags, load_settings, locate
 from comoe.training.settings import TrainArgs
+from comoe.validation import InvalidSetting
 
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
@@ -171,3 +172,17 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"comoe: error: {message}"), err
+
+
+def test_an_error_found_after_loading_names_where_the_value_came_from(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("adapter: {routing: topkk}\n")  # the older key, renamed to adapter_config
+    args = load_settings(TrainArgs, path, {"batch_size": 2, "lr": None})
+    late = InvalidSetting("adapter_config", "adapter_config: routing='topkk' is not registered")
+    assert str(locate(args, late)) == f"{path}: adapter_config: routing='topkk' is not registered"
+    flag = InvalidSetting("batch_size", "batch_size=2 is invalid: expected more")
+    assert str(locate(args, flag)) == "--batch-size=2 is invalid: expected more"
+    default = InvalidSetting("lr", "lr=0.0002 is invalid")  # neither the file's nor a flag's
+    assert locate(args, default) is default
+    assert locate(TrainArgs(), late) is late  # settings built without a file or flags
+    assert dataclasses.asdict(args) == dataclasses.asdict(load_settings(TrainArgs, path, {"batch_size": 2}))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from comoe.validation import check_choice, check_int, check_number, fail, reject_unknown
+from comoe.validation import InvalidSetting, check_choice, check_int, check_number, fail, reject_unknown
 
 # Routing kinds whose layout is dense (any expert may be active for a token); the routing registry
 # (comoe.moe.routing) holds every kind, and kinds registered elsewhere are taken as top-k sparse here.
@@ -251,8 +251,12 @@ class ComoeConfig:
             fail("experts_by_depth", depths, "a non-empty list of expert counts (bottom to top) or null")
         for count in depths:
             check_int("experts_by_depth", count, low=self.top_k)
-        if self.num_experts != max(depths):
-            fail("num_experts", self.num_experts, f"max(experts_by_depth) = {max(depths)}")
+        if self.num_experts != max(depths):  # either may be the one changed: name both
+            raise InvalidSetting(
+                "experts_by_depth",
+                f"experts_by_depth={depths!r} and num_experts={self.num_experts!r} disagree: expected "
+                "max(experts_by_depth) = num_experts (change one to match the other)",
+            )
 
     def _validate_ffn_experts(self) -> None:
         modules = self.ffn_experts

@@ -94,22 +94,47 @@ def load_settings(cls: type[S], config_file: str | Path | None, overrides: dict[
     An invalid value from the file is reported with the file's name; one from a flag, with the flag's."""
     from_file: dict[str, Any] = read_yaml(config_file) if config_file else {}
     flags = {key: value for key, value in overrides.items() if value is not None}
+    renamed = getattr(cls, "renamed_keys", {})
+    sources = _Sources(config_file, {renamed.get(key, key) for key in from_file}, set(flags))
     try:
-        return settings_from_dict(cls, {**from_file, **flags}, where=str(config_file or "settings"))
+        settings = settings_from_dict(cls, {**from_file, **flags}, where=str(config_file or "settings"))
     except InvalidSetting as error:
-        renamed = getattr(cls, "renamed_keys", {})
-        flag = "--" + error.field.replace("_", "-")
-        if error.field in flags:  # "batch_size=0 is invalid: ..." -> "--batch-size=0 is invalid: ..."
+        raise sources.locate(error) from None
+    settings._sources = sources  # type: ignore[attr-defined]  # not a field: asdict and == ignore it
+    return settings
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where load_settings took each value from: the YAML file's keys (renamed ones by their new name) and
+    the flags given."""
+
+    config_file: str | Path | None
+    file_keys: set[str]
+    flags: set[str]
+
+    def locate(self, error: InvalidSetting) -> InvalidSetting:
+        """`error` reworded to name where its field's value came from (the same error if from neither)."""
+        if error.field in self.flags:  # "batch_size=0 is invalid: ..." -> "--batch-size=0 is invalid: ..."
+            flag = "--" + error.field.replace("_", "-")
             message = str(error)
             message = (
                 flag + message[len(error.field) :]
                 if message.startswith(error.field)
                 else f"{flag}: {message}"
             ).removesuffix(" or null")  # a flag cannot say null: it is left out
-            raise InvalidSetting(error.field, message) from None
-        if error.field in {renamed.get(key, key) for key in from_file}:
-            raise InvalidSetting(error.field, f"{config_file}: {error}") from None
-        raise
+            return InvalidSetting(error.field, message)
+        if error.field in self.file_keys:
+            return InvalidSetting(error.field, f"{self.config_file}: {error}")
+        return error
+
+
+def locate(settings: Any, error: InvalidSetting) -> InvalidSetting:
+    """`error`, about a field of `settings` found invalid after they were loaded (e.g. a name that only a
+    registry behind torch can check), worded as load_settings words it: naming the YAML file the value came
+    from (`X.yaml: adapter_config: ...`) or its flag; unchanged for settings built otherwise."""
+    sources: _Sources | None = getattr(settings, "_sources", None)
+    return sources.locate(error) if sources is not None else error
 
 
 def settings_from_dict(cls: type[S], values: dict[str, Any], where: str = "settings") -> S:

@@ -4,12 +4,16 @@ requested dtype."""
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 
 from comoe.adapter.lora import comoe_trainable_parameters
 from comoe.adapter.model import ComoeModel
+from comoe.settings import load_settings
+from comoe.training import factory
 from comoe.training.factory import build_model
 from comoe.training.settings import TrainArgs
+from comoe.validation import InvalidSetting
 
 ADAPTER = {"r": 4, "num_experts": 4}
 # The tiny LLaMA's attention projections (hidden 64, 2 of 4 heads for keys and values), in 2 blocks.
@@ -68,3 +72,26 @@ def test_a_missing_gpu_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device='cuda'"):
         build_model(TrainArgs(model=str(tmp_path / "not-a-model"), device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"routing": "topkk"}, "routing='topkk' is not a registered routing kind"),
+        ({"expert_bank": "hidra"}, "expert_bank='hidra' is not a registered expert bank"),
+        ({"expert_compute": "fast"}, "expert_compute='fast' is not a registered strategy"),
+        ({"aux_objectives": {"nope": 1.0}}, "auxiliary objective 'nope' is not registered"),
+    ],
+)
+def test_an_unregistered_name_fails_before_the_model_is_loaded_naming_the_file(
+    tmp_path, monkeypatch, caplog, override, named
+):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tmp_path / "not-a-model"), "adapter_config": override}))
+    monkeypatch.setattr(factory, "load_base", lambda *a, **k: pytest.fail("the base model was loaded"))
+    settings = load_settings(TrainArgs, config, {"device": "cpu"})
+    with pytest.raises(InvalidSetting) as raised:
+        build_model(settings)
+    assert str(raised.value).startswith(f"{config}: adapter_config: {named}")
+    assert "\n" not in str(raised.value)
+    assert not caplog.records  # the error alone, not the inference loader's warning first

@@ -15,10 +15,33 @@ from comoe.adapter.model import config_call_inputs
 from comoe.models.compile import compile_blocks
 from comoe.models.device import resolve_device
 from comoe.models.loading import load_base
-from comoe.settings import quantization_of
+from comoe.moe.banks import get_bank
+from comoe.moe.experts import choose_strategy
+from comoe.moe.routing import get_routing
+from comoe.objectives.auxiliary import usable_objectives
+from comoe.settings import locate, quantization_of
 from comoe.training.settings import TrainArgs
+from comoe.validation import InvalidSetting
 
 logger = logging.getLogger(__name__)
+
+
+def check_registered_names(args: TrainArgs) -> None:
+    """Every registry-backed name of the run's adapter config is registered (after importing the plugins
+    once): the routing kind (comoe.moe.routing), the expert bank (comoe.moe.banks), the mix strategy
+    `expert_compute` (comoe.moe.experts) and the `aux_objectives` (comoe.objectives.registry; training
+    needs every one, so an unregistered one is an error, not the inference loader's warning). The settings
+    check the rest of the config without torch; these names need the registries, so the training entry
+    checks them before any model loads. Raises InvalidSetting worded as the settings' other errors, naming
+    the YAML file and field: `X.yaml: adapter_config: routing='topkk' is not a registered routing ...`."""
+    config = args.comoe_config()
+    try:
+        get_routing(config.routing)
+        get_bank(config.expert_bank)
+        choose_strategy(config.expert_compute, config.num_experts, config.top_k)
+        usable_objectives(config, strict=True)
+    except ValueError as error:
+        raise locate(args, InvalidSetting("adapter_config", f"adapter_config: {error}")) from None
 
 
 def build_model(args: TrainArgs, tasks: list[str] | None = None) -> tuple[nn.Module, Any]:
@@ -29,6 +52,7 @@ def build_model(args: TrainArgs, tasks: list[str] | None = None) -> tuple[nn.Mod
     quantizes it, and the adapter is made beside it. An adapter that reads task ids (routing 'task', the
     loramoe objective) and names no `tasks` of its own gets `tasks` (the training examples' task names) as
     its task vocabulary."""
+    check_registered_names(args)  # before the base model loads
     device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
     quantization = quantization_of(args)
