@@ -1,6 +1,7 @@
 """Injection, forward with auxiliary losses, save/load, disable/unload, and the errors users hit."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -176,6 +177,29 @@ def test_unload_leaves_the_base_with_the_hooks_it_had_and_another_preset_runs():
         again = get_comoe_model(unloaded, ComoeConfig.preset("milora"))
         assert again(input_ids=ids, attention_mask=mask).logits.shape == plain.shape
         assert hooks_of(again.unload()) == before
+
+
+@pytest.mark.parametrize(
+    ("task_ids", "reason"),
+    [
+        (torch.tensor([0, 1]), "of shape \\[1\\] or \\[1\\] \\(the call's batch\\).*got shape \\[2\\]"),
+        (torch.tensor([1.7]), "got dtype torch.float32"),
+        (torch.tensor([-2]), "each in -1 .. 4 \\(-1: a task outside the 5\\)"),
+        (torch.tensor([9]), "each in -1 .. 4"),
+    ],
+)
+def test_bad_task_ids_are_refused_naming_the_value_and_the_valid_range(task_ids, reason):
+    model = get_comoe_model(tiny_llama(), ComoeConfig.preset("moelora-liu", tasks=list("abcde")))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    message = f"^task_ids={re.escape(repr(task_ids.tolist()))} is invalid: expected integers.*{reason}"
+    with torch.no_grad():
+        model(input_ids=ids, task_ids=torch.tensor([4]))  # a valid id
+        with pytest.raises(ValueError, match=message):
+            model(input_ids=ids, task_ids=task_ids)
+        with pytest.raises(ValueError, match=message):
+            model.generate(input_ids=ids, task_ids=task_ids, max_new_tokens=1)
+        with pytest.raises(ValueError, match=message), model.default_call_inputs(task_ids=task_ids):
+            model.base_model(input_ids=ids)  # a direct backbone call takes the defaults
 
 
 def test_merge_and_unload_explains_why_not():

@@ -12,6 +12,7 @@ from comoe.moe.routing import (
     RoutingKind,
     TaskRouting,
     TopKRouting,
+    check_task_ids,
     get_routing,
     per_token,
     register_routing,
@@ -212,6 +213,25 @@ def test_per_token_spreads_each_sequence_value_over_its_tokens():
     assert per_token(torch.tensor([7]), 4).tolist() == [7, 7, 7, 7]  # one value for every row
     with pytest.raises(ValueError, match="per-sequence input of 2 rows cannot be spread over the 5 tokens"):
         per_token(values, 5)
+
+
+def test_check_task_ids_keeps_integer_ids_of_the_tasks_and_refuses_the_rest():
+    assert check_task_ids(torch.tensor([4, -1], dtype=torch.int32), 5, batch=2).tolist() == [4, -1]
+    assert check_task_ids(torch.tensor([3]), 5, batch=4).tolist() == [3]  # one id for every row
+    assert check_task_ids(2, 5).tolist() == [2] and check_task_ids([0, 1, 2], 5).dtype == torch.int64
+    assert check_task_ids(torch.zeros(0, dtype=torch.long), 5, batch=0).shape == (0,)
+    refused = {
+        "got shape \\[2\\]": (torch.tensor([0, 1]), 3),
+        "got shape \\[2, 1\\]": (torch.tensor([[0], [1]]), 2),
+        "got shape \\[0\\]": (torch.zeros(0, dtype=torch.long), 2),
+        "got dtype torch.float32": (torch.tensor([1.7]), 1),
+        "got dtype torch.bool": (torch.tensor([True]), 1),
+        "each in -1 .. 4 \\(-1: a task outside the 5\\)$": (torch.tensor([-2]), 1),
+        "each in -1 .. 4": (torch.tensor([0, 9]), 2),
+    }
+    for reason, (ids, batch) in refused.items():
+        with pytest.raises(ValueError, match=f"^task_ids=.* is invalid: expected integers of shape .*{reason}"):
+            check_task_ids(ids, 5, batch=batch)
 
 
 def test_the_task_gate_is_the_written_out_mixture_in_value_and_gradient():

@@ -34,7 +34,7 @@ from comoe.adapter.streams import TokenMasks, bound_arguments, is_encoder_decode
 from comoe.config import ComoeConfig
 from comoe.moe.prompt import PROMPT_INPUTS
 from comoe.moe.record import LayerRecord
-from comoe.moe.routing import get_routing
+from comoe.moe.routing import check_task_ids, get_routing
 from comoe.objectives.auxiliary import (
     AuxiliaryLosses,
     compute_auxiliary_losses,
@@ -132,7 +132,7 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         reads (`call_input_names`, e.g. task_ids) are taken out of the call before the base model sees it."""
         arguments = bound_arguments(self.wrapped_model.forward, args, kwargs)
         has_labels = arguments.get("labels") is not None
-        self._take_call_inputs(kwargs, losses=self.training or has_labels)
+        self._take_call_inputs(kwargs, losses=self.training or has_labels, batch=call_batch(arguments))
         if self.reads_prompt:
             self._bind_prompt(arguments, kwargs.pop("prompt_mask", None))
         mode = choose_delivery(
@@ -155,11 +155,13 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             self._end_forward()
         return output
 
-    def _take_call_inputs(self, kwargs: dict[str, Any], losses: bool) -> None:
+    def _take_call_inputs(self, kwargs: dict[str, Any], losses: bool, batch: int | None = None) -> None:
         """Move this model's per-call inputs from a call's keyword arguments into the layers' context (the
         defaults of `default_call_inputs` for those the call does not give); ValueError for a missing one
         while the adapters are on: one the routing reads, or (`losses`: a call that computes the auxiliary
-        losses) one an objective reads. A model without per-call inputs leaves the call as it is."""
+        losses) one an objective reads; and for task_ids that are not [batch] or [1] integer ids of this
+        adapter's tasks (or -1), `batch` being the call's number of sequences (None: not known). A model
+        without per-call inputs leaves the call as it is."""
         inputs: dict[str, torch.Tensor] = {}
         required = self.call_input_names if losses else self._routing_inputs
         for name in self.call_input_names:
@@ -177,10 +179,14 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
             inputs[name] = value
         if inputs:  # once per call, not once per layer: on the adapter's device
             device = next(self.parameters()).device
-            inputs = {
-                k: torch.as_tensor(v, dtype=torch.long, device=device).reshape(-1) for k, v in inputs.items()
-            }
+            inputs = {k: self._call_input(k, v, batch).to(device) for k, v in inputs.items()}
         self._context.call_inputs = inputs
+
+    def _call_input(self, name: str, value: Any, batch: int | None) -> torch.Tensor:
+        """One per-call input as a flat int64 tensor; task_ids checked (moe.routing.check_task_ids)."""
+        if name == "task_ids":
+            return check_task_ids(value, len(self.comoe_config.tasks or []), batch)
+        return torch.as_tensor(value, dtype=torch.long).reshape(-1)
 
     def _bind_prompt(self, arguments: dict[str, Any], prompt: torch.Tensor | None = None) -> None:
         """The call's prompt tokens (or that it continues a KV cache) into the layers' context, for routing
@@ -215,7 +221,8 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         and the head itself): in training, keep the records the auxiliary losses need. Each such call
         (generate's steps too) binds its prompt for the routing kinds that read it."""
         if self._call is None and self._routing_inputs and not self._generating:
-            self._take_call_inputs({}, losses=False)  # a direct call: no stale ids of an earlier call
+            batch = call_batch(bound_arguments(module.forward, args, kwargs))
+            self._take_call_inputs({}, losses=False, batch=batch)  # a direct call: no stale ids
         if self._call is None and self.reads_prompt:
             self._bind_prompt(bound_arguments(module.forward, args, kwargs))
         if self._call is not None or not (self.training and self._context.adapters_enabled):
@@ -338,7 +345,9 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's generate; this adapter's per-call inputs (e.g. task_ids [B]) are taken out
         first (transformers refuses model keywords it does not know) and hold for every step."""
-        self._take_call_inputs(kwargs, losses=False)
+        prompt = {"input_ids": kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))}
+        batch = call_batch({**prompt, "inputs_embeds": kwargs.get("inputs_embeds")})
+        self._take_call_inputs(kwargs, losses=False, batch=batch)
         self._generating = True  # its steps call the backbone directly: the inputs hold for all of them
         try:
             return self.wrapped_model.generate(*args, **kwargs)
@@ -392,6 +401,16 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Experts and routers (and the modules_to_save copies), keyed by module path."""
         return adapter_tensors(self._injection)
+
+
+def call_batch(arguments: dict[str, Any]) -> int | None:
+    """The number of sequences of a call (B of its input_ids [B, L] or inputs_embeds [B, L, d]); None when
+    it has neither (or a 1-D input_ids)."""
+    for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
+        value = arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
+            return value.shape[0]
+    return None
 
 
 def config_call_inputs(config: ComoeConfig) -> frozenset[str]:

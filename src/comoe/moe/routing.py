@@ -12,7 +12,7 @@ and `soft` (every expert, softmax-weighted) are built in; others register with `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from comoe.config import ComoeConfig
 from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.plugins import discover_once
+from comoe.validation import fail
 
 
 @dataclass
@@ -179,6 +180,28 @@ def per_token(values: torch.Tensor, num_tokens: int) -> torch.Tensor:
             "(not a whole number of tokens per sequence): pass one value per row of input_ids"
         )
     return values.repeat_interleave(num_tokens // rows, dim=0)
+
+
+def check_task_ids(value: Any, num_tasks: int, batch: int | None = None) -> torch.Tensor:
+    """A call's `task_ids` as an int64 tensor [batch] (or [1], one id for every sequence; a scalar counts as
+    [1]): ids into the adapter's `num_tasks` tasks, -1 for a task outside them, as TaskRouting (MOELoRA,
+    arXiv 2310.18339) and LoRAMoE's knowledge flags (arXiv 2312.09979) read them. `batch`: the call's
+    number of sequences (None: not known, any length). ValueError naming task_ids, the value and the valid
+    range for anything else: a non-integer dtype (floats are not truncated), another shape, an id below -1
+    or of no task."""
+    ids = torch.as_tensor(value)
+    value = ids.tolist() if isinstance(value, torch.Tensor) else value  # shown on one line
+    rows = "[1] or [batch]" if batch is None else f"[1] or [{batch}] (the call's batch)"
+    valid = f"integers of shape {rows}, each in -1 .. {num_tasks - 1} (-1: a task outside the {num_tasks})"
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        fail("task_ids", value, f"{valid}; got dtype {ids.dtype}")
+    ids = ids.reshape(1) if ids.dim() == 0 else ids
+    n = ids.shape[0] if ids.dim() == 1 else -1
+    if not (n in (1, batch) if batch is not None else n >= 1):
+        fail("task_ids", value, f"{valid}; got shape {list(ids.shape)}")
+    if bool(((ids < -1) | (ids >= num_tasks)).any()):
+        fail("task_ids", value, valid)
+    return ids.long()
 
 
 class TaskRouting(RoutingKind):
