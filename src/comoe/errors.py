@@ -16,7 +16,12 @@ PLUGIN_HINT = "a name of your own: import the module that registers it (--plugin
 
 
 class AdapterMismatch(ValueError):
-    """An adapter whose tensors do not fit the base model it is applied to (other shapes, other modules)."""
+    """An adapter whose tensors do not fit the base model it is applied to (other shapes, other modules).
+    `differences`: each differing tensor, one string each (empty where the message alone says it)."""
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences = differences or []
 
 
 class Interrupted(KeyboardInterrupt):

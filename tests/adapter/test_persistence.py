@@ -71,7 +71,7 @@ def test_a_file_of_another_shape_is_refused_naming_the_tensors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(
         ValueError,
-        match="does not fit this base model\n  shape mismatch .*lora_A: saved \\(4, 4, 64\\), model \\(4, 8, 64\\)",
+        match="does not fit the adapter its config describes on this base model \\(shape mismatch: .*lora_A: saved \\(4, 4, 64\\), model \\(4, 8, 64\\)",
     ):
         ComoeModel.from_pretrained(tiny_llama(), tmp_path)
 

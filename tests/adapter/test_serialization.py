@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comoe import ComoeModel
-from comoe.adapter.serialization import adapter_kind
+from comoe import ComoeConfig, ComoeModel, get_comoe_model
+from comoe.adapter.serialization import adapter_kind, check_fits
+from comoe.errors import AdapterMismatch
 from tests.helpers import tiny_llama
 
 # adapter_config.json exactly as format version 1 has been written since the first release.
@@ -88,6 +89,41 @@ def test_shapes_are_checked_before_any_expert_is_allocated(tmp_path, monkeypatch
     monkeypatch.setattr("comoe.adapter.model.ComoeLinear", no_allocation)
     with pytest.raises(
         ValueError,
-        match=r"shape mismatch model.layers.0.self_attn.v_proj.lora_A: saved \(2, 2, 64\), model \(1000000000, 2, 64\)",
+        match=r"shape mismatch: model.layers.0.self_attn.v_proj.lora_A: saved \(2, 2, 64\), model \(1000000000, 2, 64\)",
     ):
         ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_config_that_disagrees_with_its_weights_is_one_short_line_naming_the_config(tmp_path):
+    # a LoRA-bank adapter whose adapter_config.json was edited to the DoRA bank: the file has no magnitudes
+    get_comoe_model(tiny_llama(), ComoeConfig(num_experts=2, top_k=1, r=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "expert_bank": "dora"}))
+    with pytest.raises(AdapterMismatch) as raised:
+        ComoeModel.from_pretrained(tiny_llama(), tmp_path)
+    message, differences = str(raised.value), raised.value.differences
+    magnitudes = [d for d in differences if d.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == len(differences) > 3  # one per adapted linear, every one listed
+    first = ", ".join(d.removeprefix("missing in file ") for d in differences[:3])
+    assert (
+        f"(missing in file: {len(differences)} x lora_magnitude_vector: {first}, and {len(differences) - 3} "
+        "more): the config's method fields (expert_bank, " in message
+    )
+    assert message.startswith(f"{tmp_path / 'adapter_model.safetensors'} does not fit the adapter its config")
+    assert "\n" not in message and len(message.removeprefix(str(tmp_path))) < 500  # was 1,600 characters, cut mid-list
+
+
+def test_check_fits_lists_a_few_of_each_kind_of_difference():
+    expected = {"a.lora_A": (2, 4), "b.lora_A": (2, 4), "c.lora_B": (4, 2)}
+    saved = {"a.lora_A": (2, 8), "b.lora_A": (2, 4), "d.lora_B": (4, 2)}
+    with pytest.raises(AdapterMismatch) as raised:
+        check_fits(expected, saved, "w.safetensors")
+    assert str(raised.value).startswith(
+        "w.safetensors does not fit the adapter its config describes on this base model (missing in file: "
+        "c.lora_B; not in model: d.lora_B; shape mismatch: a.lora_A: saved (2, 8), model (2, 4)): "
+    )
+    assert raised.value.differences == [
+        "missing in file c.lora_B",
+        "not in model d.lora_B",
+        "shape mismatch a.lora_A: saved (2, 8), model (2, 4)",
+    ]

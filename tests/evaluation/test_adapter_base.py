@@ -155,7 +155,7 @@ def test_a_base_of_other_shapes_is_refused_naming_the_recorded_base(
     assert message.startswith(
         f"comoe: error: {adapter} was trained on base model {tiny_model_dir}, and {other_shapes_dir} does not "
         "fit it (shape mismatch model.layers.0.self_attn.k_proj.lora_A: saved (4, 4, 64), model (4, 4, 32), "
-        "and 19+ more); leave out --model to use "
+        "and 23 more); leave out --model to use "
     )
     assert "missing in file" not in message
 

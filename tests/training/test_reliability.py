@@ -108,7 +108,7 @@ def test_nonfinite_loss_stops_with_step_and_component(tiny_model_dir, tmp_path, 
         # shapes are read from the file's header first: no 256 GB allocation for num_experts = 10**9
         (
             lambda d: _edit_config(d, lambda c: c.update(num_experts=10**9)),
-            r"does not fit this base model; shape mismatch .*model \(1000000000, 4, 64\)",
+            r"does not fit the adapter its config describes on this base model \(shape mismatch: .*model \(1000000000, 4, 64\)",
         ),
         (lambda d: _edit_config(d, lambda c: c.update(top_k=9)), "top_k=9 is invalid"),
         (

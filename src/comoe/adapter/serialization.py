@@ -112,8 +112,11 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def check_fits(
     expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], path: str | os.PathLike
 ) -> None:
-    """Refuse a weights file whose tensor names or shapes differ from what the model expects, listing them
-    (AdapterMismatch, a ValueError)."""
+    """Refuse a weights file whose tensor names or shapes differ from what the model expects
+    (AdapterMismatch, a ValueError): one line naming a few tensors of each kind of difference ("and N more"
+    for the rest), and that either the config disagrees with the weights (its method fields decide the
+    tensors: expert_bank 'dora' adds lora_magnitude_vector, num_experts and r their shapes) or the weights
+    are of another base model. The error's `differences` lists every difference, one string each."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     wrong = [
@@ -122,11 +125,23 @@ def check_fits(
         if tuple(saved[k]) != tuple(expected[k])
     ]
     if missing or unexpected or wrong:
-        lines = [f"{path} does not fit this base model"]
-        lines += [f"  missing in file: {k}" for k in missing[:20]]
-        lines += [f"  not in model: {k}" for k in unexpected[:20]]
-        lines += [f"  shape mismatch {w}" for w in wrong[:20]]
-        raise AdapterMismatch("\n".join(lines))
+        kinds = [("missing in file", missing), ("not in model", unexpected), ("shape mismatch", wrong)]
+        summary = "; ".join(f"{kind}: {_first_few(items)}" for kind, items in kinds if items)
+        raise AdapterMismatch(
+            f"{path} does not fit the adapter its config describes on this base model ({summary}): the "
+            "config's method fields (expert_bank, num_experts, r, target_modules, ...) may disagree with the "
+            "file's tensors, or the weights are of another base model",
+            [f"{kind} {item}" for kind, items in kinds for item in items],
+        )
+
+
+def _first_few(items: list[str], shown: int = 3) -> str:
+    """`items` as one phrase: the first `shown`, then "and N more"; a missing or unexpected tensor's kind
+    (its last name, e.g. lora_magnitude_vector) is said once for all when they share it."""
+    names = {item.split(":")[0].rsplit(".", 1)[-1] for item in items}
+    kind = f"{len(items)} x {names.pop()}: " if len(names) == 1 and len(items) > 1 else ""
+    more = f", and {len(items) - shown} more" if len(items) > shown else ""
+    return kind + ", ".join(items[:shown]) + more
 
 
 def assign_weights(

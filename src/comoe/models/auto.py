@@ -86,20 +86,19 @@ def _mismatch(
     folder: AdapterFolder, name: str, model: str | None, recorded: str | None, error: AdapterMismatch
 ) -> str:
     """On a base other than the recorded one: one line naming both and the first difference. Otherwise
-    (the recorded base, or none recorded) every difference, then the base it was tried on."""
+    (the recorded base, or none recorded) the error itself, then the base it was tried on."""
     if recorded is None:
         default = (
             "" if model is not None else ", the default: the adapter records no base model; give --model"
         )
-        return f"{error}\n  (the base model is {name}{default})"
+        return f"{error} (the base model is {name}{default})"
     if same_model(name, recorded):  # the folder disagrees with its own base (edited, or the base changed)
-        return f"{error}\n  (the base model is {recorded}, the one the adapter records)"
-    # comoe's error: a first line, then one line per differing tensor (at most 20 of a kind); PEFT's: one line
-    differences = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-    more = f"{len(differences) - 1}{'+' if len(differences) >= 20 else ''}"
+        return f"{error} (the base model is {recorded}, the one the adapter records)"
+    # comoe's error lists every differing tensor in `differences`; PEFT's is one line
+    differences = error.differences
     summary = str(error).removeprefix(f"{folder.path}: ")
     if differences:
-        summary = differences[0] + (f", and {more} more" if len(differences) > 1 else "")
+        summary = differences[0] + (f", and {len(differences) - 1} more" if len(differences) > 1 else "")
     return (
         f"{folder.path} was trained on base model {recorded}, and {name} does not fit it ({summary}); "
         f"leave out --model to use {recorded}"
