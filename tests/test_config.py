@@ -1,10 +1,14 @@
 """ComoeConfig validation, presets and the matched LoRA baseline."""
 
+import re
+
 import pytest
 from peft import get_peft_model
 
 from comoe import ComoeConfig, get_comoe_model, matched_lora_config
 from comoe.adapter.lora import comoe_trainable_parameters
+from comoe.training import factory
+from tests.helpers import one_line_error
 
 
 @pytest.mark.parametrize(
@@ -122,6 +126,25 @@ def test_experts_by_depth_splits_the_blocks_bottom_to_top_and_is_validated():
         ComoeConfig(num_experts=8, top_k=2, experts_by_depth=[1, 8])
     with pytest.raises(ValueError, match="experts_by_depth"):
         ComoeConfig(experts_by_depth=[])
+
+
+def test_knowledge_tasks_outside_the_tasks_are_refused_from_python_and_before_training(
+    capsys, tmp_path, tiny_model_dir, monkeypatch
+):
+    expected = (
+        "knowledge_tasks=['wiki', 'news'] is invalid: expected names among the adapter's tasks ['qa', 'wiki']; "
+        "not tasks: ['news']"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        ComoeConfig.preset("loramoe", tasks=["qa", "wiki"], knowledge_tasks=["wiki", "news"])
+    assert ComoeConfig.preset("loramoe", knowledge_tasks=["news"]).tasks is None  # checked once tasks are known
+    (tmp_path / "know.yaml").write_text("adapter_config: {knowledge_tasks: [nosuchtask]}\n")
+    monkeypatch.setattr(factory, "load_base", lambda *a, **k: pytest.fail("the base model was loaded"))
+    argv = ["train", "--model", str(tiny_model_dir), "--preset", "loramoe", "--train-limit", "2"]
+    message = one_line_error(capsys, [*argv, "--config", str(tmp_path / "know.yaml"), "--output", str(tmp_path / "run")])
+    assert "know.yaml: adapter_config: knowledge_tasks=['nosuchtask'] is invalid: expected names among" in message
+    assert "family_relationships" in message and "not tasks: ['nosuchtask'] (run with --debug" in message
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_the_task_routed_presets_and_their_fields():

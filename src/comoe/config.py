@@ -284,6 +284,10 @@ class ComoeConfig:
             if not self.tasks:
                 fail("tasks", self.tasks, "a non-empty list of task names or null")
         names("knowledge_tasks", self.knowledge_tasks)
+        unknown = [name for name in self.knowledge_tasks if self.tasks is not None and name not in self.tasks]
+        if unknown:
+            valid = f"names among the adapter's tasks {self.tasks!r}; not tasks: {unknown!r}"
+            fail("knowledge_tasks", self.knowledge_tasks, valid)
         check_int("task_embedding_dim", self.task_embedding_dim, low=1)
         check_number("localized_balance_delta", self.localized_balance_delta, low=0.0, high=1.0)
 

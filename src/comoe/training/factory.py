@@ -41,7 +41,13 @@ def check_registered_names(args: TrainArgs) -> None:
         choose_strategy(config.expert_compute, config.num_experts, config.top_k)
         usable_objectives(config, strict=True)
     except ValueError as error:
-        raise locate(args, InvalidSetting("adapter_config", f"adapter_config: {error}")) from None
+        raise adapter_config_error(args, error) from None
+
+
+def adapter_config_error(args: TrainArgs, error: ValueError) -> InvalidSetting:
+    """An error of the run's adapter config found after the settings loaded, worded as their other errors
+    (naming the YAML file: `X.yaml: adapter_config: ...`)."""
+    return locate(args, InvalidSetting("adapter_config", f"adapter_config: {error}"))
 
 
 def build_model(args: TrainArgs, tasks: list[str] | None = None) -> tuple[nn.Module, Any]:
@@ -56,12 +62,15 @@ def build_model(args: TrainArgs, tasks: list[str] | None = None) -> tuple[nn.Mod
     device = resolve_device(args.device)  # a missing GPU fails before the model is loaded
     torch.manual_seed(args.seed)
     quantization = quantization_of(args)
+    config = args.comoe_config()
+    if config.tasks is None and tasks and "task_ids" in config_call_inputs(config):
+        try:  # validated again with the tasks (knowledge_tasks among them), before the base model loads
+            config = dataclasses.replace(config, tasks=list(tasks))
+        except ValueError as error:
+            raise adapter_config_error(args, error) from None
     base, tokenizer = load_base(
         args.model, dtype=getattr(torch, args.dtype), quantization=quantization, device=device
     )
-    config = args.comoe_config()
-    if config.tasks is None and tasks and "task_ids" in config_call_inputs(config):
-        config = dataclasses.replace(config, tasks=list(tasks))
     model = method_for(args.preset).build(base, config, args.gradient_checkpointing)
     if args.compile:
         logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
