@@ -64,5 +64,8 @@ def test_seed_interval_and_power():
     half = 4.302652729911275 * statistics.stdev(per_seed) / 3**0.5
     assert seed_interval(per_seed) == [pytest.approx(0.009 - half), pytest.approx(0.009 + half)]
     assert seed_interval([0.1]) is None and seed_means([[1, 0], [0, 0, 0, -1]]) == [0.5, -0.25]
+    # two seeds far apart: t's 12.7 * spread runs past +-1 (-342.7 to +292.7 points unclipped)
+    assert seed_interval([-0.6, 0.1]) == [-1.0, 1.0]
+    assert seed_interval([0.7, 0.8]) == [pytest.approx(0.75 - 12.706 * 0.05, abs=1e-3), 1.0]
     assert abs(questions_to_detect(0.5, effect=0.1) - 392) <= 1
     assert seeds_to_detect([-0.021, 0.044, 0.002]) == 86 and seeds_to_detect([0.01]) is None

@@ -4,12 +4,14 @@ Each side is one model (an adapter, or the base model) with one report per train
 sides is compared, later minus earlier (put the reference first), per task and over all questions: the mean
 difference with a paired bootstrap 95% interval over questions, the share of questions answered
 differently, the paired questions a 1-point difference needs, and with several seeds per side Student's t
-over the per-seed differences (would another training run agree?) and the seeds a 1-point difference
-needs: the statistics of comoe.evaluation.stats, which benchmarks/reproduce.py uses too.
+over the per-seed differences (would another training run agree?; clipped to the feasible -100 to +100
+points, which two or three seeds' t interval often overruns) and the seeds a 1-point difference needs: the
+statistics of comoe.evaluation.stats, which benchmarks/reproduce.py uses too.
 
 Seeds pair by position (a side's first report with the other's first); a side of one report (an untrained
 base model: one deterministic run) pairs with every report of the other. Reports of different questions
-are refused, naming the first question that differs.
+are refused, saying how they differ: other tasks, different numbers of questions, or the first question
+that differs.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def question_keys(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 def check_same_questions(reports: list[dict[str, Any]], names: list[str]) -> None:
     """Every report holds the first one's questions in the same order; else ValueError naming the first
-    report and question that differ."""
+    report that differs and how: its tasks, its number of questions, or its first question that differs."""
     first, reference = names[0], question_keys(reports[0])
     hint = "compare reports of the same questions (the same --data/--tasks, --limit and --seed)"
     for report, name in zip(reports[1:], names[1:], strict=True):
@@ -77,15 +79,18 @@ def check_same_questions(reports: list[dict[str, Any]], names: list[str]) -> Non
             raise ValueError(
                 f"{name}: tasks {', '.join(tasks)}, but {first} has {', '.join(reference_tasks)}; {hint}"
             )
-        for index, (mine, theirs) in enumerate(zip(keys, reference, strict=False)):
+        if len(keys) != len(reference):  # said first: then every question after a cut differs as well
+            raise ValueError(
+                f"{first} and {name} hold different numbers of questions ({len(reference)} vs {len(keys)}); "
+                f"{hint}"
+            )
+        for index, (mine, theirs) in enumerate(zip(keys, reference, strict=True)):
             if mine != theirs:
                 position = sum(task == mine[0] for task, _ in keys[:index]) + 1
                 raise ValueError(
                     f"{name}: question {index + 1} (task {mine[0]}, its question {position}) is not "
                     f"{first}'s ({mine[1]} vs {theirs[1]}); {hint}"
                 )
-        if len(keys) != len(reference):
-            raise ValueError(f"{name}: {len(keys)} questions, {first}: {len(reference)}; {hint}")
 
 
 def correct_by_task(report: dict[str, Any]) -> dict[str, list[int]]:

@@ -62,12 +62,15 @@ def paired_difference(diffs: list[list[int]], samples: int = 2000, seed: int = 0
 
 
 def seed_interval(per_seed: list[float]) -> list[float] | None:
-    """95% Student t interval for the mean of per-seed differences (n - 1 degrees of freedom)."""
+    """95% Student t interval for the mean of per-seed differences (n - 1 degrees of freedom), clipped to
+    the feasible range [-1, 1] (-100 to +100 points: an accuracy difference cannot exceed it). With two or
+    three seeds t's quantile is large (12.7 for two), so the unclipped interval often runs past that range;
+    a clipped bound says only "anything up to the limit"."""
     if len(per_seed) < 2:
         return None
     half = t_quantile(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
     centre = statistics.mean(per_seed)
-    return [centre - half, centre + half]
+    return [max(-1.0, centre - half), min(1.0, centre + half)]
 
 
 def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
