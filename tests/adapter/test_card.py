@@ -35,7 +35,8 @@ def test_the_card_states_the_base_model_and_the_experts():
     [
         ("moelora", "MoELoRA (arXiv 2402.12851)", "8 LoRA experts of rank 16"),
         ("moe", "MoE-LoRA without a contrastive objective", "contrastive objective 'none' with weight 0.01"),
-        ("mixlora", "MoE-LoRA without a contrastive objective", "balance weight 0.01"),
+        ("mixlora", "MoE-LoRA with load balancing without a contrastive objective", "balance weight 0.01"),
+        ("comoe-dora", "CoMoE (arXiv 2505.17553) with DoRA experts", "4 DoRA experts of rank 16 per adapted"),
         ("hydralora", "HydraLoRA (arXiv 2404.19245) without a contrastive objective", "soft (dense) routing"),
         ("mola", "MoLA (arXiv 2402.08562) without a contrastive objective", "2/4/6/8 (by depth, bottom to top)"),
         ("omoe", "OMoE (arXiv 2501.10062) without a contrastive objective", "; expert bank 'omoe'"),
@@ -50,7 +51,8 @@ def test_the_card_states_the_base_model_and_the_experts():
         (
             "mixlora-ffn",
             "MixLoRA (arXiv 2404.15159, FFN-block experts) without a contrastive objective",
-            "the experts are whole FFN blocks of mlp (plain LoRA on the targets)",
+            "8 LoRA experts of rank 16 per MLP (mlp), each a whole FFN with LoRA on its projections, top-2 "
+            "routing, plain LoRA of rank 16 on the attention targets q_proj, k_proj, v_proj, o_proj; ",
         ),
     ],
 )

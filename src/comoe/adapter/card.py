@@ -17,11 +17,16 @@ CARD_NAME = "README.md"
 BANK_METHODS = {"hydra": "HydraLoRA (arXiv 2404.19245)", "omoe": "OMoE (arXiv 2501.10062)"}
 # The methods that a routing kind makes.
 ROUTING_METHODS = {"threshold": "AdaMoLE (arXiv 2405.00361)", "prompt": "MiLoRA (arXiv 2410.18035)"}
+# The contrastive methods, and their experts when the bank is not plain LoRA ("CoMoE with DoRA experts").
+CONTRASTIVE_METHODS = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}
+BANK_EXPERTS = {"lora": "LoRA", "dora": "DoRA", "hydra": "HydraLoRA", "omoe": "OMoE"}
 
 
 def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str]) -> str:
     """Markdown with a Hub metadata header (base_model, library_name, tags)."""
     plain = BANK_METHODS.get(config.expert_bank, "MoE-LoRA")
+    if plain == "MoE-LoRA" and config.balance_weight > 0:  # the per-linear MixLoRA form: its balance loss
+        plain = "MoE-LoRA with load balancing"
     if config.ffn_experts is not None:
         plain = "MixLoRA (arXiv 2404.15159, FFN-block experts)"
     plain = ROUTING_METHODS.get(config.routing, plain)
@@ -31,9 +36,9 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         plain = "LoRAMoE (arXiv 2312.09979)"
     if config.experts_by_depth is not None:
         plain = "MoLA (arXiv 2402.08562)" if config.expert_bank == "lora" else f"{plain} (MoLA depths)"
-    method = {"comoe": "CoMoE (arXiv 2505.17553)", "moelora": "MoELoRA (arXiv 2402.12851)"}.get(
-        config.contrastive, f"{plain} without a contrastive objective"
-    )
+    method = CONTRASTIVE_METHODS.get(config.contrastive, f"{plain} without a contrastive objective")
+    if config.contrastive in CONTRASTIVE_METHODS and config.expert_bank != "lora":
+        method += f" with {BANK_EXPERTS.get(config.expert_bank, repr(config.expert_bank))} experts"
     header = ["---", "library_name: comoe", "tags: [comoe, lora, mixture-of-experts, peft]"]
     if base_model:
         header.append(f"base_model: {base_model}")
@@ -48,16 +53,19 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
     experts = str(config.num_experts)
     if config.experts_by_depth is not None:
         experts = f"{'/'.join(map(str, config.experts_by_depth))} (by depth, bottom to top)"
+    kind = "DoRA" if config.expert_bank == "dora" else "LoRA"  # hydra and omoe experts are LoRA products
+    targets = ", ".join(config.target_modules)
+    where, targeted = "per adapted linear", f"targets {targets}"
+    if config.ffn_experts is not None:  # MixLoRA: the mixture is over whole MLPs, the targets get one LoRA
+        where = f"per MLP ({', '.join(config.ffn_experts)}), each a whole FFN with LoRA on its projections"
+        targeted = f"plain LoRA of rank {config.r} on the attention targets {targets}"
     settings = (
-        f"{experts} LoRA experts of rank {config.r} per adapted linear, {routing} "
-        f"routing, targets {', '.join(config.target_modules)}; balance weight {config.balance_weight}, "
-        f"contrastive objective '{config.contrastive}' with weight {config.contrastive_weight}"
+        f"{experts} {kind} experts of rank {config.r} {where}, {routing} routing, {targeted}; balance weight "
+        f"{config.balance_weight}, contrastive objective '{config.contrastive}' with weight "
+        f"{config.contrastive_weight}"
     )
     if config.expert_bank != "lora":
         settings += f"; expert bank '{config.expert_bank}'"
-    if config.ffn_experts is not None:
-        blocks = ", ".join(config.ffn_experts)
-        settings += f"; the experts are whole FFN blocks of {blocks} (plain LoRA on the targets)"
     if config.aux_objectives:
         further = ", ".join(f"{name} ({weight:g})" for name, weight in config.aux_objectives.items())
         settings += f"; further objectives {further}"
