@@ -112,6 +112,15 @@ def test_dora_resumes_from_its_checkpoint_to_the_uninterrupted_adapter(tiny_mode
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_each_step_logs_the_learning_rate_it_was_taken_with(tiny_model_dir, tmp_path):
+    run = train(
+        train_args(tiny_model_dir, tmp_path / "run", max_steps=5, warmup_steps=2, lr=1e-3, save_steps=0, stats_steps=0)
+    )
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # linear warmup over 2 steps to 1e-3, then linear decay towards 0 over the remaining 3: steps 1 .. 5
+    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
+
+
 def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
     run = train(train_args(tiny_model_dir, tmp_path / "lora", preset="lora", max_steps=2))
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())

@@ -156,6 +156,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                 if skipped > max(100, total):
                     raise NonFiniteLoss(f"{skipped} batches skipped for non-finite losses: the run diverges")
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step was taken with, logged below
             scheduler.step()
             step += 1
             components = components or ["task", *aux_components(model)]
@@ -189,7 +190,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
                 {
                     "step": step,
                     **parts,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "tokens_per_s": tokens / elapsed,
                     "step_s": time.perf_counter() - step_start,
                     "batch_tokens": batch_tokens,
