@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from comoe.cli import main
 from comoe.models import ALIASES, gguf, load_base
+from comoe.models.loading import recorded_name, same_model
 from comoe.training.loop import train
 from tests.helpers import train_args
 
@@ -185,6 +186,10 @@ def test_peft_and_comoe_folders_of_one_alias_record_it_and_evaluate_together(
     options = ["--tasks", "chain_sum", "--limit", "2", "--mode", "generate", "--max-new-tokens", "4"]
     assert main([*argv, *options, "--output", str(output)]) == 0  # one base for both, without --model
     assert json.loads((tmp_path / "eval.base.json").read_text())["model"] == ALIAS
+    # a folder that recorded the alias's cache path (as PEFT's did) names the alias's model
+    assert recorded_name(str(tmp_path / "cache" / ALIAS)) == ALIAS
+    assert same_model(str(tmp_path / "cache" / ALIAS), ALIAS)
+    assert not same_model(str(tiny_model_dir), ALIAS)  # the same files elsewhere: a folder of its own
 
 
 def _fake_conversion(tiny_folder: Path):

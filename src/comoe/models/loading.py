@@ -61,10 +61,15 @@ def load_base(
 
 def recorded_name(name_or_path: str) -> str:
     """A base model's name as adapter folders record it: a built-in alias or a hub id as given, a local
-    folder (as load_base tells them apart) as its absolute path."""
+    folder (as load_base tells them apart) as its absolute path, except an alias's converted cache folder
+    (the default cache root's `<alias>`), which is recorded as the alias (folders written before PEFT's
+    recorded the alias name the cache)."""
     if name_or_path in ALIASES or not Path(name_or_path).is_dir():
         return name_or_path
-    return os.path.abspath(os.path.expanduser(name_or_path))
+    path = Path(os.path.abspath(os.path.expanduser(name_or_path)))
+    if path.name in ALIASES and path.resolve().parent == cache_root(None).resolve():
+        return path.name
+    return str(path)
 
 
 def same_model(first: str, second: str) -> bool:
