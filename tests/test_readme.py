@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from comoe.cli import main
+from comoe.config import PRESETS, ComoeConfig
+from comoe.training.settings import METHODS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -96,3 +98,15 @@ def test_is_my_adapter_better_workflow_runs_as_written(tmp_path, monkeypatch, ti
     assert main(shlex.split(commands[4])[1:]) == 0
     assert "95% CI, seeds (t)" in capsys.readouterr().out
     assert (tmp_path / "runs/eval.md").is_file() and (tmp_path / "runs/eval.png").is_file()
+
+
+def test_the_preset_flag_and_the_router_options_name_every_preset():
+    text = README.read_text(encoding="utf-8")
+    bullet = text[text.index("- `--preset`:") :].split("\n- `", 1)[0]
+    assert [name for name in METHODS if f"`{name}`" not in bullet] == []
+    options = (README.parent / "docs" / "methods" / "router-options.md").read_text(encoding="utf-8")
+    assert [name for name in PRESETS if f"`{name}`" not in options.split("|", 1)[0]] == []
+    balance = next(line for line in options.splitlines() if line.startswith("| `balance_weight` |"))
+    for name in PRESETS:  # each preset's default balance weight, as its config sets it
+        weight = ComoeConfig.preset(name).balance_weight
+        assert weight == 0 or re.search(rf"`{re.escape(name)}`[^|]*?: {weight:g}\b", balance), name
