@@ -5,7 +5,15 @@ import dataclasses
 
 import pytest
 
-from comoe.evaluation.settings import MODES, SPLITS, CompareArgs, EvalArgs, GenerateArgs, compare_sides
+from comoe.evaluation.settings import (
+    GENERATED_ROW,
+    MODES,
+    SPLITS,
+    CompareArgs,
+    EvalArgs,
+    GenerateArgs,
+    compare_sides,
+)
 from comoe.settings import load_settings
 from comoe.validation import InvalidSetting
 
@@ -136,3 +144,9 @@ def test_compare_settings_read_sides_and_refuse_fewer_than_two():
         CompareArgs(reports=["a.json", "b.json"], samples=10)
     for spec in dataclasses.fields(CompareArgs):
         assert spec.metadata.get("help"), spec.name
+
+
+def test_generate_help_names_every_key_of_its_rows():
+    help_text = next(f for f in dataclasses.fields(GenerateArgs) if f.name == "output").metadata["help"]
+    assert help_text.startswith("write JSONL rows {prompt, response, truncated} here")
+    assert GENERATED_ROW == ("prompt", "response", "truncated")  # run_generate builds its rows from these

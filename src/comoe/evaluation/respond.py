@@ -18,7 +18,7 @@ from comoe.data.formats import Messages, nonempty_field, parse_messages
 from comoe.data.record import trained_template
 from comoe.evaluation.generation import generate_responses
 from comoe.evaluation.runner import eval_quantization, load_for_eval
-from comoe.evaluation.settings import GenerateArgs
+from comoe.evaluation.settings import GENERATED_ROW, GenerateArgs
 from comoe.files import atomic_write_text
 from comoe.models.compile import compile_blocks
 from comoe.moe.routing import get_routing
@@ -115,7 +115,7 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     with unknown_task(model):
         texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
     rows = [
-        {"prompt": [list(t) for t in p] if isinstance(p, tuple) else p, "response": text, "truncated": c}
+        dict(zip(GENERATED_ROW, ([list(t) for t in p] if isinstance(p, tuple) else p, text, c), strict=True))
         for p, text, c in zip(prompts, texts, cut, strict=True)
     ]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

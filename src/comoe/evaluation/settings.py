@@ -129,6 +129,9 @@ def compare_sides(reports: list[str]) -> list[list[str]]:
     return [[path.strip() for path in item.split(",") if path.strip()] for item in reports if item.strip()]
 
 
+GENERATED_ROW = ("prompt", "response", "truncated")  # the keys of each row `comoe generate` writes
+
+
 @dataclass
 class GenerateArgs:
     """Prompts in, greedy responses out (JSONL), prompted as the adapter was trained (its template)."""
@@ -156,7 +159,11 @@ class GenerateArgs:
     )
     max_new_tokens: int = setting(128, "tokens to generate per prompt")
     batch_size: int = setting(8, "prompts per generate call")
-    output: str | None = setting(None, "write JSONL rows {prompt, response} here (default: print them)")
+    output: str | None = setting(
+        None,
+        f"write JSONL rows {{{', '.join(GENERATED_ROW)}}} here (default: print them); truncated: the prompt "
+        "was cut to fit the model's context",
+    )
 
     def __post_init__(self) -> None:
         check_field_types(self)
