@@ -7,12 +7,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from comoe.adapter.method import method_of
 from comoe.adapter.model import get_comoe_model
 from comoe.analysis import pipeline
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.report import specialisation_section
 from comoe.analysis.settings import AnalyzeArgs
-from comoe.config import ComoeConfig
+from comoe.config import PRESETS, ComoeConfig
 from comoe.models.loading import load_base
 from comoe.training.loop import train
 from tests.helpers import train_args
@@ -139,3 +140,17 @@ def test_a_task_routed_adapter_is_analysed_with_its_task_ids(tiny_model_dir, tmp
     assert summary["tasks"] == ["chain_sum", "syllogism"] and len(summary["layers"]) == 2 * 7
     # every token of an example carries its task's gate: two distinct gates per layer call (2 tasks)
     assert seen and all(len({tuple(row.tolist()) for row in probs.round(decimals=5)}) == 2 for probs in seen)
+
+
+@pytest.mark.parametrize("preset", [name for name in PRESETS if name != "moelora-liu"])  # that one: above
+def test_every_routed_preset_is_analysed(tiny_model_dir, tmp_path, preset):
+    """docs/analysis.md: analyze supports every routed comoe preset (PEFT baselines are refused, above)."""
+    base, _ = load_base(str(tiny_model_dir))
+    # r = 4: OMoE's orthonormal rows must fit the tiny model's 32-wide k/v projections
+    model = get_comoe_model(base, ComoeConfig.preset(preset, r=4, lora_dropout=0.0))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter, output = str(tmp_path / "adapter"), str(tmp_path / "an")
+    summary = analyze(AnalyzeArgs(adapter=adapter, tasks=["chain_sum", "syllogism"], limit=2, output=output))
+    routed = method_of(model).routed_layers(model)  # mixlora-ffn: the MLPs, not its plain-LoRA targets
+    assert sorted(summary["layers"]) == sorted(routed) and routed
+    assert all(layer["tokens"] > 0 for layer in summary["layers"].values())
