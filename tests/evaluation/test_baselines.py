@@ -4,7 +4,13 @@ training record), predicted-answer distribution, generation quality, and the col
 import pytest
 
 from comoe.data import Example
-from comoe.evaluation.baselines import add_baselines, question_id, repeats, task_baselines
+from comoe.evaluation.baselines import (
+    COLLAPSE_MIN_QUESTIONS,
+    add_baselines,
+    question_id,
+    repeats,
+    task_baselines,
+)
 from comoe.evaluation.scoring import wilson_interval
 
 
@@ -110,3 +116,10 @@ def test_question_ids_follow_the_content_not_the_template():
     assert question_id(question) == question_id(same) and len(question_id(question)) == 16
     assert question_id(question) != question_id(Example("t", "Which?", "", "b", "b", choices=("a", "b")))
     assert question_id(question) != question_id(Example("u", "Which?", "", "a", "a", choices=("a", "b")))
+
+
+def test_too_few_questions_get_no_collapse_warning():
+    for n in range(1, COLLAPSE_MIN_QUESTIONS):  # "collapsed ... for 1 of 1 questions" said nothing
+        assert task_baselines([row("a", "b")] * n)["warning"] is None
+    warning = task_baselines([row("a", "b")] * COLLAPSE_MIN_QUESTIONS)["warning"]
+    assert warning.startswith(f"predictions collapsed: 'b' for {COLLAPSE_MIN_QUESTIONS} of ")

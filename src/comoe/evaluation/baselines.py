@@ -17,6 +17,7 @@ from comoe.data.example import Example
 from comoe.evaluation.scoring import wilson_interval
 
 COLLAPSE_SHARE = 0.9  # one predicted answer for at least this share of a task's questions is a collapse
+COLLAPSE_MIN_QUESTIONS = 4  # below this many questions a task gets no warning: one answer says nothing
 SHOWN_ANSWERS = 10  # the most frequent predicted answers a report lists per task
 NO_ANSWER = "(none)"  # the predicted-answer key of responses no answer was found in
 LETTER_OPTIONS = 5  # 'letter' tasks (AQuA) answer A-E
@@ -76,7 +77,10 @@ def collapse_warning(
 ) -> str | None:
     """One line when one answer is predicted for at least COLLAPSE_SHARE of the questions (and is the gold
     answer of fewer of them), or, for a closed answer set (a chance level), when the accuracy is no better
-    than always giving the sample's most frequent answer (at or below the upper end of its 95% interval)."""
+    than always giving the sample's most frequent answer (at or below the upper end of its 95% interval).
+    None for fewer than COLLAPSE_MIN_QUESTIONS questions: one or two answers are no distribution."""
+    if n < COLLAPSE_MIN_QUESTIONS:
+        return None
     parts = []
     top, count = predicted.most_common(1)[0]
     if count / n >= COLLAPSE_SHARE and answers[top] / n < COLLAPSE_SHARE:
