@@ -180,5 +180,7 @@ def test_long_answers_are_cut_on_the_eval_table_line():
     assert _short("yes") == "'yes'"
     long = "a generated answer that goes on and on for far too long to read"
     assert _short(long) == repr(long)[:36] + "...'" and len(_short(long)) == 40
+    apostrophe = "the model's answer goes on and on for far too long to read"  # repr quotes it with "
+    assert _short(apostrophe) == '"the model\'s answer goes on and on f..."' and len(_short(apostrophe)) == 40
     row = {"n": 2, "chance": None, "predicted": {long: 2}}
     assert _baselines(row) == f"predicted {_short(long)} 100%"

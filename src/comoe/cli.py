@@ -65,9 +65,10 @@ def _eval(args: EvalArgs) -> None:
 
 
 def _short(answer: Any, width: int = 40) -> str:
-    """An answer as printed on a table line: quoted, cut to `width` characters (the report has it whole)."""
+    """An answer as printed on a table line: quoted, cut to `width` characters (the report has it whole),
+    closed by the quote it opens with (repr's double quotes for an answer holding an apostrophe)."""
     text = repr(answer)
-    return text if len(text) <= width else text[: width - 4] + "...'"
+    return text if len(text) <= width else text[: width - 4] + "..." + text[0] * (text[0] in "'\"")
 
 
 def _baselines(row: dict[str, Any]) -> str:
