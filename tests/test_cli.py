@@ -184,3 +184,15 @@ def test_long_answers_are_cut_on_the_eval_table_line():
     assert _short(apostrophe) == '"the model\'s answer goes on and on f..."' and len(_short(apostrophe)) == 40
     row = {"n": 2, "chance": None, "predicted": {long: 2}}
     assert _baselines(row) == f"predicted {_short(long)} 100%"
+
+
+def test_train_refuses_an_unregistered_name_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    from comoe.training import factory
+
+    monkeypatch.setattr(factory, "load_base", lambda *a, **k: pytest.fail("the base model was loaded"))
+    config = tmp_path / "run.yaml"
+    config.write_text("adapter_config: {expert_bank: hidra}\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"comoe: error: {config}: adapter_config: expert_bank='hidra' is not a registered")
+    assert len(err.splitlines()) == 1

@@ -40,6 +40,9 @@ from comoe.training.settings import TrainArgs
 
 
 def _train(args: TrainArgs) -> None:
+    from comoe.training.registered import check_registered_names
+
+    check_registered_names(args)  # importing the registries only: about a second, before transformers
     from comoe.training.loop import train
 
     run = train(args)
