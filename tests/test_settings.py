@@ -76,7 +76,7 @@ def test_generated_flags_parse_types_lists_choices_and_switches():
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--mode", "sample"])
-    assert set(COMMANDS) == {"train", "eval", "compare", "generate", "analyze", "demo"}
+    assert set(COMMANDS) == {"train", "eval", "compare", "generate", "analyze", "demo", "serve"}
 
 
 @pytest.mark.parametrize(
