@@ -75,8 +75,8 @@ def test_cli_trains_with_load_in_4bit_and_eval_loads_the_base_the_same_way(
 ):
     built = []
 
-    def spy(args):
-        model, tokenizer = build_model(args)
+    def spy(args, **options):
+        model, tokenizer = build_model(args, **options)
         built.append(model)
         return model, tokenizer
 
