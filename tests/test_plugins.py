@@ -128,3 +128,19 @@ def test_an_adapter_whose_objective_is_not_registered_loads_for_inference(
     assert loaded.comoe_config.aux_objectives == {"b_norm": 0.5}  # kept for saving
     with pytest.raises(ValueError, match="'b_norm' is not registered"):
         ComoeModel.from_pretrained(tiny_llama(), tmp_path / "adapter", is_trainable=True)
+
+
+def test_a_registry_finds_registers_and_refuses_by_name(monkeypatch):
+    discoveries = []
+    monkeypatch.setattr(plugins, "discover_once", lambda: discoveries.append(1) or False)
+    table = plugins.Registry("expert_bank", "expert bank")
+
+    class Toy:
+        name = "toy"
+
+    assert table.register(Toy) is Toy and table.lookup("toy") is Toy and discoveries == []
+    with pytest.raises(ValueError, match=r"expert_bank='tied' is not a registered expert bank; valid: toy \("):
+        table.lookup("tied")
+    assert discoveries == [1]  # a miss imports the plugins before it is refused
+    table.unregister("toy")
+    assert "toy" not in table

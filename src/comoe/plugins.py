@@ -21,6 +21,9 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
+
+from comoe.errors import PLUGIN_HINT, UnregisteredName
 
 ENTRY_POINT_GROUP = "comoe.plugins"
 ENVIRONMENT_VARIABLE = "COMOE_PLUGINS"
@@ -63,3 +66,34 @@ def discover_once() -> bool:
         return False
     _discovered = True
     return bool(load_plugins())
+
+
+class Registry(dict):
+    """A seam's table of registered entries by name (expert banks, routing kinds: their `name` attribute),
+    which imports the plugins once (`discover_once`) the first time a name is missing. `field` is the
+    config field that names an entry, `kind` what an entry is, for the error."""
+
+    def __init__(self, field: str, kind: str) -> None:
+        super().__init__()
+        self.field, self.kind = field, kind
+
+    def register(self, entry: Any) -> Any:
+        """Add (or replace) an entry under its name; returns it (usable as a class decorator)."""
+        self[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests register toy ones)."""
+        self.pop(name, None)
+
+    def lookup(self, name: str) -> Any:
+        """The registered entry (after importing the plugins once if it is missing), or UnregisteredName
+        (a ValueError) listing the registered names."""
+        if name not in self:
+            discover_once()
+        if name not in self:
+            raise UnregisteredName(
+                f"{self.field}={name!r} is not a registered {self.kind}; valid: {', '.join(self)} "
+                f"({PLUGIN_HINT})"
+            )
+        return self[name]

@@ -20,10 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from comoe.errors import PLUGIN_HINT, UnregisteredName
 from comoe.moe.experts import mix
 from comoe.moe.routing import Routing
-from comoe.plugins import discover_once
+from comoe.plugins import Registry
 
 Shape = tuple[int, ...]
 
@@ -332,30 +331,10 @@ class DoraExperts(ExpertBank):
         return delta + (gates @ (scale - 1)) * base, None
 
 
-BANKS: dict[str, type[ExpertBank]] = {}
-
-
-def register_bank(bank: type[ExpertBank]) -> type[ExpertBank]:
-    """Add (or replace) an expert bank under its name; returns it (usable as a class decorator)."""
-    BANKS[bank.name] = bank
-    return bank
-
-
-def unregister_bank(name: str) -> None:
-    """Remove a registered bank (tests register toy ones)."""
-    BANKS.pop(name, None)
-
-
-def get_bank(name: str) -> type[ExpertBank]:
-    """The registered bank (after importing the plugins once if it is missing: comoe.plugins), or ValueError
-    listing the registered names."""
-    if name not in BANKS:
-        discover_once()
-    if name not in BANKS:
-        raise UnregisteredName(
-            f"expert_bank={name!r} is not a registered expert bank; valid: {', '.join(BANKS)} ({PLUGIN_HINT})"
-        )
-    return BANKS[name]
+BANKS: Registry = Registry("expert_bank", "expert bank")  # name -> ExpertBank subclass
+register_bank = BANKS.register
+unregister_bank = BANKS.unregister
+get_bank = BANKS.lookup  # ValueError naming the registered banks when `name` is not one
 
 
 register_bank(LoraExperts)

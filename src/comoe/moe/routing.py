@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from comoe.config import ComoeConfig
-from comoe.errors import PLUGIN_HINT, UnregisteredName
-from comoe.plugins import discover_once
+from comoe.plugins import Registry
 from comoe.validation import fail
 
 
@@ -263,30 +262,10 @@ class TaskRouting(RoutingKind):
         return logits, route(logits, layer.num_experts, soft=True)
 
 
-ROUTINGS: dict[str, type[RoutingKind]] = {}
-
-
-def register_routing(kind: type[RoutingKind]) -> type[RoutingKind]:
-    """Add (or replace) a routing kind under its name; returns it (usable as a class decorator)."""
-    ROUTINGS[kind.name] = kind
-    return kind
-
-
-def unregister_routing(name: str) -> None:
-    """Remove a registered routing kind (tests register toy ones)."""
-    ROUTINGS.pop(name, None)
-
-
-def get_routing(name: str) -> type[RoutingKind]:
-    """The registered routing kind (after importing the plugins once if it is missing), or ValueError
-    listing the registered names."""
-    if name not in ROUTINGS:
-        discover_once()
-    if name not in ROUTINGS:
-        raise UnregisteredName(
-            f"routing={name!r} is not a registered routing kind; valid: {', '.join(ROUTINGS)} ({PLUGIN_HINT})"
-        )
-    return ROUTINGS[name]
+ROUTINGS: Registry = Registry("routing", "routing kind")  # name -> RoutingKind subclass
+register_routing = ROUTINGS.register
+unregister_routing = ROUTINGS.unregister
+get_routing = ROUTINGS.lookup  # ValueError naming the registered kinds when `name` is not one
 
 
 register_routing(TopKRouting)
