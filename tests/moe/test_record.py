@@ -7,7 +7,7 @@ from comoe import ComoeConfig, get_comoe_model
 from comoe.adapter import layer as layer_module
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.moe.experts import expert_gram
-from comoe.moe.record import LayerRecord
+from comoe.moe.record import LayerRecord, token_columns
 from comoe.moe.routing import route
 from comoe.objectives.auxiliary import with_grams
 from tests.helpers import make_layer, tiny_llama
@@ -92,3 +92,10 @@ def test_the_model_attaches_each_layers_token_mask_and_drops_the_records_after_t
         model(input_ids=ids[:1], attention_mask=mask[:1])  # outside record_routing: nothing is refreshed
     assert all(records[name].z is z for name, z in kept.items())
     assert all(layer.record is None for layer in model.comoe_layers().values())
+
+
+def test_token_columns_are_the_masks_last_columns_or_none():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(token_columns(mask, 8), mask)  # the whole call
+    assert torch.equal(token_columns(mask, 2), mask[:, 3:])  # one decode step under a KV cache
+    assert token_columns(mask, 3) is None and token_columns(mask, 10) is None  # not the mask's rows

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from comoe.moe.prompt import PROMPT_CACHED, PROMPT_MASK
+from comoe.moe.record import token_columns
 
 DECODER = "decoder"
 ENCODER = "encoder"
@@ -140,15 +141,14 @@ class TokenMasks:
             return None
         if (stream, num_tokens) in self._flat:
             return self._flat[stream, num_tokens]
-        rows, columns = mask.shape
-        length = num_tokens // rows if rows else 0
-        if rows == 0 or length * rows != num_tokens or length > columns:
+        columns = token_columns(mask, num_tokens)
+        if columns is None:
             raise ValueError(
                 f"{layer or 'a layer'} ({stream} tokens) saw {num_tokens} tokens, which are not the rows "
                 f"of the {stream} attention mask of shape {tuple(mask.shape)}: the auxiliary losses "
                 "cannot tell its padding"
             )
-        flat = mask[:, columns - length :].reshape(-1).bool()
+        flat = columns.reshape(-1).bool()
         self._flat[stream, num_tokens] = flat
         return flat
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from comoe.moe.record import token_columns
 from comoe.moe.routing import Routing, RoutingKind, register_routing, route
 
 PROMPT_MASK = "prompt_mask"  # [B, L] bool: the call's prompt tokens (all False on a decode step)
@@ -79,15 +80,14 @@ def _call_mask(layer: nn.Module, num_tokens: int, device: torch.device) -> torch
     mask = layer.context.call_inputs.get(PROMPT_MASK)
     if mask is None:
         return torch.ones(1, num_tokens, dtype=torch.bool, device=device)
-    rows, columns = mask.shape
-    length = num_tokens // rows if rows else 0
-    if rows == 0 or length * rows != num_tokens or length > columns:
+    columns = token_columns(mask, num_tokens)
+    if columns is None:
         raise ValueError(
             f"routing='prompt': the layer saw {num_tokens} tokens, which are not the rows of the call's "
             f"prompt mask of shape {tuple(mask.shape)} (prompt routing supports decoder-only models, whose "
             "adapted linears see the input_ids' tokens)"
         )
-    return mask[:, columns - length :].to(device)
+    return columns.to(device)
 
 
 class PromptRouting(RoutingKind):

@@ -31,3 +31,14 @@ class LayerRecord:
     # attached by the model (like the mask) when an objective needs "task_ids"; the layer's T tokens are the
     # B sequences' rows, each of T // B tokens
     task_ids: torch.Tensor | None = None
+
+
+def token_columns(mask: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+    """The columns of a call's [B, C] token mask that a layer's T = num_tokens flattened tokens are: the
+    last L = T / B columns ([B, L]; under a KV cache the call's tokens are the mask's last ones), or None
+    when the T tokens cannot be the mask's rows (T not a multiple of B, or L > C)."""
+    rows, columns = mask.shape
+    length = num_tokens // rows if rows else 0
+    if rows == 0 or length * rows != num_tokens or length > columns:
+        return None
+    return mask[:, columns - length :]
