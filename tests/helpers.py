@@ -250,3 +250,31 @@ def adapted(folder) :
         for layer in model.comoe_layers().values():
             layer.lora_B.normal_(0, 0.2)
     return model.eval()
+
+
+def task_routed(base: nn.Module, preset: str = "moelora-liu", tasks: tuple[str, ...] = ("a", "b")):
+    """`base` with an adapter of `preset` and task vocabulary `tasks`, in eval mode, as if trained: non-zero
+    experts and, for routing 'task', gates of N(0, 1) entries, so that each task's gate differs clearly."""
+    torch.manual_seed(0)
+    model = get_comoe_model(base, ComoeConfig.preset(preset, tasks=list(tasks), r=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.lora_B.normal_(0, 0.2)
+            if layer.routing_kind.inputs:  # the task gate W_T [n, d_t]; its embeddings are N(0, 1) already
+                layer.router.weight.normal_()
+    return model.eval()
+
+
+def argmax_loop(model, tokenizer, ids: list[int], new_tokens: int, **inputs) -> str:
+    """Greedy decoding by hand: the full sequence through the model for every new token, no cache; `inputs`
+    are the model's per-call keywords (e.g. task_ids) given explicitly on every call."""
+    ids = list(ids)
+    generated = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(input_ids=torch.tensor([ids]), **inputs).logits[0, -1].argmax())
+            generated.append(token)
+            ids.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(generated, skip_special_tokens=True)

@@ -1,5 +1,6 @@
 """comoe.evaluation.generation: batched greedy generation with left padding equals a plain argmax loop per
-prompt; over-long prompts are cut from their start to fit the context and reported."""
+prompt (with a task-routed adapter, the loop given the task's id on every call); over-long prompts are cut
+from their start to fit the context and reported."""
 
 import pytest
 import torch
@@ -8,21 +9,7 @@ from comoe.data import Example
 from comoe.data.collate import prompt_ids
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.generation import generate_responses, left_pad
-from tests.helpers import tiny_llama
-
-
-def argmax_loop(model, tokenizer, ids: list[int], new_tokens: int) -> str:
-    """Greedy decoding by hand: the full sequence through the model for every new token, no cache."""
-    ids = list(ids)
-    generated = []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-            generated.append(token)
-            ids.append(token)
-            if token == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(generated, skip_special_tokens=True)
+from tests.helpers import argmax_loop, task_routed, tiny_llama
 
 
 def examples() -> list[Example]:
@@ -76,3 +63,36 @@ def test_left_padding_gives_the_unpadded_next_token_logits(pad):
         for row, prompt in enumerate(prompts):
             alone = model(input_ids=torch.tensor([prompt])).logits[0, -1]
             torch.testing.assert_close(padded[row], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_routes_every_prompt_and_step_by_the_task_given(smol_tokenizer):
+    """task=NAME: the KV-cached, left-padded generation of every prompt equals the argmax loop given that
+    task's id on every call; the two tasks' gates differ, and so do their responses."""
+    model = task_routed(tiny_llama(vocab=len(smol_tokenizer)))
+    items = examples()
+    by_task = {}
+    for task_id, task in enumerate(["a", "b"]):
+        by_task[task], _ = generate_responses(
+            model, smol_tokenizer, items, batch_size=2, max_new_tokens=5, task=task
+        )
+        for example, response in zip(items, by_task[task], strict=True):
+            ids = prompt_ids(smol_tokenizer, render_prompt(example, smol_tokenizer))
+            assert response == argmax_loop(model, smol_tokenizer, ids, 5, task_ids=torch.tensor([task_id]))
+    assert by_task["a"] != by_task["b"]
+    with pytest.raises(ValueError, match="task_ids: missing"):  # the task held for that call only
+        generate_responses(model, smol_tokenizer, items, batch_size=2, max_new_tokens=5)
+
+
+def test_a_task_outside_the_vocabulary_or_for_a_model_not_routed_by_task_is_refused(smol_tokenizer):
+    routed = task_routed(tiny_llama(vocab=len(smol_tokenizer)))
+    items = examples()[:1]
+    with pytest.raises(ValueError, match="^task='c' is invalid: expected one of the adapter's tasks: 'a', 'b'$"):
+        generate_responses(routed, smol_tokenizer, items, batch_size=1, max_new_tokens=2, task="c")
+    loramoe = task_routed(tiny_llama(vocab=len(smol_tokenizer)), "loramoe")
+    reasons = {
+        r"routing \('soft'\) reads no task \(its task vocabulary is not read at inference\)": loramoe,
+        "the model has no comoe adapter": tiny_llama(vocab=len(smol_tokenizer)),
+    }
+    for reason, model in reasons.items():
+        with pytest.raises(ValueError, match=f"^task='a' is invalid: .*{reason}, so its outputs are the same"):
+            generate_responses(model, smol_tokenizer, items, batch_size=1, max_new_tokens=2, task="a")

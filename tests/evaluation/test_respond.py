@@ -1,18 +1,21 @@
 """`comoe generate`'s prompts: read from a text or JSONL file, and each an example carrying the template it
-is rendered with (nothing registered)."""
+is rendered with (nothing registered); --task routes them by one of a task-routed adapter's tasks."""
 
 import json
 
 import pytest
 import torch
 
-from comoe import ComoeConfig, get_comoe_model
+import comoe.evaluation.respond as respond
+from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.cli import main
 from comoe.data import TASKS
+from comoe.data.collate import prompt_ids
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts, unknown_task
 from comoe.evaluation.settings import GenerateArgs
-from tests.helpers import tiny_llama, token_ids
+from comoe.models.loading import load_base
+from tests.helpers import argmax_loop, one_line_error, task_routed, tiny_llama, token_ids
 
 
 def test_generate_reads_prompt_files(tmp_path):
@@ -78,10 +81,70 @@ def test_prompts_of_a_task_routed_adapter_use_the_mean_gate_and_others_are_uncha
         expected = routed(input_ids=ids, task_ids=torch.tensor([-1, -1])).logits
         with caplog.at_level("WARNING", logger="comoe"), unknown_task(routed):
             torch.testing.assert_close(routed(input_ids=ids).logits, expected)
-    assert "prompts carry no task" in caplog.text
+    assert "prompts carry no task" in caplog.text and "pass --task NAME" in caplog.text
     caplog.clear()
     for other in ("comoe", "loramoe"):  # no task ids at inference: nothing set, nothing said
         model = get_comoe_model(tiny_llama(), ComoeConfig.preset(other, tasks=["a"], r=4))
         with unknown_task(model):
             assert model._default_inputs == {}
     assert "prompts carry no task" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def routed_folders(tmp_path_factory, tiny_model_dir) -> dict:
+    """An adapter folder of each preset that reads task ids (tasks a, b) on the tiny base, as if trained."""
+    folders = {}
+    for preset in ("moelora-liu", "loramoe"):
+        folders[preset] = tmp_path_factory.mktemp(preset)
+        task_routed(load_base(str(tiny_model_dir))[0], preset).save_pretrained(folders[preset])
+    return folders
+
+
+def test_generate_routes_its_prompts_by_the_task_given(
+    routed_folders, tiny_model_dir, smol_tokenizer, tmp_path, capsys
+):
+    """--task a and --task b give other responses (the tasks' gates differ), each the argmax loop's with
+    that task's id on every call; without --task, the mean gate (id -1) and one warning naming --task."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\nName a colour.\n")
+    folder = routed_folders["moelora-liu"]
+    model = ComoeModel.from_pretrained(load_base(str(tiny_model_dir))[0], folder).eval()
+    responses = {}
+    for task_id, task in [(0, "a"), (1, "b"), (-1, None)]:
+        argv = ["generate", "--adapter", str(folder), "--prompts", str(prompts), "--max-new-tokens", "5"]
+        assert main(argv + (["--task", task] if task else [])) == 0
+        out, err = capsys.readouterr()
+        rows = [json.loads(line) for line in out.splitlines()]
+        warned = [line for line in err.splitlines() if "prompts carry no task" in line]
+        assert len(warned) == (0 if task else 1) and all("pass --task NAME" in line for line in warned)
+        for row in rows:
+            ids = prompt_ids(smol_tokenizer, render_prompt(prompt_example(row["prompt"], "none")))
+            expected = argmax_loop(model, smol_tokenizer, ids, 5, task_ids=torch.tensor([task_id]))
+            assert row["response"] == expected
+        responses[task] = [row["response"] for row in rows]
+    assert responses["a"] != responses["b"]
+
+
+def test_a_task_generate_cannot_route_by_is_one_line_before_the_base_loads(
+    routed_folders, tiny_model_dir, capsys, monkeypatch
+):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(respond, "load_for_eval", no_load)
+    prompt = ["--prompt", "hi", "--max-new-tokens", "2"]
+    refused = {
+        ("--adapter", str(routed_folders["moelora-liu"]), "--task", "c"): (
+            "--task='c' is invalid: expected one of the adapter's tasks: 'a', 'b'"
+        ),
+        ("--adapter", str(routed_folders["loramoe"]), "--task", "a"): (
+            "--task='a' is invalid: this adapter's routing ('soft') reads no task (its task vocabulary is not read "
+            "at inference), so its outputs are the same for every task"
+        ),
+        ("--model", str(tiny_model_dir), "--task", "a"): (
+            "--task='a' is invalid: the model has no comoe adapter, so its outputs are the same for every task"
+        ),
+    }
+    for flags, message in refused.items():
+        line = one_line_error(capsys, ["generate", *flags, *prompt])
+        assert line.startswith(f"comoe: error: {message}"), line

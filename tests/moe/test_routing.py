@@ -17,6 +17,8 @@ from comoe.moe.routing import (
     per_token,
     register_routing,
     route,
+    routed_tasks,
+    routing_task_id,
     sort_by_expert,
     unregister_routing,
 )
@@ -299,6 +301,62 @@ def test_task_ids_travel_through_forward_and_generate_and_are_refused_when_missi
         model.default_call_inputs(prompt=[1]),
     ):
         pass
+
+
+def test_kv_cached_generation_routes_each_row_by_its_own_task_on_every_step(monkeypatch):
+    """Rows of three tasks in one generate call (left-padded, KV cache): the prompt step sees every row's
+    tokens and each decode step one token per row, always with the call's [B] task ids, and each row's
+    tokens equal a loop that runs the whole sequence through the model with that row's id alone."""
+    model = task_model()
+    with torch.no_grad():
+        for layer in model.comoe_layers().values():
+            layer.router.weight.normal_()  # gates that differ clearly between the tasks
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # row 1 is left-padded
+    task_ids = torch.tensor([2, 0, 1])
+    seen = []
+    route_tokens = TaskRouting.route.__func__
+    watched = model.comoe_layers()["model.layers.1.mlp.down_proj"]
+
+    def spy(cls, layer, x):
+        if layer is watched:
+            seen.append((x.shape[0], layer.context.call_inputs["task_ids"].tolist()))
+        return route_tokens(cls, layer, x)
+
+    monkeypatch.setattr(TaskRouting, "route", classmethod(spy))
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, task_ids=task_ids, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+        assert seen == [(18, [2, 0, 1])] + [(3, [2, 0, 1])] * 4  # the prompt, then 4 cached steps
+        others = model.generate(
+            input_ids=ids, attention_mask=mask, task_ids=[0], max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+        assert not torch.equal(generated[0], others[0]) and torch.equal(generated[1], others[1])
+        for row in range(3):
+            sequence = ids[row : row + 1, 2 if row == 1 else 0 :]
+            for _ in range(5):
+                logits = model(input_ids=sequence, task_ids=task_ids[row : row + 1]).logits[0, -1]
+                sequence = torch.cat([sequence, logits.argmax().view(1, 1)], dim=1)
+            assert torch.equal(generated[row, 6:], sequence[0, -5:])
+
+
+def test_a_task_name_maps_to_its_id_only_for_adapters_routed_by_task():
+    routed = ComoeConfig.preset("moelora-liu", tasks=TASKS)
+    assert routed_tasks(routed) == TASKS and routing_task_id(routed, "nli") == 2
+    with pytest.raises(ValueError, match="^mine='x' is invalid: expected one of the adapter's tasks: 'qa', 'sum'"):
+        routing_task_id(routed, "x", field="mine")
+    loramoe = ComoeConfig.preset("loramoe", tasks=TASKS)
+    assert routed_tasks(loramoe) is None and routed_tasks(None) is None and routed_tasks(ComoeConfig()) is None
+    refused = {
+        "this adapter's routing \\('soft'\\) reads no task \\(its task vocabulary is not read at": loramoe,
+        "this adapter's routing \\('topk'\\) reads no task, so": ComoeConfig(),
+        "the model has no comoe adapter, so": None,
+    }
+    for reason, config in refused.items():
+        with pytest.raises(ValueError, match=f"^task='qa' is invalid: {reason}"):
+            routing_task_id(config, "qa")
 
 
 def test_other_methods_read_no_per_call_inputs():

@@ -235,6 +235,9 @@ def test_method_presets_train_from_the_command_line_and_their_folders_evaluate(
         assert main(eval_argv) == 0
         evaluated = json.loads(report_path.read_text())["tasks"]
         assert evaluated["syllogism"]["n"] == 2 and evaluated["chain_sum"]["n"] == 2
+        # comoe generate --task: a trained task routes the prompts (moelora-liu); loramoe routes per token
+        generate = ["generate", "--adapter", str(run / "adapter"), "--prompt", "hi", "--max-new-tokens", "2"]
+        assert main([*generate, "--task", "syllogism"]) == (0 if preset == "moelora-liu" else 2)
     if yaml == ROUTER_OPTIONS:  # the router z-loss is logged; both options are recorded in the folder
         assert all(row["router_z"] > 0 for row in rows)
         assert (config["aux_objectives"], config["router_jitter"]) == ({"router_z": 0.001}, 0.01)

@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from comoe.adapter.model import task_model
 from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
 from comoe.evaluation.loglik import context_length
+from comoe.moe.routing import routing_task_id
 
 logger = logging.getLogger(__name__)
 
 
+def task_routing(
+    model: nn.Module, task: str | None, field: str = "task"
+) -> contextlib.AbstractContextManager[None]:
+    """A block inside which every call of `model` (forward, generate and each of generate's KV-cached
+    steps) routes every sequence by `task`, a name of its adapter's task vocabulary: the task id [1], spread
+    over each row's tokens (ComoeModel.default_call_inputs; MOELoRA's gate softmax(W_T e_task), arXiv
+    2310.18339). `task` None: nothing is set. InvalidSetting (a ValueError) naming `field` when the model
+    does not route by task or `task` is none of its tasks (moe.routing.routing_task_id)."""
+    if task is None:
+        return contextlib.nullcontext()
+    model = task_model(model)
+    task_id = routing_task_id(getattr(model, "comoe_config", None), task, field)
+    return model.default_call_inputs(task_ids=[task_id])
+
+
 @torch.no_grad()
 def generate_responses(
-    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int,
+    max_new_tokens: int,
+    task: str | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
     (from the start) so that prompt and answer fit the model's context length. A max_new_tokens that
     leaves no room for a prompt in the context (generating past the context would index past a model's
     position embeddings) is fitted, with a warning: prompts keep up to half the context and responses stop
-    at its end."""
+    at its end.
+
+    `task`: for an adapter routed by task (routing 'task', `--preset moelora-liu`), the name of one of its
+    tasks (`comoe_config.tasks`) by which every prompt and every generated token is routed (task_routing);
+    a ValueError naming `task` for any other model or a name outside its tasks. None: the calls carry the
+    task ids the caller set (`default_call_inputs`); such an adapter refuses a call with none."""
+    with task_routing(model, task):
+        return _generate(model, tokenizer, examples, batch_size, max_new_tokens)
+
+
+def _generate(
+    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
+) -> tuple[list[str], list[bool]]:
     context = context_length(model)
     room = context - max_new_tokens
     if room < 1:

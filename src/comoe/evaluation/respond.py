@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from comoe.adapter.model import task_model, task_vocabulary
+from comoe.adapter.folder import AdapterFolder, adapter_folder
+from comoe.adapter.model import task_model
 from comoe.data.example import Example
 from comoe.data.formats import Messages, nonempty_field, parse_messages
 from comoe.data.record import trained_template
@@ -21,7 +22,9 @@ from comoe.evaluation.runner import eval_quantization, load_for_eval
 from comoe.evaluation.settings import GENERATED_ROW, GenerateArgs
 from comoe.files import atomic_write_text
 from comoe.models.compile import compile_blocks
-from comoe.moe.routing import get_routing
+from comoe.moe.routing import routed_tasks, routing_task_id
+from comoe.settings import locate
+from comoe.validation import InvalidSetting
 
 PROMPT_TASK = "prompt"  # the task the prompts are tagged with
 logger = logging.getLogger(__name__)
@@ -88,16 +91,29 @@ def prompt_example(prompt: Any, template: str) -> Example:
 
 
 def unknown_task(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Prompts carry no task: an adapter that reads task ids (routing 'task') routes them as a task outside
-    its vocabulary (id -1: the mean of the known tasks' gates), with a warning; others are unchanged."""
-    vocabulary = task_vocabulary(model)
-    if vocabulary is None or "task_ids" not in get_routing(task_model(model).comoe_config.routing).inputs:
+    """Prompts given no --task: an adapter routed by task (routing 'task') routes them as a task outside its
+    vocabulary (id -1: the mean of the known tasks' gates), with one warning naming --task and the tasks;
+    others are unchanged."""
+    vocabulary = routed_tasks(getattr(task_model(model), "comoe_config", None))
+    if vocabulary is None:
         return contextlib.nullcontext()
     logger.warning(
-        "prompts carry no task: the adapter's task-routed layers use the mean of its tasks' gates (%s)",
+        "prompts carry no task: the adapter routes by task and uses the mean of its tasks' gates; pass "
+        "--task NAME to route them as one of its tasks (%s)",
         ", ".join(vocabulary),
     )
     return task_model(model).default_call_inputs(task_ids=[-1])
+
+
+def check_task(args: GenerateArgs, folder: AdapterFolder | None) -> None:
+    """--task names one of the tasks the adapter folder routes by (moe.routing.routing_task_id), checked
+    from its config before the base model loads; InvalidSetting naming the flag (or YAML file) otherwise."""
+    if args.task is None:
+        return
+    try:
+        routing_task_id(folder.config if folder is not None else None, args.task)
+    except InvalidSetting as error:
+        raise locate(args, error) from None
 
 
 def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
@@ -107,13 +123,15 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     if template == "auto":
         template = (trained_template(args.adapter) if args.adapter else None) or "none"
     examples = [prompt_example(prompt, template) for prompt in prompts]
-    model, tokenizer = load_for_eval(
-        args.model, args.adapter, args.dtype, args.device, eval_quantization(args)
-    )
+    folder = adapter_folder(args.adapter) if args.adapter is not None else None
+    check_task(args, folder)
+    model, tokenizer = load_for_eval(args.model, folder, args.dtype, args.device, eval_quantization(args))
     if args.compile:
         logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
-    with unknown_task(model):
-        texts, cut = generate_responses(model, tokenizer, examples, args.batch_size, args.max_new_tokens)
+    with unknown_task(model) if args.task is None else contextlib.nullcontext():
+        texts, cut = generate_responses(
+            model, tokenizer, examples, args.batch_size, args.max_new_tokens, task=args.task
+        )
     rows = [
         dict(zip(GENERATED_ROW, ([list(t) for t in p] if isinstance(p, tuple) else p, text, c), strict=True))
         for p, text, c in zip(prompts, texts, cut, strict=True)

@@ -157,6 +157,11 @@ class GenerateArgs:
         "prompt template (auto: the one the adapter was trained with, else none)",
         choices=TEMPLATE_CHOICES,
     )
+    task: str | None = setting(
+        None,
+        "route every prompt by this task, one of the tasks the adapter records (adapters routed by task: "
+        "--preset moelora-liu; refused for others); default: the mean of its tasks' gates, with a warning",
+    )
     max_new_tokens: int = setting(128, "tokens to generate per prompt")
     batch_size: int = setting(8, "prompts per generate call")
     output: str | None = setting(

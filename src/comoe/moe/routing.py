@@ -19,7 +19,7 @@ from torch import nn
 
 from comoe.config import ComoeConfig
 from comoe.plugins import Registry
-from comoe.validation import fail
+from comoe.validation import InvalidSetting, fail
 
 
 @dataclass
@@ -271,3 +271,36 @@ get_routing = ROUTINGS.lookup  # ValueError naming the registered kinds when `na
 register_routing(TopKRouting)
 register_routing(SoftRouting)
 register_routing(TaskRouting)
+
+
+def routed_tasks(config: ComoeConfig | None) -> list[str] | None:
+    """The task vocabulary an adapter of `config` routes by: its `tasks`, a task's id being its position,
+    when its routing kind reads task ids (routing 'task': MOELoRA's gate softmax(W_T e_task), arXiv
+    2310.18339, eqs. 5-6); None for every other adapter (loramoe's tasks weigh its training loss only, its
+    routing is per token: arXiv 2312.09979) and for a model without a comoe adapter (`config` None)."""
+    if config is None or "task_ids" not in get_routing(config.routing).inputs:
+        return None
+    return list(config.tasks or [])
+
+
+def routing_task_id(config: ComoeConfig | None, task: str, field: str = "task") -> int:
+    """The id (position in `routed_tasks(config)`) of `task`, the name of a task to route every sequence
+    by. InvalidSetting (a ValueError) naming `field` and the value: with the adapter's task names when
+    `task` is none of them, and saying why when the adapter does not route by task (`config` None: no
+    comoe adapter; another routing kind: its outputs are the same for every task)."""
+    vocabulary = routed_tasks(config)
+    if vocabulary is None:
+        if config is None:
+            reason = "the model has no comoe adapter"
+        else:
+            reason = f"this adapter's routing ({config.routing!r}) reads no task"
+            if config.tasks:
+                reason += " (its task vocabulary is not read at inference)"
+        raise InvalidSetting(
+            field,
+            f"{field}={task!r} is invalid: {reason}, so its outputs are the same for every task: leave the "
+            "task out (it applies to adapters routed by task: routing 'task', e.g. --preset moelora-liu)",
+        )
+    if task not in vocabulary:
+        fail(field, task, "one of the adapter's tasks: " + ", ".join(repr(name) for name in vocabulary))
+    return vocabulary.index(task)
