@@ -43,9 +43,9 @@ def concatenated(parts):
     routing = Routing(
         *(torch.cat([getattr(p.routing, f) for p in parts]) for f in ("probs", "indices", "gates"))
     )
-    floor = None if first.norm_floor is None else torch.cat([p.norm_floor for p in parts])
+    norms = None if first.base_norm is None else torch.cat([p.base_norm.reshape(-1) for p in parts])
     return dataclasses.replace(
-        first, routing=routing, z=torch.cat([p.z for p in parts]), mask=None, norm_floor=floor
+        first, routing=routing, z=torch.cat([p.z for p in parts]), mask=None, base_norm=norms
     )
 
 
@@ -62,8 +62,8 @@ def reference(model, calls, last=None):
                     routing = Routing(
                         record.routing.probs[keep], record.routing.indices[keep], record.routing.gates[keep]
                     )
-                    floor = None if record.norm_floor is None else record.norm_floor[keep]
-                    record = dataclasses.replace(record, routing=routing, z=record.z[keep], norm_floor=floor)
+                    norms = None if record.base_norm is None else record.base_norm.reshape(-1)[keep]
+                    record = dataclasses.replace(record, routing=routing, z=record.z[keep], base_norm=norms)
                 per_layer.setdefault(name, []).append(record)
     losses = compute_auxiliary_losses(
         [concatenated(parts) for parts in per_layer.values()], model.comoe_config

@@ -149,7 +149,7 @@ def test_the_comoe_objective_takes_the_kernel_where_it_applies(monkeypatch):
         routing = Routing(probs, indices, probs.gather(1, indices))
         mask = torch.rand(9, generator=g) > 0.3
         floor = torch.rand(9, generator=g)
-        records.append(LayerRecord(routing, z, mask, lora_B, norm_floor=floor))
+        records.append(LayerRecord(routing, z, mask, lora_B, base_norm=floor))
     leaves = [leaf for record in records for leaf in (record.z, record.lora_B)]
     torch_path = [comoe_objective(records[0], config), comoe_batched(records, config)]
     calls = []

@@ -179,19 +179,22 @@ class ComoeLinear(nn.Module):
         # The objectives' extra tensors are computed in every training forward, whether or not this call
         # keeps a record: gradient checkpointing re-runs the forward during backward (when the model no
         # longer asks for records) and requires it to save exactly the tensors the first run saved.
-        gram, floor = None, None
+        gram, base_norm = None, None
         if self.training or self.context.keep_records:
             if self.needs_gram and outputs is None and gram_in_forward():  # else the objectives take it
                 gram = expert_gram(lora_B)
             if self.norm_floor > 0:  # |W0 x| per token sets the scale below which an output is ~zero
                 with torch.no_grad():  # a scale without gradient (no_grad: no detach op to dispatch)
-                    base_norm = result.reshape(-1, self.out_features).float().norm(dim=-1)
-                # in z-space for the Gram path (output floor / s), in output space for materialised outputs
-                scale = self.norm_floor if outputs is not None else self.norm_floor / self.scaling
-                floor = base_norm * scale
+                    wide = None if result.dtype == torch.float64 else torch.float32  # float32 at least
+                    base_norm = torch.linalg.vector_norm(result, dim=-1, dtype=wide)
         if self.context.keep_records:
             kept = logits if self.keep_logits else None
-            self.record = LayerRecord(routing, z, None, lora_B, gram, floor, kept, outputs=outputs)
+            # the floor in z-space for the Gram path (output floor / s), in output space for materialised
+            # outputs
+            scale = self.norm_floor if outputs is not None else self.norm_floor / self.scaling
+            self.record = LayerRecord(
+                routing, z, None, lora_B, gram, base_norm, kept, outputs=outputs, floor_scale=scale
+            )
         return result + delta.view(result.shape).to(result.dtype)
 
     def _jittered(self, flat: torch.Tensor) -> torch.Tensor:

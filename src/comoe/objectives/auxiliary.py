@@ -111,7 +111,7 @@ def record_group(record: LayerRecord) -> Hashable:
             record.lora_B,
             record.mask,
             record.gram,
-            record.norm_floor,
+            record.base_norm,
             record.logits,
             record.outputs,
         )

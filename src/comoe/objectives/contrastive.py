@@ -16,13 +16,14 @@ from comoe.moe.experts import expert_gram, expert_grams
 from comoe.moe.record import LayerRecord
 from comoe.objectives.cosine import output_anchor_cosines, output_item_cosines
 from comoe.objectives.gram import anchor_cosines, anchor_dots, item_cosines
+from comoe.objectives.gram_infonce import every_anchor_and_negative, gram_comoe_loss
 from comoe.objectives.infonce import (
     comoe_loss_from_anchor_cosines,
     contrastive_items,
     sample_contrastive_tokens,
     supcon_loss,
 )
-from comoe.objectives.registry import Objective, register_objective, stacked
+from comoe.objectives.registry import Objective, register_objective, stacked, stacked_norm_floors
 from comoe.objectives.triton_infonce import fused_comoe_applies, fused_comoe_loss
 
 CONTRASTIVE_NEEDS = frozenset({"gram", "norm_floor"})
@@ -60,15 +61,17 @@ def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tens
     [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension;
     for records that carry materialised outputs (DoRA experts), the outputs' plain cosines instead."""
     indices = stacked(records, lambda record: record.routing.indices)
-    floor = stacked(records, lambda record: record.norm_floor)
+    floor = stacked_norm_floors(records)
     if records[0].outputs is not None:
         rows = output_anchor_cosines(stacked(records, lambda record: record.outputs), indices, floor)
     else:
         grams = stacked_grams(records)
         z = stacked(records, lambda record: record.z)
+        mask = stacked(records, lambda record: record.mask)
         if takes_fused_kernel(z, indices, config):
-            mask = stacked(records, lambda record: record.mask)
             return comoe_fused(z, indices, grams, floor, mask, config)
+        if every_anchor_and_negative(config.anchor, config.num_negatives, z.shape[-2], indices.shape[-1]):
+            return gram_comoe_loss(z, indices, grams, config.temperature, mask, floor)
         rows = anchor_cosines(z, indices, grams, floor)
     return comoe_loss_from_anchor_cosines(
         rows,
@@ -103,23 +106,9 @@ def comoe_fused(
 
 def comoe_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
     """CoMoE InfoNCE (arXiv 2505.17553, Algorithm 1): activated experts are each other's positives,
-    inactive ones the negatives. Scalar: the mean over real tokens (and anchors)."""
-    indices = record.routing.indices
-    if record.outputs is None and takes_fused_kernel(record.z, indices, config):
-        return comoe_fused(record.z, indices, record_gram(record), record.norm_floor, record.mask, config)
-    if record.outputs is not None:
-        rows = output_anchor_cosines(record.outputs, indices, record.norm_floor)
-    else:
-        rows = anchor_cosines(record.z, indices, record_gram(record), record.norm_floor)
-    return comoe_loss_from_anchor_cosines(
-        rows,
-        indices,
-        config.temperature,
-        config.anchor,
-        record.mask,
-        num_negatives=config.num_negatives,
-        check=False,  # the router's topk: in range and distinct by construction
-    )
+    inactive ones the negatives. Scalar: the mean over real tokens (and anchors); `comoe_batched` of the
+    one record."""
+    return comoe_batched([record], config)[0]
 
 
 def moelora_objective(record: LayerRecord, config: ComoeConfig) -> torch.Tensor:
@@ -151,7 +140,7 @@ def moelora_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Te
     num_experts, r = z.shape[-2:]
     rows = (item_tokens * num_experts + experts).unsqueeze(-1).expand(*item_tokens.shape, r)
     z_items = z.flatten(-3, -2).gather(-2, rows)  # [L, N, r]
-    floors = stacked(records, lambda record: record.norm_floor)
+    floors = stacked_norm_floors(records)
     floor = None if floors is None else floors.gather(-1, item_tokens)
     cosines = item_cosines(z_items, experts, stacked_grams(records), floor)
     return supcon_loss(cosines, experts, config.temperature, item_valid)

@@ -75,6 +75,18 @@ def stacked(
     return torch.stack([field(record) for record in records])
 
 
+def stacked_norm_floors(records: list[LayerRecord]) -> torch.Tensor | None:
+    """[L, T] the records' per-token norm floors (LayerRecord.norm_floor) of one group, scaled in one op
+    (the layers record |W0 x| unscaled); None when the records carry no floor."""
+    if records[0].base_norm is None:
+        return None
+    norms = torch.stack([record.base_norm for record in records]).view(len(records), -1)
+    scales = [record.floor_scale for record in records]
+    if len(set(scales)) == 1:
+        return norms * scales[0]
+    return norms * torch.tensor(scales, dtype=norms.dtype, device=norms.device).unsqueeze(-1)
+
+
 OBJECTIVES: dict[str, Objective] = {}
 
 

@@ -27,6 +27,7 @@ import torch
 
 from comoe.moe.triton_jit import TRITON_AVAILABLE, jit, next_power_of_2, runnable, tl
 from comoe.objectives.cosine import NORMALIZE_EPS
+from comoe.objectives.gram_infonce import every_anchor_and_negative
 from comoe.objectives.infonce import valid_mask
 
 BLOCK_T = 16  # tokens per program
@@ -151,8 +152,8 @@ class FusedComoeInfoNCE(torch.autograd.Function):
 def fused_comoe_applies(device_type: str, anchor: str, num_negatives: int | None, n: int, k: int) -> bool:
     """Whether the CoMoE objective takes the fused kernel: on CUDA with Triton installed, for every anchor
     (`anchor: all`) and every inactive expert as a negative, k >= 2; the torch path otherwise."""
-    all_negatives = num_negatives is None or num_negatives >= n - k
-    return TRITON_AVAILABLE and device_type == "cuda" and anchor == "all" and all_negatives and k >= 2
+    fused_setting = every_anchor_and_negative(anchor, num_negatives, n, k)
+    return TRITON_AVAILABLE and device_type == "cuda" and fused_setting
 
 
 def fused_comoe_loss(
