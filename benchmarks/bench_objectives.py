@@ -1,8 +1,11 @@
 """Cost of the CoMoE loss for one layer: exact Gram-matrix path against materialised expert outputs.
 
 One 576 -> 576 layer, T tokens, top-2 of n rank-16 experts, forward + backward; the objective's cost is the
-extra time over the layer alone (median of interleaved repeats). "materialised" is the paper's way: all n
-expert outputs [T, n, d_out], then their cosines (comoe.losses.comoe_loss). The per-step overhead of the
+extra time over the layer alone (median of interleaved repeats). "gram" is the objective as training runs
+it (comoe.objectives.gram_infonce: one autograd Function with a hand-derived backward); "gram autograd" the
+same cosines and InfoNCE left to autograd (objectives.gram.anchor_cosines, then
+comoe_loss_from_anchor_cosines); "materialised" is the paper's way: all n expert outputs [T, n, d_out], then
+their cosines (comoe.losses.comoe_loss). The per-step overhead of the
 objectives on the whole model is measured by bench_step.py (comoe vs moe4, comoe8 vs moe8, ...).
 
     python benchmarks/bench_objectives.py [--quick] [--json FILE]
@@ -18,7 +21,10 @@ from common import interleaved_medians, save_results
 
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import ComoeConfig
+from comoe.moe.experts import expert_gram
 from comoe.objectives.auxiliary import contrastive_loss
+from comoe.objectives.gram import anchor_cosines
+from comoe.objectives.infonce import comoe_loss_from_anchor_cosines
 from comoe.objectives.reference import comoe_loss
 
 
@@ -41,6 +47,15 @@ def gram(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None:
     (layer(x).sum() + contrastive_loss(layer.record, config)).backward()
 
 
+def gram_autograd(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None:
+    out = layer(x)
+    record = layer.record
+    indices = record.routing.indices
+    rows = anchor_cosines(record.z, indices, expert_gram(record.lora_B), record.norm_floor)
+    loss = comoe_loss_from_anchor_cosines(rows, indices, config.temperature, config.anchor, check=False)
+    (out.sum() + loss).backward()
+
+
 def materialised(layer: ComoeLinear, config: ComoeConfig, x: torch.Tensor) -> None:
     out = layer(x)
     outputs = torch.einsum("tnr,nro->tno", layer.record.z, layer.lora_B) * layer.scaling
@@ -61,15 +76,21 @@ def main() -> None:
         x = torch.randn(tokens, 576)
         runs = {
             name: functools.partial(fn, layer, config, x)
-            for name, fn in (("layer", layer_only), ("gram", gram), ("materialised", materialised))
+            for name, fn in (
+                ("layer", layer_only),
+                ("gram", gram),
+                ("gram_autograd", gram_autograd),
+                ("materialised", materialised),
+            )
         }
         medians = interleaved_medians(runs, repeats)
         row = {"n": n, "tokens": tokens, "layer_ms": 1e3 * medians["layer"]}
-        for name in ("gram", "materialised"):
+        for name in ("gram", "gram_autograd", "materialised"):
             row[f"{name}_extra_ms"] = 1e3 * (medians[name] - medians["layer"])
         rows.append(row)
         print(
             f"n={n:2d}  layer {row['layer_ms']:6.2f} ms   CoMoE loss: Gram +{row['gram_extra_ms']:6.2f} ms, "
+            f"Gram autograd +{row['gram_autograd_extra_ms']:6.2f} ms, "
             f"materialised +{row['materialised_extra_ms']:7.2f} ms"
         )
     save_results(args.json, {"rows": rows})

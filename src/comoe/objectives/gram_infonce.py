@@ -2,24 +2,25 @@
 ops, every device): the default setting's fast path where the Triton kernel does not run.
 
 Per token, with z_i = A_i x ([..., T, n, r]) and the Gram matrix G = B B^T ([..., n*r, n*r], blocks
-G_ij = B_i B_j^T), every pair of expert outputs has the dot product (in z-space: output space / scaling^2)
+G_ij = B_i B_j^T), two expert outputs have the dot product (in z-space: output space / scaling^2)
 
     D_ij = z_i^T G_ij z_j                                   (comoe.objectives.gram)
 
-computed here for all n x n pairs in one batched matmul per layer group (the anchors' rows and the squared
-norms q_j = D_jj alike). From D, exactly as comoe.objectives.triton_infonce's kernel:
+The k anchors' rows D_aj come from one batched matmul per layer group (each anchor's z placed in its
+expert's r-block of an n*r row, times G), the squared norms q_j = D_jj from one over layers x experts with
+the diagonal blocks G_jj. Then, exactly as comoe.objectives.triton_infonce's kernel:
 
-    norm_j = max(sqrt(max(q_j, eps^2)), floor_t),   c_ij = D_ij / (norm_i norm_j),   sim = c / temperature
-    loss_i = logsumexp_{j != i} sim_ij - logsumexp_{j active, j != i} sim_ij       for each active i
+    norm_j = max(sqrt(max(q_j, eps^2)), floor_t),   c_aj = D_aj / (norm_a norm_j),   sim = c / temperature
+    loss_a = logsumexp_{j != a} sim_aj - logsumexp_{j active, j != a} sim_aj
 
-the token's loss is the mean over its k active experts (the anchors), the result the mean over real
-tokens per leading index: CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1) with every activated expert as an
-anchor and every inactive expert as a negative (`anchor: all`, `num_negatives: null`), equal to
-`comoe_loss_from_anchor_cosines` of `anchor_cosines` (tested in value and every gradient). The forward
-also derives d loss / d D by hand (the softmax differences through the cosines and the floored norms,
-torch's subgradients at the clamps included); backward takes it to z and G with two batched matmuls each.
-Against the autograd path this dispatches about a third of the ops (benchmarks/bench_dispatch.py) and
-keeps no [T, k, n, r] intermediates for backward, only d loss / d D [..., T, n, n].
+the token's loss is the mean over its k anchors, the result the mean over real tokens per leading index:
+CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1) with every activated expert as an anchor and every inactive
+expert as a negative (`anchor: all`, `num_negatives: null`), equal to `comoe_loss_from_anchor_cosines` of
+`anchor_cosines` (tested in value and every gradient). The forward also derives d loss / d D and d loss /
+d q by hand (the softmax differences through the cosines and the floored norms, torch's subgradients at the
+clamps included); backward takes them to z and G with two batched matmuls each and a few products. Against
+the autograd path this dispatches about half of the objective's ops (benchmarks/bench_dispatch.py) at the
+same arithmetic (benchmarks/bench_objectives.py).
 """
 
 from __future__ import annotations
@@ -50,83 +51,96 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class GramComoeInfoNCE(torch.autograd.Function):
-    """[L] CoMoE InfoNCE from z [L, T, n, r], gram [L, n*r, n*r] (symmetric), the active experts as a
-    bool mask [L, T, n] with k per token, token weights [L, T], floor [L, T] or None; gradients for z
-    and gram (module docstring). Computed in float32, or float64 for float64 inputs."""
+    """[L] CoMoE InfoNCE from z [L, T, n, r], gram [L, n*r, n*r] (symmetric), the active experts' indices
+    [L, T, k] (distinct, in range: padding rows already made well-formed), token weights [L, T], floor
+    [L, T] or None; gradients for z and gram (module docstring). Computed in float32, or float64 for
+    float64 inputs."""
 
     @staticmethod
     def forward(
         ctx,
         z: torch.Tensor,
         gram: torch.Tensor,
-        active: torch.Tensor,
+        indices: torch.Tensor,
         weights: torch.Tensor,
         floor: torch.Tensor | None,
         temperature: float,
-        k: int,
     ) -> torch.Tensor:
         layers, tokens, n, r = z.shape
+        k = indices.shape[-1]
+        ctx.dtypes = (z.dtype, gram.dtype)
         work = torch.float64 if torch.float64 in (z.dtype, gram.dtype) else torch.float32
         with without_autocast(z.device):
-            # z_i^T G_ij for every i (one bmm over layers x experts), then the r-wide products with z_j
-            zt = z.to(work).transpose(1, 2).reshape(layers * n, tokens, r)  # [L*n, T, r]
-            gram = gram.to(work)
-            rows = torch.bmm(zt, gram.view(layers * n, r, n * r))  # [L*n, T, n*r]
-            z_cols = zt.view(layers, 1, n, tokens, r).transpose(2, 3)  # [L, 1, T, n, r] as z_j
-            dots = (rows.view(layers, n, tokens, n, r) * z_cols).sum(-1).transpose(1, 2)  # [L, T, n(i), n(j)]
-            squared = dots.diagonal(dim1=-2, dim2=-1)  # [L, T, n] q_j
+            z, gram = z.to(work), gram.to(work)
+            # each anchor's z in its expert's r-block of an n*r row: all anchors' rows of G in one bmm
+            is_anchor = torch.zeros(layers, tokens, k, n, dtype=work, device=z.device)
+            is_anchor.scatter_(-1, indices.unsqueeze(-1), 1.0)  # [L, T, k(s), n(j)]: j == a_s
+            placed = (is_anchor.unsqueeze(-1) * z.unsqueeze(2)).view(layers, tokens * k, n * r)
+            rows = torch.bmm(placed, gram).view(layers, tokens, k, n, r)  # z_a^T G_aj
+            dots = (rows * z.unsqueeze(2)).sum(-1)  # [L, T, k, n]: D_aj = z_a^T G_aj z_j
+            # every expert's squared norm q_j = z_j^T G_jj z_j: one bmm over layers x experts
+            zt = z.transpose(1, 2).reshape(layers * n, tokens, r)  # [L*n, T, r]
+            blocks = gram.view(layers, n, r, n, r).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # G_jj
+            own = torch.bmm(zt, blocks.reshape(layers * n, r, r))  # [L*n, T, r]: G_jj z_j
+            squared = (own * zt).sum(-1).view(layers, n, tokens).transpose(1, 2)  # [L, T, n]
             root = squared.clamp_min(NORMALIZE_EPS**2).sqrt()
             floor_t = None if floor is None else floor.to(work).unsqueeze(-1)
             norms = root if floor_t is None else torch.maximum(root, floor_t)
-            scale = (norms.unsqueeze(-1) * norms.unsqueeze(-2)).mul_(temperature)  # sim = D / scale
+            anchor_norms = norms.gather(-1, indices)  # [L, T, k]
+            scale = (anchor_norms.unsqueeze(-1) * norms.unsqueeze(-2)).mul_(temperature)  # sim = D / scale
             sim = dots / scale
-            itself = torch.eye(n, dtype=torch.bool, device=z.device)  # j == i: never a candidate of anchor i
-            not_positive = itself | ~active.unsqueeze(-2)  # [L, T, n, n]: all but the active j != i
-            candidates = sim.masked_fill(itself, float("-inf"))
-            positives = sim.masked_fill(not_positive, float("-inf"))
-            log_den = candidates.logsumexp(-1)  # [L, T, n]
+            anchor_mask = is_anchor.bool()
+            active = anchor_mask.any(-2, keepdim=True)  # [L, T, 1, n]
+            candidates = sim.masked_fill(anchor_mask, float("-inf"))  # every j but the anchor
+            positives = sim.masked_fill(anchor_mask | ~active, float("-inf"))  # the other active j
+            log_den = candidates.logsumexp(-1)  # [L, T, k]
             log_num = positives.logsumexp(-1)
-            coefficient = active * weights.to(work).unsqueeze(-1)  # [L, T, n] k * weight of each anchor
-            loss = ((log_den - log_num) * coefficient).sum((-2, -1)) / k
-            # d loss / d sim = coefficient_i / k (softmax over candidates - softmax over positives)
+            weights = weights.to(work).unsqueeze(-1) / k  # [L, T, 1]: each anchor's share
+            loss = ((log_den - log_num) * weights).sum((-2, -1))
+            # d loss / d sim = weight / k (softmax over candidates - softmax over positives)
             grad_sim = (candidates - log_den.unsqueeze(-1)).exp_()
             grad_sim -= (positives - log_num.unsqueeze(-1)).exp_()
-            grad_sim.mul_(coefficient.unsqueeze(-1) / k)
-            # sim = D / (t norm_i norm_j): through the norms of rows and columns, then the clamps'
+            grad_sim.mul_(weights.unsqueeze(-1))
+            # sim = D / (t norm_a norm_j): through each anchor's norm and each column's, then the clamps'
             pull = grad_sim * sim
-            grad_norms = (pull.sum(-1) + pull.sum(-2)).div_(norms)  # [L, T, n], negated
+            grad_norms = pull.sum(-2).scatter_add_(-1, indices, pull.sum(-1))  # [L, T, n], negated
+            grad_norms.div_(norms)
             factor = -0.5 if floor_t is None else -0.25  # d root / d q = 0.5 / root; the floor's share below
             grad_squared = grad_norms.div_(root).mul_(factor).masked_fill_(squared < NORMALIZE_EPS**2, 0)
             if floor_t is not None:  # d max(root, floor) / d root: 1, 0.5 at a tie (as torch.maximum), 0
                 grad_squared *= (root - floor_t).sign_().add_(1)
             grad_dots = grad_sim.div_(scale)
-            grad_dots.diagonal(dim1=-2, dim2=-1).add_(grad_squared)
-        ctx.save_for_backward(zt, gram, grad_dots)
-        ctx.shape = (layers, tokens, n, r)
-        ctx.dtypes = (z.dtype, gram.dtype)
+        ctx.save_for_backward(z, gram, is_anchor, placed, rows, zt, own, grad_dots, grad_squared)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
-        zt, gram, grad_dots = ctx.saved_tensors
-        layers, tokens, n, r = ctx.shape
+        z, gram, is_anchor, placed, rows, zt, own, grad_dots, grad_squared = ctx.saved_tensors
+        layers, tokens, n, r = z.shape
+        k = is_anchor.shape[2]
         grad_z = grad_gram = None
-        with without_autocast(zt.device):
-            grad = grad_dots * grad_loss.to(grad_dots.dtype).view(layers, 1, 1, 1)  # [L, T, n(i), n(j)]
-            z_cols = zt.view(layers, 1, n, tokens, r).transpose(2, 3)  # [L, 1, T, n, r]
-            blocks = gram.view(layers * n, r, n * r)  # block-row i of G: [G_i1 ... G_in]
+        with without_autocast(z.device):
+            scale = grad_loss.to(z.dtype).view(layers, 1, 1)
+            grad_dots = (grad_dots * scale.unsqueeze(-1)).unsqueeze(-1)  # [L, T, k, n, 1]
+            grad_squared = grad_squared * scale  # [L, T, n]
+            grad_rows = (grad_dots * z.unsqueeze(2)).view(layers, tokens * k, n * r)  # d/d (z_a^T G_aj)
             if ctx.needs_input_grad[0]:
-                # d/dz_m = sum_j (g_mj + g_jm) G_mj z_j (G symmetric): row m of G times [s_mj z_j]_j
-                both = (grad + grad.transpose(-1, -2)).transpose(1, 2).unsqueeze(-1)  # [L, m, T, j, 1]
-                weighted = (both * z_cols).reshape(layers * n, tokens, n * r)
-                grad_z = torch.bmm(weighted, blocks.transpose(1, 2)).view(layers, n, tokens, r)
-                grad_z = grad_z.transpose(1, 2).to(ctx.dtypes[0])
+                # D_aj = z_a^T G_aj z_j: z_j's share from the rows, z_a's back through the placement
+                grad_z = (grad_dots * rows).sum(2)  # [L, T, n, r]
+                grad_placed = torch.bmm(grad_rows, gram).view(layers, tokens, k, n, r)  # G symmetric
+                grad_z += (grad_placed * is_anchor.unsqueeze(-1)).sum(2)
+                # q_j = z_j^T G_jj z_j: 2 G_jj z_j per unit of q_j
+                own_grad = own.view(layers, n, tokens, r) * grad_squared.transpose(1, 2).unsqueeze(-1)
+                grad_z += own_grad.transpose(1, 2).mul(2)
+                grad_z = grad_z.to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:
-                # d/dG_ij = sum_t g_ij z_i z_j^T: for each i, z_i^T [r, T] times [g_ij z_j]_j [T, n*r]
-                weighted = (grad.transpose(1, 2).unsqueeze(-1) * z_cols).reshape(layers * n, tokens, n * r)
-                grad_gram = torch.bmm(zt.transpose(1, 2), weighted).view(layers, n * r, n * r)
+                grad_gram = torch.bmm(placed.transpose(1, 2), grad_rows)  # sum over tokens, anchors
+                weighted = zt * grad_squared.transpose(1, 2).reshape(layers * n, tokens, 1)
+                grad_blocks = torch.bmm(weighted.transpose(1, 2), zt).view(layers, n, r, r)  # sum_t q' z z^T
+                diagonal = grad_gram.view(layers, n, r, n, r).diagonal(dim1=1, dim2=3)  # [L, r, r, n]
+                diagonal += grad_blocks.permute(0, 2, 3, 1)
                 grad_gram = grad_gram.to(ctx.dtypes[1])
-        return grad_z, grad_gram, None, None, None, None, None
+        return grad_z, grad_gram, None, None, None, None
 
 
 def gram_comoe_loss(
@@ -164,12 +178,11 @@ def gram_comoe_loss(
     # padding rows get a well-formed set of experts (0..k-1) and weight 0, as the torch path does
     well_formed = torch.arange(k, device=z.device)
     indices = torch.where(valid.unsqueeze(-1), indices.view(layers, tokens, k), well_formed)
-    active = torch.zeros(layers, tokens, n, dtype=torch.bool, device=z.device).scatter_(-1, indices, True)
     count = valid.sum(-1, keepdim=True).clamp_min(1)
     weights = valid / count if torch.float64 not in (z.dtype, gram.dtype) else valid.double() / count
     flat_floor = None if floor is None else floor.reshape(layers, tokens)
     loss = GramComoeInfoNCE.apply(
-        z.reshape(layers, tokens, n, r), gram.reshape(layers, n * r, n * r), active, weights, flat_floor,
-        float(temperature), k,
+        z.reshape(layers, tokens, n, r), gram.reshape(layers, n * r, n * r), indices, weights, flat_floor,
+        float(temperature),
     )  # fmt: skip
     return loss.view(lead)
