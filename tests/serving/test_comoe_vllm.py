@@ -161,12 +161,15 @@ NOT_SERVED = {"mixlora-ffn", "adamole", "milora", "comoe-dora", "moelora-liu"}
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_routed_lora_mixture_preset_is_served_and_no_other(tmp_path, preset):
-    fit = {"moelora-liu": {"tasks": ["a", "b"]}, "omoe": {"r": 4}}  # what the tiny model needs
+    # what the tiny model needs; `tasks` as `comoe train` records it for every preset that reads task ids
+    fit = {"moelora-liu": {"tasks": ["a", "b"]}, "loramoe": {"tasks": ["a", "b"]}, "omoe": {"r": 4}}
     config = ComoeConfig.preset(preset, **fit.get(preset, {}))
     get_comoe_model(tiny_llama(), config).save_pretrained(tmp_path)
     if preset in NOT_SERVED:
-        with pytest.raises(ValueError, match="comoe generate"):
+        with pytest.raises(ValueError, match="comoe generate") as error:
             ComoeAdapter.read(tmp_path)
+        if preset == "moelora-liu":
+            assert "routing='task' is not served" in str(error.value)
     else:
         assert ComoeAdapter.read(tmp_path).experts
 

@@ -35,7 +35,9 @@ FORMAT_VERSION = 1
 ROUTER = "router.weight"
 BANKS = {"lora": ("lora_A", "lora_B"), "hydra": ("lora_A", "lora_B"), "omoe": ("lora_A", "lora_V")}
 # Fields whose non-empty values make inference something else than one routed LoRA mixture per linear.
-UNSERVED_FIELDS = ("modules_to_save", "ffn_experts", "tasks")
+# Not `tasks`: `comoe train` records it for every adapter that reads task ids, and at inference only task
+# routing reads it (refused by routing_of); LoRAMoE's adapters carry it for their training loss alone.
+UNSERVED_FIELDS = ("modules_to_save", "ffn_experts")
 # Where a model that comoe-vllm does not serve still runs: comoe's own transformers path.
 ALTERNATIVE = "serve it with comoe's transformers path instead: `comoe generate --adapter DIR`"
 
