@@ -81,6 +81,14 @@ def test_the_card_says_how_to_load_the_folder():
     card = model_card(ComoeConfig(), "base", {})
     assert 'model = AutoComoeModelForCausalLM.from_pretrained("path/to/this/folder")' in card
     assert "comoe eval --adapter path/to/this/folder" in card and card.endswith("\n")
+    assert "task_ids" not in card and "--task" not in card
+
+
+def test_the_card_of_a_task_routed_adapter_says_how_to_give_the_task():
+    card = model_card(ComoeConfig.preset("moelora-liu", tasks=["a", "b"]), "base", {})
+    load = card[card.index("## Load") :]
+    assert "every call needs `task_ids`" in load and "task_routing(model, NAME)" in load
+    assert "comoe generate --adapter path/to/this/folder --task NAME" in load and card.endswith("\n")
 
 
 def test_write_model_card_writes_readme_md_and_replaces_an_older_one(tmp_path):

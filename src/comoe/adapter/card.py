@@ -92,6 +92,13 @@ def model_card(config: ComoeConfig, base_model: str | None, notes: dict[str, str
         "line: `comoe eval --adapter path/to/this/folder` (add `--model` if the base model moved).",
         "",
     ]
+    if config.routing == "task":  # a call without task ids is refused (docs/methods/moelora-liu.md)
+        lines += [
+            "It routes by task: every call needs `task_ids` (LongTensor[B], ids into the `tasks` of "
+            "adapter_config.json), or `with comoe.evaluation.generation.task_routing(model, NAME):` around "
+            "the calls; from the command line `comoe generate --adapter path/to/this/folder --task NAME`.",
+            "",
+        ]
     return "\n".join(lines)
 
 
