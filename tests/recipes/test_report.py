@@ -75,6 +75,14 @@ def test_the_report_shows_settings_curve_and_per_task_change(tmp_path):
     assert "| **average** | | | | 37.5 | 56.2 | +18.8 |" in lines
     assert "Warnings" not in text
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.jsonl", REPORT_NAME]
+    assert "`tensorboard/`,\n`eval.json`" in text and "checkpoints" not in text  # no checkpoint was saved
+
+
+def test_the_report_lists_the_checkpoints_folder_when_the_run_saved_one(tmp_path):
+    run = make_run(tmp_path, 2)
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    text = write_report(run, evaluation({"a": (1, 2)}), evaluation({"a": (2, 2)})).read_text(encoding="utf-8")
+    assert "`tensorboard/`, `checkpoints/`," in text
 
 
 def test_the_accuracy_table_is_the_section_after_its_heading(tmp_path):

@@ -86,9 +86,10 @@ def write_report(run: Path, base: dict[str, Any], tuned: dict[str, Any]) -> Path
     warned += [f"- fine-tuned: {w}" for w in tuned.get("warnings", [])]
     if warned:
         lines += ["", "**Warnings** (docs/evaluation.md says what they mean):", "", *warned]
+    saved = ", `checkpoints/`" if (run / "checkpoints").is_dir() else ""  # none when max_steps < save_steps
     lines += [
         "",
-        "Files: `config.yaml` (resolved settings), `adapter/`, `log.jsonl`, `tensorboard/`, `checkpoints/`,",
+        f"Files: `config.yaml` (resolved settings), `adapter/`, `log.jsonl`, `tensorboard/`{saved},",
         "`eval.json` (both evaluations with every prediction).",
         "",
     ]
