@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from comoe.adapter import layer as layer_module
 from comoe.adapter.layer import ComoeContext, ComoeLinear
 from comoe.config import ComoeConfig
 from comoe.moe.experts import mix_blocks
@@ -13,6 +14,7 @@ from comoe.moe.fused import (
     autocasting,
     fuses,
     gate_expansion,
+    linear_mix_inference,
     linear_route_and_mix,
     route_and_mix,
 )
@@ -223,3 +225,42 @@ def test_autocasting_is_read_per_device_type_and_false_where_autocast_does_not_e
     assert not autocasting("cpu") and not autocasting("meta")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert autocasting("cpu") and not autocasting("meta")
+
+
+@pytest.mark.parametrize("kind, normalize", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_inference_mix_equals_the_fused_functions_delta(kind, normalize, dtype):
+    x, router_weight, down_weight, lora_B, _ = linear_inputs(dtype=dtype, tokens=40)
+    with torch.no_grad():
+        expected = linear_route_and_mix(x, router_weight, down_weight, lora_B, None, 0.7, 2, kind == "soft", normalize)
+        got = linear_mix_inference(x, router_weight, down_weight, lora_B, 0.7, 2, kind == "soft", normalize)
+    torch.testing.assert_close(got, expected[0])
+
+
+@pytest.mark.parametrize("preset, fast", [("comoe", 1), ("moe", 1), ("hydralora", 0), ("adamole", 0)])
+def test_an_eval_forward_without_gradients_equals_the_one_with_them(preset, fast, monkeypatch):
+    """A layer in eval mode under no_grad takes linear_mix_inference where its preset takes the linear
+    fused Function (LoRA experts with one down-projection matrix, top-k or soft routing; not HydraLoRA's
+    shared A nor AdaMoLE's threshold routing): the output is the fused path's (the same call with gradients enabled), and a kept
+    record still comes from the fused path (its routing and z)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return linear_mix_inference(*args)
+
+    monkeypatch.setattr(layer_module, "linear_mix_inference", counted)
+    config = ComoeConfig.preset(preset, r=4, lora_dropout=0.0, expert_compute="blocks")
+    torch.manual_seed(0)
+    context = ComoeContext()
+    layer = ComoeLinear(nn.Linear(16, 12), config, context).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    x = torch.randn(2, 5, 16)
+    with_gradients = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), with_gradients.detach())
+        context.keep_records = True
+        torch.testing.assert_close(layer(x), with_gradients.detach())
+        assert layer.record is not None and layer.record.z.shape == (10, layer.num_experts, 4)
+    assert len(calls) == fast

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from comoe.config import ComoeConfig
 from comoe.moe.banks import get_bank
 from comoe.moe.experts import choose_strategy, expert_gram, gram_in_forward, mix
-from comoe.moe.fused import autocasting, fuses, linear_route_and_mix, route_and_mix
+from comoe.moe.fused import autocasting, fuses, linear_mix_inference, linear_route_and_mix, route_and_mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import requirements
@@ -156,6 +156,11 @@ class ComoeLinear(nn.Module):
         if down_weight is not None:
             x_down = None if dropped is router_input else dropped
             soft, normalize = self.routing_kind.dense, self.normalize_gates
+            if x_down is None and not (self.training or torch.is_grad_enabled() or self.context.keep_records):
+                delta = linear_mix_inference(  # inference: no Function, no routing kept, fewer ops
+                    flat, self.router.weight, down_weight, lora_B, self.scaling, self.top_k, soft, normalize
+                )
+                return result + delta.view(result.shape).to(result.dtype)
             delta, logits, z, routing = linear_route_and_mix(
                 router_input, self.router.weight, down_weight, lora_B, x_down, self.scaling, self.top_k, soft,
                 normalize,

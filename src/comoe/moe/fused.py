@@ -306,6 +306,37 @@ def linear_route_and_mix(
     return delta, logits, z, Routing(probs, indices, gates)
 
 
+def linear_mix_inference(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    top_k: int,
+    soft: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """delta [T, d_out] of `linear_route_and_mix` (x, the experts' input too, [T, d_in]) where nothing is
+    differentiated and no routing is kept (generation, evaluation): the same experts and gates in fewer
+    ops. The top-k of the logits (softmax is monotonic) and, for renormalised gates, the softmax over the
+    k chosen logits — equal to the renormalised top-k probabilities, softmax(l)_i / sum_top softmax(l) —
+    instead of a softmax over all n experts, a top-k and a renormalisation; no autograd Function, no
+    outputs kept. Tested equal to linear_route_and_mix's delta (tests/moe/test_fused.py)."""
+    n, r, d_out = lora_B.shape
+    logits = (x @ router_weight.t()).to(_compute_dtype(x.dtype))  # the routing in float32, as route's
+    flat_z = x @ down_weight.t()  # [T, n*r]
+    if soft:
+        dense = torch.softmax(logits, dim=-1)
+    elif normalize:
+        top, indices = logits.topk(top_k, dim=-1)
+        dense = torch.zeros_like(logits).scatter_(1, indices, torch.softmax(top, dim=-1))
+    else:  # Switch-style: the top-k probabilities as they are
+        top, indices = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        dense = torch.zeros_like(logits).scatter_(1, indices, top)
+    spread = (dense @ gate_expansion(n, r, scaling, logits.device, logits.dtype)).to(flat_z.dtype)
+    return (flat_z * spread) @ lora_B.reshape(n * r, d_out)
+
+
 def autocasting(device_type: str) -> bool:
     """Whether torch.autocast is on for the device type (False for types autocast does not know: meta)."""
     try:
