@@ -18,7 +18,7 @@ from comoe.data.record import write_data_record
 from comoe.data.sources import examples_from_records
 from comoe.data.templates import format_prompt
 from comoe.evaluation.loglik import option_loglikelihoods
-from comoe.evaluation.runner import run_eval, run_evals
+from comoe.evaluation.runner import predict, run_eval, run_evals
 from comoe.evaluation.scoring import Prediction, choice_options, choice_response, summarise
 from comoe.evaluation.settings import EvalArgs
 from comoe.models import load_base
@@ -193,6 +193,20 @@ def test_a_task_routed_adapter_first_leaves_the_base_clean_for_the_next(tmp_path
     reports, _ = run_evals(EvalArgs(adapter=[liu, lora], **settings))
     assert [r["adapter"] for r in reports] == [liu, lora]
     assert reports[1]["examples"] == run_eval(EvalArgs(adapter=lora, **settings))["examples"]
+
+
+@pytest.mark.parametrize(("preset", "warned"), [("moelora-liu", True), ("loramoe", False)])
+def test_a_task_outside_the_vocabulary_is_warned_of_only_where_routing_reads_it(
+    smol_tokenizer, caplog, preset, warned
+):
+    """moelora-liu routes an unknown task by the mean gate (warned); loramoe's tasks weigh its training loss
+    only, so its routing of an unknown task is its routing of any other (no warning)."""
+    model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset(preset, tasks=["a", "b"]))
+    examples = [Example("c", "Colour of the sky?", "", "blue", "blue", template="none", scoring="exact")]
+    with caplog.at_level("WARNING", logger="comoe"):
+        (prediction,) = predict(model.eval(), smol_tokenizer, examples, "generate", max_new_tokens=1)
+    assert isinstance(prediction, Prediction)
+    assert ("task 'c' is not among the adapter's training tasks" in caplog.text) is warned
 
 
 def test_adapters_of_different_bases_are_refused_before_loading(tmp_path, two_adapters):

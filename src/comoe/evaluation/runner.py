@@ -35,6 +35,7 @@ from comoe.models.auto import adapt_base, base_model_name, load_adapted
 from comoe.models.compile import compile_blocks
 from comoe.models.device import resolve_device
 from comoe.models.loading import same_model
+from comoe.moe.routing import routed_tasks
 from comoe.settings import quantization_of, quantization_unset
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def predict(
     predictions: list[Prediction] = [None] * len(examples)  # type: ignore[list-item]
     for task, indices in group_by_task(examples).items():
         task_id = vocabulary.index(task) if task in vocabulary else -1
-        if task_id < 0:
+        # only task routing reads the id at inference; loramoe's tasks weigh its training loss alone
+        if task_id < 0 and routed_tasks(task_model(model).comoe_config) is not None:
             logger.warning(
                 "task %r is not among the adapter's training tasks %s: its examples are routed with the mean "
                 "of the known tasks' gates",
