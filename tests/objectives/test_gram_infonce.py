@@ -73,10 +73,10 @@ def test_stacked_layers_equal_the_autograd_gram_path_per_layer():
 def test_gradcheck_in_float64():
     z, lora_B, indices, mask, floor = experts((2,), 6, 4, 2, seed=1, r=2, d=5)
     gram = grams(lora_B).detach().requires_grad_()
-    weights = mask / mask.sum(-1, keepdim=True)
+    weights = (mask / mask.sum(-1, keepdim=True) / 2).unsqueeze(-1)  # [L, T, 1]: each of k = 2 anchors
     for with_floor in (None, floor * 0.3):  # a floor below some norms and above others
         torch.autograd.gradcheck(
-            lambda z, gram, f=with_floor: GramComoeInfoNCE.apply(z, gram, indices, weights, f, 0.7),
+            lambda z, gram, f=with_floor: GramComoeInfoNCE.apply(z, gram, indices, weights, None, f, 0.7),
             (z, gram),
         )
 
@@ -131,9 +131,10 @@ def test_which_settings_the_fused_paths_compute():
     assert not every_anchor_and_negative("all", None, 4, 1)  # no positive
 
 
-def test_the_comoe_objective_takes_it_in_the_default_setting(monkeypatch):
-    """comoe_batched calls gram_comoe_loss for anchor 'all' with every negative, the autograd path for a
-    random anchor; both give the reference's value on the same records."""
+def test_the_comoe_objective_takes_it_in_every_setting(monkeypatch):
+    """comoe_batched calls gram_comoe_loss (off CUDA) for every anchor and negative setting; each equals
+    the autograd Gram path (anchor_cosines, then comoe_loss_from_anchor_cosines) on the stacked records with
+    the same draws (the global generator seeded alike), in value and in z's and B's gradients."""
     calls = []
 
     def counted(*args, **kwargs):
@@ -143,17 +144,28 @@ def test_the_comoe_objective_takes_it_in_the_default_setting(monkeypatch):
     monkeypatch.setattr(contrastive, "gram_comoe_loss", counted)
     records = []
     for seed in range(2):
-        z, lora_B, indices, mask, floor = experts((), 11, 4, 2, seed=seed, dtype=torch.float32)
-        probs = torch.rand(11, 4)
+        z, lora_B, indices, mask, floor = experts((), 11, 6, 2, seed=seed, dtype=torch.float32)
+        probs = torch.rand(11, 6)
         routing = Routing(probs, indices, probs.gather(1, indices))
         records.append(LayerRecord(routing, z, mask, lora_B, base_norm=floor.float()))
-    config = ComoeConfig(num_experts=4, top_k=2, contrastive="comoe")
-    fused = comoe_batched(records, config)
-    assert calls == [1]
-    for record, value in zip(records, fused, strict=True):
-        outputs = torch.einsum("tir,ird->tid", record.z, record.lora_B)
-        reference = comoe_loss(outputs, record.routing.indices, config.temperature, "all", record.mask,
-                               norm_floor=record.norm_floor)  # fmt: skip
-        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
-    comoe_batched(records, ComoeConfig(num_experts=4, top_k=2, contrastive="comoe", anchor="random"))
-    assert calls == [1]
+    leaves = [leaf for record in records for leaf in (record.z, record.lora_B)]
+    stack = [torch.stack([getattr(r, name) for r in records]) for name in ("z", "lora_B", "mask", "norm_floor")]
+    z, lora_B, mask, floor = stack
+    indices = torch.stack([record.routing.indices for record in records])
+    settings = [dict(), dict(anchor="random"), dict(num_negatives=2), dict(anchor="random", num_negatives=1)]
+    for number, fields in enumerate(settings, start=1):
+        config = ComoeConfig(num_experts=6, top_k=2, contrastive="comoe", **fields)
+        torch.manual_seed(number)
+        fused = comoe_batched(records, config)
+        assert len(calls) == number
+        torch.manual_seed(number)
+        rows = anchor_cosines(z, indices, expert_grams(lora_B), floor)
+        expected = comoe_loss_from_anchor_cosines(
+            rows, indices, config.temperature, config.anchor, mask, num_negatives=config.num_negatives, check=False
+        )
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+        weights = torch.tensor([1.0, -0.5])
+        got = torch.autograd.grad((fused * weights).sum(), leaves)
+        want = torch.autograd.grad((expected * weights).sum(), leaves)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -15,8 +15,8 @@ from comoe.config import ComoeConfig
 from comoe.moe.experts import expert_gram, expert_grams
 from comoe.moe.record import LayerRecord
 from comoe.objectives.cosine import output_anchor_cosines, output_item_cosines
-from comoe.objectives.gram import anchor_cosines, anchor_dots, item_cosines
-from comoe.objectives.gram_infonce import every_anchor_and_negative, gram_comoe_loss
+from comoe.objectives.gram import anchor_dots, item_cosines
+from comoe.objectives.gram_infonce import gram_comoe_loss
 from comoe.objectives.infonce import (
     comoe_loss_from_anchor_cosines,
     contrastive_items,
@@ -58,30 +58,26 @@ def _stacked_base(records: list[LayerRecord]) -> torch.Tensor | None:
 
 def comoe_batched(records: list[LayerRecord], config: ComoeConfig) -> torch.Tensor | None:
     """`comoe_objective` of every record of one group (same shapes: comoe.objectives.auxiliary) at once,
-    [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension;
-    for records that carry materialised outputs (DoRA experts), the outputs' plain cosines instead."""
+    [L]: the records' z, indices, Gram matrices, floors and masks stacked along a leading layer dimension,
+    into the fused Triton kernel (CUDA, the default setting) or the one autograd Function of
+    comoe.objectives.gram_infonce (any setting); for records that carry materialised outputs (DoRA
+    experts), the outputs' plain cosines instead."""
     indices = stacked(records, lambda record: record.routing.indices)
     floor = stacked_norm_floors(records)
-    if records[0].outputs is not None:
-        rows = output_anchor_cosines(stacked(records, lambda record: record.outputs), indices, floor)
-    else:
+    mask = stacked(records, lambda record: record.mask)
+    if records[0].outputs is None:
         grams = stacked_grams(records)
         z = stacked(records, lambda record: record.z)
-        mask = stacked(records, lambda record: record.mask)
         if takes_fused_kernel(z, indices, config):
             return comoe_fused(z, indices, grams, floor, mask, config)
-        if every_anchor_and_negative(config.anchor, config.num_negatives, z.shape[-2], indices.shape[-1]):
-            return gram_comoe_loss(z, indices, grams, config.temperature, mask, floor)
-        rows = anchor_cosines(z, indices, grams, floor)
+        return gram_comoe_loss(
+            z, indices, grams, config.temperature, mask, floor, config.anchor, config.num_negatives
+        )
+    rows = output_anchor_cosines(stacked(records, lambda record: record.outputs), indices, floor)
     return comoe_loss_from_anchor_cosines(
-        rows,
-        indices,
-        config.temperature,
-        config.anchor,
-        stacked(records, lambda record: record.mask),
-        num_negatives=config.num_negatives,
-        check=False,
-    )
+        rows, indices, config.temperature, config.anchor, mask, num_negatives=config.num_negatives,
+        check=False,  # the router's topk: in range and distinct by construction
+    )  # fmt: skip
 
 
 def takes_fused_kernel(z: torch.Tensor, indices: torch.Tensor, config: ComoeConfig) -> bool:

@@ -1,5 +1,5 @@
 """CoMoE's InfoNCE from the experts' down-projections and Gram matrices in one autograd Function (torch
-ops, every device): the default setting's fast path where the Triton kernel does not run.
+ops, every device): the objective's fast path wherever the Triton kernel does not run.
 
 Per token, with z_i = A_i x ([..., T, n, r]) and the Gram matrix G = B B^T ([..., n*r, n*r], blocks
 G_ij = B_i B_j^T), two expert outputs have the dot product (in z-space: output space / scaling^2)
@@ -13,14 +13,15 @@ the diagonal blocks G_jj. Then, exactly as comoe.objectives.triton_infonce's ker
     norm_j = max(sqrt(max(q_j, eps^2)), floor_t),   c_aj = D_aj / (norm_a norm_j),   sim = c / temperature
     loss_a = logsumexp_{j != a} sim_aj - logsumexp_{j active, j != a} sim_aj
 
-the token's loss is the mean over its k anchors, the result the mean over real tokens per leading index:
-CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1) with every activated expert as an anchor and every inactive
-expert as a negative (`anchor: all`, `num_negatives: null`), equal to `comoe_loss_from_anchor_cosines` of
-`anchor_cosines` (tested in value and every gradient). The forward also derives d loss / d D and d loss /
-d q by hand (the softmax differences through the cosines and the floored norms, torch's subgradients at the
-clamps included); backward takes them to z and G with two batched matmuls each and a few products. Against
-the autograd path this dispatches about half of the objective's ops (benchmarks/bench_dispatch.py) at the
-same arithmetic (benchmarks/bench_objectives.py).
+the token's loss is the mean over its k anchors (or one drawn anchor, `anchor: random`; the candidates
+are the positives and a drawn subset of the negatives with `num_negatives`), the result the mean over real
+tokens per leading index: CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1), equal to
+`comoe_loss_from_anchor_cosines` of `anchor_cosines` with the same draws (tested in value and every
+gradient). The forward also derives d loss / d D and d loss / d q by hand (the softmax differences through
+the cosines and the floored norms, torch's subgradients at the clamps included); backward takes them to z
+and G with two batched matmuls each and a few products. Against the autograd path this dispatches about
+half of the objective's ops (benchmarks/bench_dispatch.py) at the same arithmetic
+(benchmarks/bench_objectives.py).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import contextlib
 import torch
 
 from comoe.objectives.cosine import NORMALIZE_EPS
-from comoe.objectives.infonce import valid_mask
+from comoe.objectives.infonce import draw_anchors_and_negatives, sampled_negatives, valid_mask
 
 __all__ = ["GramComoeInfoNCE", "every_anchor_and_negative", "gram_comoe_loss"]
 
 
 def every_anchor_and_negative(anchor: str, num_negatives: int | None, n: int, k: int) -> bool:
-    """Whether a CoMoE setting is the one the fused paths compute: every activated expert an anchor
+    """Whether a CoMoE setting is the one the Triton kernel computes: every activated expert an anchor
     (`anchor: all`), every inactive expert a negative (`num_negatives` None or >= n - k), k >= 2."""
     all_negatives = num_negatives is None or num_negatives >= n - k
     return anchor == "all" and all_negatives and k >= 2
@@ -52,9 +53,10 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 class GramComoeInfoNCE(torch.autograd.Function):
     """[L] CoMoE InfoNCE from z [L, T, n, r], gram [L, n*r, n*r] (symmetric), the active experts' indices
-    [L, T, k] (distinct, in range: padding rows already made well-formed), token weights [L, T], floor
-    [L, T] or None; gradients for z and gram (module docstring). Computed in float32, or float64 for
-    float64 inputs."""
+    [L, T, k] (distinct, in range: padding rows already made well-formed), each anchor's weight [L, T, k]
+    (or [L, T, 1] for all alike; zero for anchors not drawn and padding), the negatives [L, T, n] bool
+    (None: every inactive expert), floor [L, T] or None; gradients for z and gram (module docstring).
+    Computed in float32, or float64 for float64 inputs."""
 
     @staticmethod
     def forward(
@@ -63,6 +65,7 @@ class GramComoeInfoNCE(torch.autograd.Function):
         gram: torch.Tensor,
         indices: torch.Tensor,
         weights: torch.Tensor,
+        negatives: torch.Tensor | None,
         floor: torch.Tensor | None,
         temperature: float,
     ) -> torch.Tensor:
@@ -91,11 +94,12 @@ class GramComoeInfoNCE(torch.autograd.Function):
             sim = dots / scale
             anchor_mask = is_anchor.bool()
             active = anchor_mask.any(-2, keepdim=True)  # [L, T, 1, n]
-            candidates = sim.masked_fill(anchor_mask, float("-inf"))  # every j but the anchor
+            outside = anchor_mask if negatives is None else anchor_mask | ~(active | negatives.unsqueeze(-2))
+            candidates = sim.masked_fill(outside, float("-inf"))  # the anchor's positives and negatives
             positives = sim.masked_fill(anchor_mask | ~active, float("-inf"))  # the other active j
             log_den = candidates.logsumexp(-1)  # [L, T, k]
             log_num = positives.logsumexp(-1)
-            weights = weights.to(work).unsqueeze(-1) / k  # [L, T, 1]: each anchor's share
+            weights = weights.to(work)  # [L, T, k]: each anchor's share of the loss
             loss = ((log_den - log_num) * weights).sum((-2, -1))
             # d loss / d sim = weight / k (softmax over candidates - softmax over positives)
             grad_sim = (candidates - log_den.unsqueeze(-1)).exp_()
@@ -140,7 +144,7 @@ class GramComoeInfoNCE(torch.autograd.Function):
                 diagonal = grad_gram.view(layers, n, r, n, r).diagonal(dim1=1, dim2=3)  # [L, r, r, n]
                 diagonal += grad_blocks.permute(0, 2, 3, 1)
                 grad_gram = grad_gram.to(ctx.dtypes[1])
-        return grad_z, grad_gram, None, None, None, None
+        return grad_z, grad_gram, None, None, None, None, None
 
 
 def gram_comoe_loss(
@@ -150,15 +154,20 @@ def gram_comoe_loss(
     temperature: float,
     mask: torch.Tensor | None = None,
     floor: torch.Tensor | None = None,
+    anchor: str = "all",
+    num_negatives: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1; every activated expert an anchor, every inactive
-    expert a negative), the mean over real tokens, from z [..., T, n, r] (any float dtype), the top-k
-    indices [..., T, k] (distinct, in [0, n) for real tokens; padding rows may hold anything), the
-    symmetric Gram matrices gram [..., n*r, n*r], mask [..., T] bool or None and floor [..., T] (the norm
-    floor in z-space: output-space floor / scaling) or None. Returns [...] float32, differentiable in z and
-    gram: `comoe_loss_from_anchor_cosines(anchor_cosines(z, indices, gram, floor), ...)` in one Function.
+    """CoMoE's InfoNCE (arXiv 2505.17553, Algorithm 1), the mean over real tokens, from z [..., T, n, r]
+    (any float dtype), the top-k indices [..., T, k] (distinct, in [0, n) for real tokens; padding rows may
+    hold anything), the symmetric Gram matrices gram [..., n*r, n*r], mask [..., T] bool or None and floor
+    [..., T] (the norm floor in z-space: output-space floor / scaling) or None; `anchor` ("all" activated
+    experts, or one "random" per token), `num_negatives` (None: every inactive expert) and `generator` as
+    `comoe_loss` takes them, drawn in its order (infonce.draw_anchors_and_negatives). Returns [...]
+    float32, differentiable in z and gram: `comoe_loss_from_anchor_cosines(anchor_cosines(z, indices,
+    gram, floor), ...)` in one Function.
 
-    ValueError for k < 2, temperature <= 0, or shapes that disagree.
+    ValueError for k < 2, an unknown anchor, temperature <= 0, or shapes that disagree.
     """
     *lead, tokens, n, r = z.shape
     k = indices.shape[-1]
@@ -169,20 +178,36 @@ def gram_comoe_loss(
         )
     if not 2 <= k <= n:
         raise ValueError(f"comoe_loss needs 2 <= k <= n={n} activated experts per token, got k={k}")
+    if anchor not in ("all", "random"):
+        raise ValueError(f"anchor must be 'all' or 'random', got {anchor!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     layers = 1
     for size in lead:
         layers *= size
+    slots, negative_keys = draw_anchors_and_negatives(
+        (*lead, tokens), n, k, anchor, num_negatives, generator, z.device
+    )
     valid = valid_mask(mask, (*lead, tokens), z.device).view(layers, tokens)
     # padding rows get a well-formed set of experts (0..k-1) and weight 0, as the torch path does
     well_formed = torch.arange(k, device=z.device)
     indices = torch.where(valid.unsqueeze(-1), indices.view(layers, tokens, k), well_formed)
     count = valid.sum(-1, keepdim=True).clamp_min(1)
-    weights = valid / count if torch.float64 not in (z.dtype, gram.dtype) else valid.double() / count
+    wide = torch.float64 in (z.dtype, gram.dtype)
+    weights = (valid.double() if wide else valid) / count  # [L, T]
+    if slots is None:  # every activated expert an anchor, each 1/k of its token
+        weights = (weights / k).unsqueeze(-1)
+    else:  # the drawn slot's anchor carries the token
+        weights = torch.zeros(layers, tokens, k, dtype=weights.dtype, device=z.device).scatter_(
+            -1, slots.view(layers, tokens, 1), weights.unsqueeze(-1)
+        )
+    negatives = None
+    if negative_keys is not None:
+        active = torch.zeros(layers, tokens, n, dtype=torch.bool, device=z.device).scatter_(-1, indices, True)
+        negatives = sampled_negatives(active, negative_keys.view(layers, tokens, -1), num_negatives)
     flat_floor = None if floor is None else floor.reshape(layers, tokens)
     loss = GramComoeInfoNCE.apply(
-        z.reshape(layers, tokens, n, r), gram.reshape(layers, n * r, n * r), indices, weights, flat_floor,
-        float(temperature),
+        z.reshape(layers, tokens, n, r), gram.reshape(layers, n * r, n * r), indices, weights, negatives,
+        flat_floor, float(temperature),
     )  # fmt: skip
     return loss.view(lead)

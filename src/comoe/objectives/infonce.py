@@ -21,7 +21,9 @@ __all__ = [
     "check_topk",
     "comoe_loss_from_anchor_cosines",
     "contrastive_items",
+    "draw_anchors_and_negatives",
     "sample_contrastive_tokens",
+    "sampled_negatives",
     "supcon_loss",
     "valid_mask",
     "zero_with_grad",
@@ -99,16 +101,9 @@ def comoe_loss_from_anchor_cosines(
         raise ValueError(f"num_negatives must be >= 0 or None, got {num_negatives}")
 
     device = anchor_cosines.device
-    draw_device = generator.device if generator is not None else device
-    num_inactive = num_experts - k
-    anchor_slots = None
-    if anchor == "random":
-        anchor_slots = torch.randint(k, (*lead, num_tokens), generator=generator, device=draw_device)
-        anchor_slots = anchor_slots.to(device)
-    negative_keys = None
-    if num_negatives is not None and num_negatives < num_inactive:
-        negative_keys = torch.rand((*lead, num_tokens, num_inactive), generator=generator, device=draw_device)
-        negative_keys = negative_keys.to(device)
+    anchor_slots, negative_keys = draw_anchors_and_negatives(
+        (*lead, num_tokens), num_experts, k, anchor, num_negatives, generator, device
+    )
 
     # Every token is computed and the invalid ones are weighted out at the end: no boolean indexing, so
     # no host synchronisation (a GPU stall per layer per step otherwise). Invalid rows may hold any index
@@ -119,14 +114,7 @@ def comoe_loss_from_anchor_cosines(
         activation_mask(topk[valid], num_experts)  # range and distinctness of the tokens that count
     topk = torch.where(valid.unsqueeze(-1), topk, torch.arange(k, device=device))
     active = activation_mask(topk, num_experts, check=False)  # [T, n]
-
-    negatives = ~active
-    if negative_keys is not None:
-        # Non-activated expert ids in ascending order, then keep the sampled positions among them.
-        inactive_ids = torch.argsort(active.to(torch.int8), dim=-1, stable=True)[..., :num_inactive]
-        chosen_pos = negative_keys.argsort(dim=-1)[..., :num_negatives]
-        chosen_ids = inactive_ids.gather(-1, chosen_pos)
-        negatives = torch.zeros_like(active).scatter_(-1, chosen_ids, True)
+    negatives = sampled_negatives(active, negative_keys, num_negatives)
 
     anchors, anchor_sim = topk, anchor_cosines / temperature  # [..., T, A], [..., T, A, n]
     if anchor_slots is not None:
@@ -140,6 +128,43 @@ def comoe_loss_from_anchor_cosines(
     log_den = anchor_sim.masked_fill(~candidate, float("-inf")).logsumexp(dim=-1)
     per_token = (log_den - log_num).mean(dim=-1)  # [..., T]
     return torch.where(valid, per_token, 0).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def draw_anchors_and_negatives(
+    tokens: tuple[int, ...],
+    num_experts: int,
+    k: int,
+    anchor: str,
+    num_negatives: int | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Tensor | None, Tensor | None]:
+    """CoMoE's random draws for `tokens` = (..., T), in `comoe_loss`'s documented order (on
+    ``generator.device``, else on `device`; returned on `device`): each token's anchor slot [..., T] in
+    [0, k) for ``anchor="random"`` (else None), then random keys [..., T, n - k] that sample
+    ``num_negatives`` of the inactive experts when that is fewer than all of them (else None)."""
+    draw_device = generator.device if generator is not None else device
+    num_inactive = num_experts - k
+    anchor_slots = None
+    if anchor == "random":
+        anchor_slots = torch.randint(k, tokens, generator=generator, device=draw_device).to(device)
+    negative_keys = None
+    if num_negatives is not None and num_negatives < num_inactive:
+        negative_keys = torch.rand((*tokens, num_inactive), generator=generator, device=draw_device)
+        negative_keys = negative_keys.to(device)
+    return anchor_slots, negative_keys
+
+
+def sampled_negatives(active: Tensor, negative_keys: Tensor | None, num_negatives: int | None) -> Tensor:
+    """[..., T, n] bool: each token's negatives, every inactive expert (`negative_keys` None) or the
+    `num_negatives` whose keys are smallest among the inactive ones listed in ascending expert id
+    (`draw_anchors_and_negatives`), given the active experts `active` [..., T, n]."""
+    if negative_keys is None:
+        return ~active
+    num_inactive = negative_keys.shape[-1]
+    inactive_ids = torch.argsort(active.to(torch.int8), dim=-1, stable=True)[..., :num_inactive]
+    chosen_ids = inactive_ids.gather(-1, negative_keys.argsort(dim=-1)[..., :num_negatives])
+    return torch.zeros_like(active).scatter_(-1, chosen_ids, True)
 
 
 def sample_contrastive_tokens(
