@@ -201,7 +201,8 @@ def test_a_task_outside_the_vocabulary_is_warned_of_only_where_routing_reads_it(
 ):
     """moelora-liu routes an unknown task by the mean gate (warned); loramoe's tasks weigh its training loss
     only, so its routing of an unknown task is its routing of any other (no warning)."""
-    model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), ComoeConfig.preset(preset, tasks=["a", "b"]))
+    config = ComoeConfig.preset(preset, tasks=["a", "b"])
+    model = get_comoe_model(tiny_llama(vocab=len(smol_tokenizer)), config)
     examples = [Example("c", "Colour of the sky?", "", "blue", "blue", template="none", scoring="exact")]
     with caplog.at_level("WARNING", logger="comoe"):
         (prediction,) = predict(model.eval(), smol_tokenizer, examples, "generate", max_new_tokens=1)
