@@ -142,6 +142,19 @@ def test_a_task_routed_adapter_is_analysed_with_its_task_ids(tiny_model_dir, tmp
     assert seen and all(len({tuple(row.tolist()) for row in probs.round(decimals=5)}) == 2 for probs in seen)
 
 
+def test_tasks_outside_a_task_routed_adapters_vocabulary_are_warned_of(tiny_model_dir, tmp_path, caplog):
+    base, _ = load_base(str(tiny_model_dir))
+    config = ComoeConfig.preset("moelora-liu", tasks=["syllogism", "chain_sum"], lora_dropout=0.0)
+    get_comoe_model(base, config).save_pretrained(tmp_path / "adapter")
+    adapter, output = str(tmp_path / "adapter"), str(tmp_path / "an")
+    with caplog.at_level("WARNING", logger="comoe"):
+        analyze(AnalyzeArgs(adapter=adapter, tasks=["chain_sum", "syllogism"], limit=1, output=output))
+        assert "not among the adapter's training tasks" not in caplog.text
+        analyze(AnalyzeArgs(adapter=adapter, tasks=["chain_sum", "letter_counting"], limit=1, output=output))
+    warned = "tasks ['letter_counting'] are not among the adapter's training tasks ['syllogism', 'chain_sum']"
+    assert warned in caplog.text
+
+
 @pytest.mark.parametrize("preset", [name for name in PRESETS if name != "moelora-liu"])  # that one: above
 def test_every_routed_preset_is_analysed(tiny_model_dir, tmp_path, preset):
     """docs/analysis.md: analyze supports every routed comoe preset (PEFT baselines are refused, above)."""
