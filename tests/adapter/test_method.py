@@ -1,12 +1,16 @@
 """The adapter-method protocol: one answer per operation for a comoe preset and the PEFT LoRA baseline, so
 training, checkpointing and integrations never test the model's class."""
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
+from peft.utils import save_and_load
+from safetensors.torch import load_file
 
 from comoe import ComoeConfig
-from comoe.adapter.method import COMOE, DORA, LORA, METHODS, method_for, method_of
+from comoe.adapter.method import COMOE, DORA, LORA, METHODS, method_for, method_of, save_adapter
 from tests.helpers import tiny_llama
 
 
@@ -73,3 +77,28 @@ def test_adapter_state_loads_back_into_a_fresh_model(method):
     trained.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def no_hub(*args, **kwargs):
+    raise AssertionError(f"a Hub lookup while saving: {args}")
+
+
+@pytest.mark.parametrize("method", [LORA, DORA])
+@pytest.mark.parametrize("saved_modules", [None, ["embed_tokens"]])
+def test_a_peft_baseline_saves_without_a_hub_lookup(method, saved_modules, tmp_path, monkeypatch):
+    """PEFT's save_embedding_layers='auto' asks the Hub whether the base (an alias here) has a config.json
+    (offline: "Unable to fetch remote file", "Could not find a config file"); save_adapter never asks, and
+    modules_to_save (the embeddings too) are still saved."""
+    base = tiny_llama()
+    base.name_or_path = base.config._name_or_path = "smollm2-135m"  # not a local folder: PEFT would ask the Hub
+    model = method.build(base, ComoeConfig.preset("comoe", r=4, modules_to_save=saved_modules), False)
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub)
+    with pytest.raises(AssertionError, match="Hub lookup"):
+        model.save_pretrained(tmp_path / "peft-default")  # the lookup this test watches for
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter(model, tmp_path / "adapter")
+    assert not [w for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("lora_A" in name for name in saved)
+    assert any("embed_tokens" in name for name in saved) == (saved_modules is not None)

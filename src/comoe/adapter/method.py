@@ -10,8 +10,9 @@ losses and a no-op context. A further baseline is one class and one `register_me
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
@@ -175,3 +176,15 @@ def method_of(model: nn.Module) -> AdapterMethod | None:
     """The method whose adapter `model` carries (unwrapped from DDP/FSDP's `module`), or None."""
     inner = getattr(model, "module", model)
     return next((method for method in METHODS.values() if method.owns(inner)), None)
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, **options: Any) -> None:
+    """`model.save_pretrained(folder, **options)` for any method's adapter. A PEFT baseline saves with
+    `save_embedding_layers=False`: its LoRA targets linears only (matched_lora_config) and comoe never
+    resizes the vocabulary, so the base embeddings are never trained, and PEFT's default 'auto' would look
+    the base model's name up on the Hugging Face Hub (a network request, and the warnings "Unable to fetch
+    remote file" and "Could not find a config file in <base>" offline). Modules in `modules_to_save` are
+    saved whatever this flag says (PEFT's AuxiliaryTrainingWrapper state, embeddings included)."""
+    if isinstance(getattr(model, "module", model), PeftModel):
+        options.setdefault("save_embedding_layers", False)
+    model.save_pretrained(folder, **options)

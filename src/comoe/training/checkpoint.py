@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from comoe.adapter.method import method_of
+from comoe.adapter.method import method_of, save_adapter
 from comoe.adapter.serialization import WEIGHTS_NAME, read_safetensors
 from comoe.files import atomic_save_safetensors, atomic_write_text, read_json
 
@@ -30,7 +30,7 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer, scheduler
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "adapter")
+    save_adapter(model, tmp / "adapter")
     state = optimizer.state_dict()
     tensors = {
         f"{index}.{key}": value for index, slots in state["state"].items() for key, value in slots.items()

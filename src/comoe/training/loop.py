@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comoe.adapter.method import save_adapter
 from comoe.adapter.model import task_vocabulary
 from comoe.adapter.serialization import full_tensor
 from comoe.analysis.metrics import SpecialisationAccumulator, token_tasks
@@ -211,7 +212,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
             + f"; continue with the same command and --resume (--output {run})"
         ) from None
     log.close()
-    model.save_pretrained(run / "adapter", is_main_process=world.is_main)
+    save_adapter(model, run / "adapter", is_main_process=world.is_main)
     if world.is_main:
         write_data_record(run / "adapter", examples, quantization_of_model(model))
     world.barrier()
@@ -231,7 +232,7 @@ def save_best(
     fresh, old, best = run / f".{BEST_ADAPTER}.new", run / f".{BEST_ADAPTER}.old", run / BEST_ADAPTER
     if world.is_main:
         shutil.rmtree(fresh, ignore_errors=True)
-    model.save_pretrained(fresh, is_main_process=world.is_main)  # every process: FSDP gathers experts
+    save_adapter(model, fresh, is_main_process=world.is_main)  # every process: FSDP gathers experts
     if world.is_main:
         write_data_record(fresh, examples, quantization_of_model(model))
         (fresh / BEST_RECORD).write_text(json.dumps({"step": step, "val_loss": loss}) + "\n")
