@@ -207,7 +207,7 @@ def test_a_task_outside_the_vocabulary_is_warned_of_only_where_routing_reads_it(
     with caplog.at_level("WARNING", logger="comoe"):
         (prediction,) = predict(model.eval(), smol_tokenizer, examples, "generate", max_new_tokens=1)
     assert isinstance(prediction, Prediction)
-    assert ("task 'c' is not among the adapter's training tasks" in caplog.text) is warned
+    assert ("tasks ['c'] are not among the adapter's training tasks" in caplog.text) is warned
 
 
 def test_adapters_of_different_bases_are_refused_before_loading(tmp_path, two_adapters):

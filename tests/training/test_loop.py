@@ -429,3 +429,25 @@ def test_a_task_vocabulary_that_lacks_a_training_task_is_refused(tiny_model_dir,
         r"lacks the training tasks \['family_relationships', 'letter_counting', 'spell_backward'\]",
     ):
         train(args)
+
+
+@pytest.mark.parametrize(("preset", "warned"), [("moelora-liu", True), ("loramoe", False)])
+def test_validation_on_a_task_outside_the_vocabulary_is_warned_of(
+    tiny_model_dir, tmp_path, caplog, preset, warned
+):
+    """--eval-data of a task the adapter was not trained on: routed by the mean gate, warned of as comoe eval
+    and comoe analyze warn (moe.routing.warn_unseen_tasks); loramoe does not route by task: no warning."""
+    rows = [{"task": "sum", "prompt": f"{i} + 1?", "completion": str(i + 1)} for i in range(4)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    held = write_jsonl(
+        tmp_path / "val.jsonl",
+        [rows[0], {"task": "capital", "prompt": "Capital of Peru?", "completion": "Lima"}],
+    )
+    args = train_args(
+        tiny_model_dir, tmp_path / "run", preset=preset, data=[str(data)], eval_data=[str(held)], max_steps=1
+    )
+    with caplog.at_level(logging.WARNING, logger="comoe"):
+        train(args)
+    text = "tasks ['capital'] are not among the adapter's training tasks ['sum']: their validation examples"
+    assert (text in caplog.text) is warned
+    assert "'sum'] are not among" not in caplog.text  # a trained task is routed by its own gate

@@ -21,7 +21,7 @@ from comoe.data.example import task_index, vocabulary_ids
 from comoe.evaluation.loglik import within_context
 from comoe.evaluation.runner import eval_examples, load_for_eval
 from comoe.files import atomic_write_text
-from comoe.moe.routing import routed_tasks
+from comoe.moe.routing import warn_unseen_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,8 @@ def analyze(args: AnalyzeArgs) -> dict[str, Any]:
     task_names, task_ids = task_index(examples)
     vocabulary = task_vocabulary(model)  # an adapter that reads task ids gets its own (-1 outside them)
     model_ids = vocabulary_ids(examples, vocabulary) if vocabulary is not None else None
-    routed = routed_tasks(getattr(model, "comoe_config", None))
-    unseen = [name for name in task_names if routed is not None and name not in routed]
-    if unseen:  # id -1: one gate for all of them, so routing cannot tell them apart
-        logger.warning(
-            "tasks %s are not among the adapter's training tasks %s: their examples are routed with the mean "
-            "of the known tasks' gates, the same for each of them (I(task; expert) cannot separate them)",
-            unseen,
-            routed,
-        )
+    # id -1: one gate for all of them, so I(task; expert) cannot separate them
+    warn_unseen_tasks(getattr(model, "comoe_config", None), task_names, "analysis examples")
     accumulator = SpecialisationAccumulator(method.routed_layers(model), task_names)
     device = next(model.parameters()).device
     cutoff = within_context(model, args.cutoff)  # never past the model's position embeddings

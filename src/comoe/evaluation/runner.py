@@ -35,7 +35,7 @@ from comoe.models.auto import adapt_base, base_model_name, load_adapted
 from comoe.models.compile import compile_blocks
 from comoe.models.device import resolve_device
 from comoe.models.loading import same_model
-from comoe.moe.routing import routed_tasks
+from comoe.moe.routing import warn_unseen_tasks
 from comoe.settings import quantization_of, quantization_unset
 
 logger = logging.getLogger(__name__)
@@ -56,16 +56,11 @@ def predict(
     if vocabulary is None:
         return _predict(model, tokenizer, examples, mode, batch_size, max_new_tokens)
     predictions: list[Prediction] = [None] * len(examples)  # type: ignore[list-item]
-    for task, indices in group_by_task(examples).items():
+    groups = group_by_task(examples)
+    # only task routing reads the id at inference; loramoe's tasks weigh its training loss alone
+    warn_unseen_tasks(task_model(model).comoe_config, groups)
+    for task, indices in groups.items():
         task_id = vocabulary.index(task) if task in vocabulary else -1
-        # only task routing reads the id at inference; loramoe's tasks weigh its training loss alone
-        if task_id < 0 and routed_tasks(task_model(model).comoe_config) is not None:
-            logger.warning(
-                "task %r is not among the adapter's training tasks %s: its examples are routed with the mean "
-                "of the known tasks' gates",
-                task,
-                vocabulary,
-            )
         with task_model(model).default_call_inputs(task_ids=[task_id]):
             group = [examples[i] for i in indices]
             chosen = _predict(model, tokenizer, group, mode, batch_size, max_new_tokens)

@@ -11,6 +11,8 @@ and `soft` (every expert, softmax-weighted) are built in; others register with `
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +22,8 @@ from torch import nn
 from comoe.config import ComoeConfig
 from comoe.plugins import Registry
 from comoe.validation import InvalidSetting, fail
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -281,6 +285,28 @@ def routed_tasks(config: ComoeConfig | None) -> list[str] | None:
     if config is None or "task_ids" not in get_routing(config.routing).inputs:
         return None
     return list(config.tasks or [])
+
+
+def warn_unseen_tasks(config: ComoeConfig | None, tasks: Iterable[str], what: str = "examples") -> list[str]:
+    """The names among `tasks` outside the task vocabulary of an adapter routed by task (`routed_tasks`),
+    in order of first appearance, with one warning naming them, the vocabulary and `what` they are (e.g.
+    "validation examples"): their id is -1, routed by the mean of the known tasks' gates (TaskRouting, the
+    same gate for each of them). [] and no warning for an adapter that does not route by task (`config`
+    None, or a routing kind that reads no task ids: a task name there is just data). Shared by evaluation,
+    generation, analysis and training's validation, so each says the same."""
+    vocabulary = routed_tasks(config)
+    if vocabulary is None:
+        return []
+    unseen = list(dict.fromkeys(task for task in tasks if task not in vocabulary))
+    if unseen:
+        logger.warning(
+            "tasks %s are not among the adapter's training tasks %s: their %s are routed with the mean of "
+            "the known tasks' gates, the same gate for each of them",
+            unseen,
+            vocabulary,
+            what,
+        )
+    return unseen
 
 
 def routing_task_id(config: ComoeConfig | None, task: str, field: str = "task") -> int:

@@ -28,6 +28,7 @@ from comoe.evaluation.loglik import within_context
 from comoe.models.head import unwrap_model
 from comoe.models.quantization import quantization_of_model
 from comoe.moe.record import LayerRecord
+from comoe.moe.routing import warn_unseen_tasks
 from comoe.training.batches import micro_batches
 from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from comoe.training.data import training_data
@@ -97,6 +98,8 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
     val_names, val_ids = task_index(validation)
     vocabulary = task_vocabulary(model)  # None unless the adapter reads task ids
     val_model_ids = vocabulary_ids(validation, vocabulary) if vocabulary is not None else None
+    if world.is_main:  # validated as comoe eval scores them: an unseen task by the mean gate, warned of
+        warn_unseen_tasks(getattr(model, "comoe_config", None), val_names, "validation examples")
     steps_per_epoch = math.ceil(len(items) / (args.batch_size * world.size * args.grad_accum))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     forward_model = world.wrap(model.train(), fsdp=args.fsdp)  # before the optimizer: FSDP swaps parameters
