@@ -19,6 +19,7 @@ from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
 from comoe.training.loop import optimizer_step, train
 from comoe.training.loss import response_loss
+from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
 from tests.helpers import one_line_error, tiny_config, tiny_llama, train_args, write_jsonl
 
@@ -451,3 +452,22 @@ def test_validation_on_a_task_outside_the_vocabulary_is_warned_of(
     text = "tasks ['capital'] are not among the adapter's training tasks ['sum']: their validation examples"
     assert (text in caplog.text) is warned
     assert "'sum'] are not among" not in caplog.text  # a trained task is routed by its own gate
+
+
+@pytest.mark.parametrize(("preset", "shown"), [("omoe", ["task"]), ("mixlora", ["task", "balance"])])
+def test_the_progress_bar_names_only_the_adapters_components(
+    tiny_model_dir, tmp_path, monkeypatch, preset, shown
+):
+    """omoe has neither balance nor contrastive: its bar shows the task loss alone (log.jsonl keeps both)."""
+    seen = []
+    original = RunLog.write
+
+    def write(self, record, components=("task",)):
+        seen.append(list(components))
+        return original(self, record, components)
+
+    monkeypatch.setattr(RunLog, "write", write)
+    run = train(train_args(tiny_model_dir, tmp_path / "run", preset=preset, max_steps=1, save_steps=0))
+    assert seen == [shown]
+    (row,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"balance", "contrastive"} <= set(row)

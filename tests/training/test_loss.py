@@ -8,9 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from comoe import ComoeConfig, get_comoe_model
+from comoe.adapter.method import method_for
 from comoe.data.collate import IGNORE_INDEX
 from comoe.training.distributed import SINGLE, World
-from comoe.training.loss import adapter_method, aux_components, response_loss, share
+from comoe.training.loss import adapter_method, aux_components, response_loss, share, shown_components
 from tests.helpers import tiny_llama
 
 
@@ -128,3 +129,29 @@ def test_a_model_without_an_adapter_is_a_type_error():
         adapter_method(tiny_llama())
     with pytest.raises(TypeError):
         response_loss(tiny_llama(), batch())
+
+
+@pytest.mark.parametrize(
+    ("preset", "shown"),
+    [
+        ("comoe", ["task", "contrastive"]),
+        ("moelora", ["task", "balance", "contrastive"]),
+        ("mixlora", ["task", "balance"]),
+        ("omoe", ["task"]),
+        ("moelora-liu", ["task"]),
+        ("lora", ["task"]),
+    ],
+)
+def test_the_progress_bar_shows_the_components_the_adapter_computes(preset, shown):
+    """The progress bar names the adapter's own components: each one shown is computed (nonzero after a
+    training forward), and each one left out (balance, contrastive for methods without them) is 0."""
+    config = ComoeConfig.preset("comoe" if preset == "lora" else preset, r=2, tasks=["a"])
+    model = method_for(preset).build(tiny_llama(), config, False).train()
+    data = batch()
+    if preset == "moelora-liu":
+        data["task_ids"] = torch.zeros(2, dtype=torch.long)
+    response_loss(model, data)
+    assert shown_components(model) == shown
+    computed = aux_components(model)
+    assert all(computed[name] != 0.0 for name in shown[1:])
+    assert all(value == 0.0 for name, value in computed.items() if name not in shown)

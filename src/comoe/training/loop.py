@@ -34,7 +34,7 @@ from comoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from comoe.training.data import training_data
 from comoe.training.distributed import SINGLE, World
 from comoe.training.factory import build_model
-from comoe.training.loss import adapter_method, aux_components, response_loss, share
+from comoe.training.loss import adapter_method, aux_components, response_loss, share, shown_components
 from comoe.training.rundir import RunDirectory, truncate_log
 from comoe.training.runlog import RunLog
 from comoe.training.settings import TrainArgs
@@ -163,7 +163,7 @@ def _train(args: TrainArgs, world: World, run_dir: RunDirectory, dataset: Any) -
             lr = scheduler.get_last_lr()[0]  # the rate this step was taken with, logged below
             scheduler.step()
             step += 1
-            components = components or ["task", *aux_components(model)]
+            components = components or shown_components(model)
             if watch:
                 parts.update(routing_snapshot(model, records, last_batch, task_names))
                 parts["router_change"] = router_change(model, initial_routers)

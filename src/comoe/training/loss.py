@@ -9,6 +9,7 @@ from torch import nn
 
 from comoe.adapter.method import AdapterMethod, method_of
 from comoe.models.head import response_logits, unwrap_model
+from comoe.objectives.auxiliary import active_objectives
 from comoe.training.distributed import SINGLE, World
 
 
@@ -44,6 +45,17 @@ def adapter_method(model: nn.Module) -> AdapterMethod:
     if method is None:
         raise TypeError(f"{type(unwrap_model(model)).__name__} carries no comoe or PEFT LoRA adapter")
     return method
+
+
+def shown_components(model: nn.Module) -> list[str]:
+    """The loss components a run of `model` shows on its progress bar: 'task', then the component of each of
+    its adapter's active objectives (weight > 0; e.g. contrastive for comoe, balance for mixlora, both for
+    moelora, none for omoe, moelora-liu and the PEFT baselines). log.jsonl keeps every component
+    aux_components reports (balance and contrastive always, 0 when off) for runs to compare column by
+    column."""
+    config = getattr(unwrap_model(model), "comoe_config", None)
+    active = active_objectives(config).values() if config is not None else ()
+    return ["task", *dict.fromkeys(objective.component for objective, _ in active)]
 
 
 def aux_components(model: nn.Module) -> dict[str, float]:
