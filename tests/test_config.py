@@ -7,8 +7,9 @@ from peft import get_peft_model
 
 from comoe import ComoeConfig, get_comoe_model, matched_lora_config
 from comoe.adapter.lora import comoe_trainable_parameters
+from comoe.config import PRESETS
 from comoe.training import factory
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,29 @@ def test_invalid_values_name_field_value_and_range(fields, field_name, range_tex
 def test_soft_routing_with_comoe_uses_all_experts_as_active():
     config = ComoeConfig(routing="soft", top_k=1, contrastive="comoe")
     assert config.active_experts == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "which"),
+    [
+        (dict(routing="soft"), "routing='soft' activates all 4"),
+        (dict(routing="threshold"), "routing='threshold' activates all 4"),
+        (dict(routing="task", tasks=["a"]), "routing='task' activates all 4"),
+        (dict(top_k=4), "top_k=4 activates all 4"),
+    ],
+)
+def test_comoe_with_every_expert_active_is_named_a_zero_objective(fields, which):
+    """CoMoE's loss has no negatives when every expert is active: the config still builds (saved adapters
+    load), and says why (training refuses it, get_comoe_model warns)."""
+    assert which in ComoeConfig(contrastive="comoe", **fields).zero_objective
+    assert ComoeConfig(contrastive="moelora", **fields).zero_objective is None
+
+
+def test_no_preset_has_a_zero_objective_and_get_comoe_model_warns_of_one(caplog):
+    assert all(ComoeConfig.preset(name, tasks=["a"]).zero_objective is None for name in PRESETS)
+    get_comoe_model(tiny_llama(), ComoeConfig(contrastive="comoe", routing="soft", r=2))
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert "so its loss is always 0" in caplog.records[0].getMessage()
 
 
 def test_presets():

@@ -355,6 +355,22 @@ class ComoeConfig:
         return self.num_experts if self.routing in DENSE_ROUTINGS else self.top_k
 
     @property
+    def zero_objective(self) -> str | None:
+        """Why the configured contrastive objective is identically zero, or None: CoMoE contrasts each
+        token's activated experts with its inactive ones (arXiv 2505.17553), so a routing that activates
+        every expert (a dense kind, or top_k = num_experts) leaves it no negatives. Not a config error (a
+        saved adapter still loads and runs); training refuses it (comoe.training.registered), and
+        get_comoe_model warns."""
+        if self.contrastive != "comoe" or self.active_experts < self.num_experts:
+            return None
+        which = f"routing={self.routing!r}" if self.routing in DENSE_ROUTINGS else f"top_k={self.top_k}"
+        return (
+            "contrastive='comoe' contrasts each token's activated experts with its inactive ones, and "
+            f"{which} activates all {self.num_experts} experts, so its loss is always 0: use routing 'topk' "
+            "with top_k < num_experts, or contrastive 'moelora'"
+        )
+
+    @property
     def normalize_gates(self) -> bool:
         """Whether top-k gates are renormalised (norm_topk_prob resolved; see its help)."""
         return self.norm_topk_prob if self.norm_topk_prob is not None else self.top_k > 1

@@ -17,6 +17,8 @@ from comoe.validation import InvalidSetting
         ({"expert_bank": "hidra"}, "expert_bank='hidra' is not a registered expert bank"),
         ({"expert_compute": "fast"}, "expert_compute='fast' is not a registered strategy"),
         ({"aux_objectives": {"nope": 1.0}}, "auxiliary objective 'nope' is not registered"),
+        ({"routing": "soft"}, "contrastive='comoe' contrasts each token's activated experts"),  # always 0
+        ({"num_experts": 2, "top_k": 2}, "contrastive='comoe' contrasts each token's activated experts"),
     ],
 )
 def test_an_unregistered_name_is_one_line_naming_the_file_and_field(tmp_path, caplog, override, named):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from comoe.objectives.auxiliary import (
     requirements,
     usable_objectives,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -435,5 +438,8 @@ def task_vocabulary(model: nn.Module) -> list[str] | None:
 
 
 def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:
-    """Freeze `model` and turn the linears that `config` targets into mixtures of LoRA experts."""
+    """Freeze `model` and turn the linears that `config` targets into mixtures of LoRA experts. A config
+    whose contrastive objective can only be zero (ComoeConfig.zero_objective) is built, with a warning."""
+    if config.zero_objective:
+        logger.warning("%s", config.zero_objective)
     return ComoeModel(model, config)

@@ -32,6 +32,8 @@ def check_registered_names(args: TrainArgs) -> None:
         usable_objectives(config, strict=True)
     except ValueError as error:
         raise adapter_config_error(args, error) from None
+    if config.zero_objective:  # training a loss that cannot move is a mistake, not a choice
+        raise adapter_config_error(args, ValueError(config.zero_objective))
 
 
 def adapter_config_error(args: TrainArgs, error: ValueError) -> InvalidSetting:
