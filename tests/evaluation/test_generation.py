@@ -79,8 +79,23 @@ def test_generation_routes_every_prompt_and_step_by_the_task_given(smol_tokenize
             ids = prompt_ids(smol_tokenizer, render_prompt(example, smol_tokenizer))
             assert response == argmax_loop(model, smol_tokenizer, ids, 5, task_ids=torch.tensor([task_id]))
     assert by_task["a"] != by_task["b"]
-    with pytest.raises(ValueError, match="task_ids: missing"):  # the task held for that call only
+    # the task held for that call only; the error names this entry's keyword, not the model's task_ids
+    with pytest.raises(ValueError, match=r"^task: missing; .*its tasks: 'a', 'b'.*: pass task='NAME'"):
         generate_responses(model, smol_tokenizer, items, batch_size=2, max_new_tokens=5)
+    # one id per example, mixed within a batch: each row is the argmax loop of its own task
+    ids = [1, -1, 0]
+    mixed, _ = generate_responses(model, smol_tokenizer, items, batch_size=3, max_new_tokens=5, task_ids=ids)
+    for example, task_id, response in zip(items, ids, mixed, strict=True):
+        prompt = prompt_ids(smol_tokenizer, render_prompt(example, smol_tokenizer))
+        assert response == argmax_loop(model, smol_tokenizer, prompt, 5, task_ids=torch.tensor([task_id]))
+    with pytest.raises(ValueError, match="give one of them"):
+        generate_responses(model, smol_tokenizer, items, 2, 5, task="a", task_ids=ids)
+    with pytest.raises(ValueError, match="^task_ids: 1 ids for"):
+        generate_responses(model, smol_tokenizer, items, 2, 5, task_ids=[0])
+    with model.default_call_inputs(task_ids=[0]):  # the caller's ids: no task needed
+        assert generate_responses(model, smol_tokenizer, items, 2, 5)[0] == by_task["a"]
+    with model.disable_adapters():  # the base alone reads no task
+        generate_responses(model, smol_tokenizer, items[:1], 1, 1)
 
 
 def test_a_task_outside_the_vocabulary_or_for_a_model_not_routed_by_task_is_refused(smol_tokenizer):

@@ -2,6 +2,7 @@
 caches and heads differ: Llama, Gemma 3 (sliding-window layers), Gemma 2 (logit soft-capping), and a
 comoe-adapted model (routing per token must not depend on the cache)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from transformers import (
 
 from comoe.adapter.model import get_comoe_model
 from comoe.config import ComoeConfig
+from comoe.evaluation.generation import task_routing
 from comoe.evaluation.loglik import (
     context_length,
     option_loglikelihoods,
@@ -26,7 +28,7 @@ from comoe.evaluation.loglik import (
     tokenize_question,
     within_context,
 )
-from tests.helpers import TINY_SIZES, questions, tiny_llama
+from tests.helpers import TINY_SIZES, questions, task_routed, tiny_llama
 
 
 def tiny_gemma3(vocab: int, window: int) -> Gemma3ForCausalLM:
@@ -156,3 +158,15 @@ def test_the_context_is_read_from_the_config_of_each_family_and_cuts_the_cutoff(
     relative = SimpleNamespace(config=T5Config())  # relative positions: the config names no context
     assert context_length(relative) == 2048 and within_context(relative, 256) == 256
     assert within_context(SimpleNamespace(), 300) == 300  # no config at all
+
+
+def test_a_task_routed_adapter_without_a_task_is_refused_naming_this_entrys_remedy(smol_tokenizer):
+    """option_loglikelihoods takes no task: its error says how to set one (task_routing), not a keyword it
+    does not have; inside task_routing it scores."""
+    routed = task_routed(tiny_llama(vocab=len(smol_tokenizer)))
+    items = questions(1)
+    with pytest.raises(ValueError, match=r"^task: missing; .*inside comoe\.evaluation\.generation\.task_routing"):
+        option_loglikelihoods(routed, smol_tokenizer, items, 1)
+    with task_routing(routed, "b"):
+        (scores,), _ = option_loglikelihoods(routed, smol_tokenizer, items, 1)
+    assert all(math.isfinite(score) for score in scores)

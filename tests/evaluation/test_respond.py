@@ -12,10 +12,10 @@ from comoe.cli import main
 from comoe.data import TASKS
 from comoe.data.collate import prompt_ids
 from comoe.data.prompts import render_prompt
-from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompts, unknown_task
+from comoe.evaluation.respond import PROMPT_TASK, prompt_example, read_prompt_rows, read_prompts, unknown_task
 from comoe.evaluation.settings import GenerateArgs
 from comoe.models.loading import load_base
-from tests.helpers import argmax_loop, one_line_error, task_routed, tiny_llama, token_ids
+from tests.helpers import argmax_loop, one_line_error, task_routed, tiny_llama, token_ids, write_jsonl
 
 
 def test_generate_reads_prompt_files(tmp_path):
@@ -148,3 +148,66 @@ def test_a_task_generate_cannot_route_by_is_one_line_before_the_base_loads(
     for flags, message in refused.items():
         line = one_line_error(capsys, ["generate", *flags, *prompt])
         assert line.startswith(f"comoe: error: {message}"), line
+
+
+def test_jsonl_prompt_rows_carry_an_optional_task(tmp_path):
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"task": "sum", "prompt": "5 + 2?"}\n{"prompt": "Hi"}\n{"task": null, "prompt": "x"}\n')
+    assert read_prompt_rows(GenerateArgs(prompts=str(rows))) == (["5 + 2?", "Hi", "x"], ["sum", None, None])
+    text = tmp_path / "p.txt"
+    text.write_text('{"task": "sum"}\n')  # a text file's line is a prompt, whatever it looks like
+    assert read_prompt_rows(GenerateArgs(prompts=str(text))) == (['{"task": "sum"}'], [None])
+    for bad, message in [('""', "field 'task' is empty"), ("3", "'task'")]:
+        rows.write_text(f'{{"task": {bad}, "prompt": "p"}}\n')
+        with pytest.raises(ValueError, match=f"line 1: .*{message}"):
+            read_prompt_rows(GenerateArgs(prompts=str(rows)))
+
+
+def generated(capsys, argv) -> tuple[list[str], str]:
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    return [json.loads(line)["response"] for line in out.splitlines()], err
+
+
+def test_generate_routes_each_jsonl_row_by_its_own_task(
+    routed_folders, tiny_model_dir, smol_tokenizer, tmp_path, capsys
+):
+    """Rows of tasks a, b, c (unseen) and none, in one batch: each response is the argmax loop's with its
+    own id (c and the untagged row: -1, the mean gate, each warned of once, as comoe eval warns); --task b
+    routes every row by b, overriding theirs; an adapter that does not route by task takes the rows' tasks as
+    data (no warning, the same responses as without them)."""
+    rows = [
+        {"task": "a", "prompt": "What is 2 + 3?"},
+        {"task": "b", "prompt": "Name a colour."},
+        {"task": "c", "prompt": "Capital of Peru?"},
+        {"task": "b", "prompt": "Capital of Peru?"},
+        {"prompt": "What is 2 + 3?"},
+    ]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    folder = routed_folders["moelora-liu"]
+    model = ComoeModel.from_pretrained(load_base(str(tiny_model_dir))[0], folder).eval()
+    argv = ["generate", "--adapter", str(folder), "--prompts", str(prompts), "--max-new-tokens", "5"]
+
+    def expected(task_ids: list[int]) -> list[str]:
+        return [
+            argmax_loop(model, smol_tokenizer, token_ids_of(row["prompt"]), 5, task_ids=torch.tensor([task_id]))
+            for row, task_id in zip(rows, task_ids, strict=True)
+        ]
+
+    def token_ids_of(prompt: str) -> list[int]:
+        return prompt_ids(smol_tokenizer, render_prompt(prompt_example(prompt, "none")))
+
+    responses, err = generated(capsys, [*argv, "--batch-size", "5"])
+    assert responses == expected([0, 1, -1, 1, -1])
+    assert responses[2] != responses[3]  # the same prompt, routed by another gate
+    unseen = "tasks ['c'] are not among the adapter's training tasks ['a', 'b']"
+    assert sum(unseen in line for line in err.splitlines()) == 1
+    assert sum("1 of 5 prompts carry no task" in line for line in err.splitlines()) == 1
+    assert "prompts carry no task: the adapter routes by task" not in err  # rows do carry tasks
+    responses, err = generated(capsys, [*argv, "--task", "b"])
+    assert responses == expected([1] * 5) and "not among" not in err
+    loramoe = ["generate", "--adapter", str(routed_folders["loramoe"]), "--max-new-tokens", "3", "--prompts"]
+    with_tasks, err = generated(capsys, [*loramoe, str(prompts)])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": row["prompt"]} for row in rows])
+    assert with_tasks == generated(capsys, [*loramoe, str(plain)])[0]
+    assert "task" not in err

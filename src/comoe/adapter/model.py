@@ -219,6 +219,11 @@ class ComoeModel(AdapterPersistenceMixin, CheckpointingMixin, nn.Module):
         finally:
             self._default_inputs = previous
 
+    def unset_routing_inputs(self) -> list[str]:
+        """The per-call inputs this adapter's routing reads (e.g. 'task_ids' for routing 'task') that no
+        enclosing default_call_inputs block sets: a call must pass them itself, or it is refused."""
+        return sorted(self._routing_inputs - set(self._default_inputs))
+
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The backbone called directly, outside this model's forward (TRL's fused LM head runs the backbone
         and the head itself): in training, keep the records the auxiliary losses need. Each such call
@@ -435,6 +440,23 @@ def task_vocabulary(model: nn.Module) -> list[str] | None:
     if "task_ids" not in getattr(model, "call_input_names", ()):
         return None
     return list(model.comoe_config.tasks or [])
+
+
+def require_task(model: nn.Module, remedy: str) -> None:
+    """ValueError naming `task` when `model` (or the ComoeModel inside a DDP wrapper) routes by task
+    (routing 'task': its calls need task ids) and no enclosing default_call_inputs block sets them, with
+    `remedy`: how the calling entry point takes a task. Nothing for any other model."""
+    inner = task_model(model)
+    if not isinstance(inner, ComoeModel) or not inner._context.adapters_enabled:
+        return
+    if "task_ids" not in inner.unset_routing_inputs():
+        return
+    config = inner.comoe_config
+    names = ", ".join(repr(name) for name in config.tasks or [])
+    raise ValueError(
+        f"task: missing; this adapter routes by task (routing={config.routing!r}, its tasks: {names}) and "
+        f"no task is set for these calls: {remedy}"
+    )
 
 
 def get_comoe_model(model: nn.Module, config: ComoeConfig) -> ComoeModel:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from comoe.adapter.model import task_model
+from comoe.adapter.model import require_task, task_model
 from comoe.data.collate import prompt_ids
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
@@ -42,6 +42,7 @@ def generate_responses(
     batch_size: int,
     max_new_tokens: int,
     task: str | None = None,
+    task_ids: list[int] | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy, batched (left padding), with the KV cache; and per example whether its prompt was shortened
     (from the start) so that prompt and answer fit the model's context length. A max_new_tokens that
@@ -51,14 +52,32 @@ def generate_responses(
 
     `task`: for an adapter routed by task (routing 'task', `--preset moelora-liu`), the name of one of its
     tasks (`comoe_config.tasks`) by which every prompt and every generated token is routed (task_routing);
-    a ValueError naming `task` for any other model or a name outside its tasks. None: the calls carry the
-    task ids the caller set (`default_call_inputs`); such an adapter refuses a call with none."""
+    a ValueError naming `task` for any other model or a name outside its tasks. `task_ids`: instead, one
+    id per example (its position in the adapter's tasks, -1 for a task outside them: the mean of their
+    gates), each row routed by its own (comoe generate's prompts rows with a `task`). Neither: the calls
+    carry the task ids the caller set (`default_call_inputs`); with none set, such an adapter is a
+    ValueError naming `task` (adapter.model.require_task)."""
+    if task is not None and task_ids is not None:
+        raise ValueError(f"task={task!r} and task_ids: give one of them (every example's task, or each's)")
+    if task_ids is not None and len(task_ids) != len(examples):
+        raise ValueError(f"task_ids: {len(task_ids)} ids for {len(examples)} examples; expected one each")
+    if task is None and task_ids is None:
+        require_task(
+            model,
+            "pass task='NAME' (one of them) to route every example by it, task_ids=[...] (one id per "
+            "example), or call inside comoe.evaluation.generation.task_routing(model, 'NAME')",
+        )
     with task_routing(model, task):
-        return _generate(model, tokenizer, examples, batch_size, max_new_tokens)
+        return _generate(model, tokenizer, examples, batch_size, max_new_tokens, task_ids)
 
 
 def _generate(
-    model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int,
+    max_new_tokens: int,
+    task_ids: list[int] | None = None,
 ) -> tuple[list[str], list[bool]]:
     context = context_length(model)
     room = context - max_new_tokens
@@ -79,6 +98,8 @@ def _generate(
         chunk = order[start : start + batch_size]
         batch = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
         width = batch["input_ids"].shape[1]
+        if task_ids is not None:  # each row's own task: the call's task_ids [B] (ComoeModel.generate)
+            batch["task_ids"] = torch.tensor([task_ids[i] for i in chunk], device=device)
         generated = model.generate(
             **batch,
             max_new_tokens=min(max_new_tokens, context - width),  # never past the context

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationMixin
 
+from comoe.adapter.model import require_task
 from comoe.data.collate import IGNORE_INDEX, pad_batch, prompt_ids, tokenize_example
 from comoe.data.example import Example
 from comoe.data.prompts import render_prompt
@@ -57,8 +58,15 @@ def option_loglikelihoods(
     scored on what it learnt to write; only response positions go through the LM head. Every option is
     scored whole: a sequence longer than `window` (default: the model's context length) loses tokens from
     the start of its prompt, and the example is reported as truncated. `batch_size`: questions per
-    forward on the cached path, sequences per forward on the plain one.
+    forward on the cached path, sequences per forward on the plain one. An adapter routed by task scores
+    with the task ids the caller set (inside comoe.evaluation.generation.task_routing); with none set, a
+    ValueError naming `task` (adapter.model.require_task).
     """
+    require_task(
+        model,
+        "call option_loglikelihoods inside comoe.evaluation.generation.task_routing(model, 'NAME') (one of "
+        "them), or model.default_call_inputs(task_ids=[...])",
+    )
     window = window or context_length(model)
     # prompt-aware routing (MiLoRA) decides per prompt row; a cache repeated per option has no such rows
     prompt_cache = prompt_cache and not getattr(unwrap_model(model), "reads_prompt", False)

@@ -22,7 +22,7 @@ from comoe.evaluation.runner import eval_quantization, load_for_eval
 from comoe.evaluation.settings import GENERATED_ROW, GenerateArgs
 from comoe.files import atomic_write_text
 from comoe.models.compile import compile_blocks
-from comoe.moe.routing import routed_tasks, routing_task_id
+from comoe.moe.routing import routed_tasks, routing_task_id, warn_unseen_tasks
 from comoe.settings import locate
 from comoe.validation import InvalidSetting
 
@@ -31,11 +31,17 @@ logger = logging.getLogger(__name__)
 
 
 def read_prompts(args: GenerateArgs) -> list[Any]:
-    """The prompts: --prompt, or a .txt file (one per non-empty line) or .jsonl file (rows with `prompt`,
-    a non-empty string, or `messages`, a conversation ending with the user's turn); a file of none is
-    refused."""
+    """The prompts of `read_prompt_rows`, without their tasks."""
+    return read_prompt_rows(args)[0]
+
+
+def read_prompt_rows(args: GenerateArgs) -> tuple[list[Any], list[str | None]]:
+    """The prompts and each one's task: --prompt, or a .txt file (one per non-empty line), or a .jsonl file
+    (rows with `prompt`, a non-empty string, or `messages`, a conversation ending with the user's turn; and
+    optionally `task`, a non-empty string, as in training data); a file of none is refused. The task is None
+    where a row gives none (--prompt and .txt lines never do)."""
     if args.prompt is not None:
-        return [args.prompt]
+        return [args.prompt], [None]
     path = Path(args.prompts or "")
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
@@ -43,8 +49,10 @@ def read_prompts(args: GenerateArgs) -> list[Any]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"--prompts {path}: not valid UTF-8 (byte {error.start})") from None
+    tasks: list[str | None] = []
     if path.suffix.lower() != ".jsonl":
         prompts: list[Any] = [line for line in lines if line.strip()]
+        tasks = [None] * len(prompts)
     else:
         prompts = []
         for number, line in enumerate(lines, start=1):
@@ -61,10 +69,11 @@ def read_prompts(args: GenerateArgs) -> list[Any]:
                 prompts.append(prompt_messages(row["messages"], where))
             else:
                 raise ValueError(f"{where}: expected an object with 'prompt' (a string) or 'messages'")
+            tasks.append(None if row.get("task") is None else nonempty_field(row, "task", where))
     if not prompts:
         expected = "one JSON row per line" if path.suffix.lower() == ".jsonl" else "one prompt per line"
         raise ValueError(f"--prompts {path}: no prompts (the file is empty or blank); expected {expected}")
-    return prompts
+    return prompts, tasks
 
 
 def prompt_messages(turns: Any, where: str) -> Messages:
@@ -91,18 +100,40 @@ def prompt_example(prompt: Any, template: str) -> Example:
 
 
 def unknown_task(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Prompts given no --task: an adapter routed by task (routing 'task') routes them as a task outside its
-    vocabulary (id -1: the mean of the known tasks' gates), with one warning naming --task and the tasks;
-    others are unchanged."""
+    """Prompts given no --task and no row task: an adapter routed by task (routing 'task') routes them as a
+    task outside its vocabulary (id -1: the mean of the known tasks' gates), with one warning naming --task,
+    the rows' `task` field and the tasks; others are unchanged."""
     vocabulary = routed_tasks(getattr(task_model(model), "comoe_config", None))
     if vocabulary is None:
         return contextlib.nullcontext()
     logger.warning(
         "prompts carry no task: the adapter routes by task and uses the mean of its tasks' gates; pass "
-        "--task NAME to route them as one of its tasks (%s)",
+        "--task NAME, or give each --prompts JSONL row a 'task', to route them as one of its tasks (%s)",
         ", ".join(vocabulary),
     )
     return task_model(model).default_call_inputs(task_ids=[-1])
+
+
+def row_task_ids(model: nn.Module, tasks: list[str | None]) -> list[int] | None:
+    """Each prompt's id in the task vocabulary of an adapter routed by task (-1: a task outside it, with the
+    warning comoe eval gives, moe.routing.warn_unseen_tasks; or a row without a task, warned of with their
+    count), when some row carries a task; None otherwise: no row names a task, or the adapter does not
+    route by task (there a row's task is just data)."""
+    config = getattr(task_model(model), "comoe_config", None)
+    vocabulary = routed_tasks(config)
+    if vocabulary is None or all(task is None for task in tasks):
+        return None
+    warn_unseen_tasks(config, [task for task in tasks if task is not None], "prompts")
+    untagged = tasks.count(None)
+    if untagged:
+        logger.warning(
+            "%d of %d prompts carry no task: they use the mean of the adapter's tasks' gates; give their "
+            "rows a 'task' (one of %s)",
+            untagged,
+            len(tasks),
+            ", ".join(vocabulary),
+        )
+    return [vocabulary.index(task) if task in vocabulary else -1 for task in tasks]
 
 
 def check_task(args: GenerateArgs, folder: AdapterFolder | None) -> None:
@@ -118,7 +149,7 @@ def check_task(args: GenerateArgs, folder: AdapterFolder | None) -> None:
 
 def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     """Generate, then print the JSONL rows {prompt, response, truncated} or write them to args.output."""
-    prompts = read_prompts(args)
+    prompts, tasks = read_prompt_rows(args)
     template = args.template
     if template == "auto":
         template = (trained_template(args.adapter) if args.adapter else None) or "none"
@@ -128,9 +159,12 @@ def run_generate(args: GenerateArgs) -> list[dict[str, Any]]:
     model, tokenizer = load_for_eval(args.model, folder, args.dtype, args.device, eval_quantization(args))
     if args.compile:
         logger.info("compiling %d decoder blocks (torch.compile)", compile_blocks(model))
-    with unknown_task(model) if args.task is None else contextlib.nullcontext():
+    task_ids = row_task_ids(model, tasks) if args.task is None else None
+    if args.task is not None and any(task is not None for task in tasks):
+        logger.info("--task %s routes every prompt; the prompts rows' own tasks are not used", args.task)
+    with unknown_task(model) if args.task is None and task_ids is None else contextlib.nullcontext():
         texts, cut = generate_responses(
-            model, tokenizer, examples, args.batch_size, args.max_new_tokens, task=args.task
+            model, tokenizer, examples, args.batch_size, args.max_new_tokens, args.task, task_ids
         )
     rows = [
         dict(zip(GENERATED_ROW, ([list(t) for t in p] if isinstance(p, tuple) else p, text, c), strict=True))

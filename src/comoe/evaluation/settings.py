@@ -150,7 +150,9 @@ class GenerateArgs:
     load_in_8bit: bool | None = setting(None, LOAD_IN_8BIT_HELP + RECORDED_QUANTIZATION_HELP)
     prompt: str | None = setting(None, "one prompt (the user's turn under the chat template)")
     prompts: str | None = setting(
-        None, "a file of prompts: .txt (one per line) or .jsonl (rows with prompt or messages)"
+        None,
+        "a file of prompts: .txt (one per line) or .jsonl (rows with prompt or messages, and optionally "
+        "task: an adapter routed by task routes each row by its own task)",
     )
     template: str = setting(
         "auto",
@@ -160,7 +162,8 @@ class GenerateArgs:
     task: str | None = setting(
         None,
         "route every prompt by this task, one of the tasks the adapter records (adapters routed by task: "
-        "--preset moelora-liu; refused for others); default: the mean of its tasks' gates, with a warning",
+        "--preset moelora-liu; refused for others); it overrides the task of each --prompts row; default: "
+        "each row's task, else the mean of the adapter's tasks' gates, with a warning",
     )
     max_new_tokens: int = setting(128, "tokens to generate per prompt")
     batch_size: int = setting(8, "prompts per generate call")
