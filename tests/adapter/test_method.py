@@ -90,7 +90,7 @@ def test_a_peft_baseline_saves_without_a_hub_lookup(method, saved_modules, tmp_p
     (offline: "Unable to fetch remote file", "Could not find a config file"); save_adapter never asks, and
     modules_to_save (the embeddings too) are still saved."""
     base = tiny_llama()
-    base.name_or_path = base.config._name_or_path = "smollm2-135m"  # not a local folder: PEFT would ask the Hub
+    base.name_or_path = base.config._name_or_path = "smollm2-135m"  # no local folder: PEFT asks the Hub
     model = method.build(base, ComoeConfig.preset("comoe", r=4, modules_to_save=saved_modules), False)
     monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub)
     with pytest.raises(AssertionError, match="Hub lookup"):

@@ -3,9 +3,11 @@
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
@@ -122,8 +124,21 @@ def test_each_step_logs_the_learning_rate_it_was_taken_with(tiny_model_dir, tmp_
     assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3])
 
 
-def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path):
-    run = train(train_args(tiny_model_dir, tmp_path / "lora", preset="lora", max_steps=2))
+def test_lora_baseline_trains_through_the_same_path(tiny_model_dir, tmp_path, monkeypatch):
+    saves = []
+    original = PeftModel.save_pretrained
+
+    def save_pretrained(self, folder, **options):  # PEFT's "auto" would look the base up on the Hub
+        where = Path(folder).relative_to(tmp_path / "lora").parts[0]
+        saves.append((where, options.get("save_embedding_layers", "auto")))
+        return original(self, folder, **options)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", save_pretrained)
+    val = {"val_fraction": 0.5, "eval_steps": 1, "save_best": True}  # best-adapter/ too
+    run = train(train_args(tiny_model_dir, tmp_path / "lora", preset="lora", max_steps=2, save_steps=1, **val))
+    # the step-1 checkpoint, best-adapter (written beside it first), the final adapter: none asks the Hub
+    assert {where for where, _ in saves} == {"checkpoints", ".best-adapter.new", "adapter"}
+    assert {flag for _, flag in saves} == {False}
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     report = run_eval(
