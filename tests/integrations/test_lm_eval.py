@@ -21,7 +21,7 @@ from comoe.evaluation.loglik import option_loglikelihoods  # noqa: E402
 from comoe.evaluation.runner import load_for_eval, predict  # noqa: E402
 from comoe.integrations.lm_eval import ComoeLM, write_choice_task  # noqa: E402
 from comoe.models.loading import load_base  # noqa: E402
-from tests.helpers import questions  # noqa: E402
+from tests.helpers import questions, task_routed  # noqa: E402
 
 TASK = "comoe_parity"
 
@@ -142,3 +142,12 @@ def test_a_task_routed_adapter_runs_every_request_as_the_task_named(tiny_model_d
     assert "task=None is none of them" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(unknown._model_call(ids), expected[-1])
+
+
+def test_an_adapter_that_reads_tasks_only_in_training_is_not_warned_of(tiny_model_dir, tmp_path, caplog):
+    """loramoe's task vocabulary weighs its training loss only (its routing is per token): no task to name,
+    no mean-gate warning."""
+    task_routed(load_base(str(tiny_model_dir))[0], "loramoe").save_pretrained(tmp_path / "adapter")
+    with caplog.at_level("WARNING", logger="comoe"):
+        ComoeLM(adapter=str(tmp_path / "adapter"), batch_size=2)
+    assert "routes by task" not in caplog.text

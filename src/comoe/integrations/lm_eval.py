@@ -38,6 +38,7 @@ from comoe.data.prompts import render_prompt
 from comoe.data.record import trained_quantization
 from comoe.evaluation.scoring import choice_options, option_response
 from comoe.models.auto import load_adapted
+from comoe.moe.routing import routed_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class ComoeLM(HFLM):
         vocabulary = task_vocabulary(model)
         if vocabulary is not None:
             task_id = vocabulary.index(task) if task in vocabulary else -1
-            if task_id < 0:
+            # only task routing reads the id at inference: loramoe's tasks weigh its training loss alone
+            if task_id < 0 and routed_tasks(task_model(model).comoe_config) is not None:
                 logger.warning(
                     "the adapter routes by task (its tasks: %s) and task=%r is none of them: every request "
                     "uses the mean of its tasks' gates (pass task=NAME in --model_args)",
