@@ -21,6 +21,7 @@ from comoe.moe.routing import (
     routing_task_id,
     sort_by_expert,
     unregister_routing,
+    warn_unseen_tasks,
 )
 from tests.helpers import tiny_llama
 
@@ -385,3 +386,19 @@ def test_a_task_routed_adapter_saves_its_vocabulary_and_loads_to_the_same_logits
 def test_task_routing_needs_a_task_vocabulary():
     with pytest.raises(ValueError, match="tasks: null; routing='task' needs the task vocabulary"):
         get_comoe_model(tiny_llama(), ComoeConfig.preset("moelora-liu"))
+
+
+def test_tasks_outside_the_vocabulary_are_warned_of_once_only_where_routing_reads_them(caplog):
+    """warn_unseen_tasks: the unseen names in order of first appearance, in one warning; nothing for a
+    routing that reads no task ids (loramoe's tasks, soft routing) or a model without an adapter."""
+    routed = ComoeConfig.preset("moelora-liu", tasks=["a", "b"])
+    with caplog.at_level("WARNING", logger="comoe"):
+        assert warn_unseen_tasks(routed, ["d", "a", "c", "d"], "prompts") == ["d", "c"]
+        assert warn_unseen_tasks(routed, ["a", "b"]) == []
+        assert warn_unseen_tasks(ComoeConfig.preset("loramoe", tasks=["a"]), ["c"]) == []
+        assert warn_unseen_tasks(None, ["c"]) == []
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "tasks ['d', 'c'] are not among the adapter's training tasks ['a', 'b']: their prompts are routed with "
+        "the mean of the known tasks' gates"
+    )
