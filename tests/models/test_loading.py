@@ -176,7 +176,7 @@ def test_peft_and_comoe_folders_of_one_alias_record_it_and_evaluate_together(
     shutil.copytree(tiny_model_dir, tmp_path / "cache" / ALIAS)  # the alias's converted cache: the tiny model
     monkeypatch.setenv("COMOE_CACHE", str(tmp_path / "cache"))
     adapters = []
-    for preset, config in (("lora", {"r": 4}), ("comoe", {"r": 4, "num_experts": 2})):
+    for preset, config in (("lora", {"r": 4}), ("comoe", {"r": 4, "num_experts": 3})):
         args = train_args(ALIAS, tmp_path / preset, preset=preset, adapter_config=config, max_steps=1)
         adapters.append(train(replace(args, save_steps=0, stats_steps=0)) / "adapter")
         recorded = json.loads((adapters[-1] / "adapter_config.json").read_text())["base_model_name_or_path"]
