@@ -101,7 +101,7 @@ class GramComoeInfoNCE(torch.autograd.Function):
             log_num = positives.logsumexp(-1)
             weights = weights.to(work)  # [L, T, k]: each anchor's share of the loss
             loss = ((log_den - log_num) * weights).sum((-2, -1))
-            # d loss / d sim = weight / k (softmax over candidates - softmax over positives)
+            # d loss / d sim = the anchor's weight (softmax over candidates - softmax over positives)
             grad_sim = (candidates - log_den.unsqueeze(-1)).exp_()
             grad_sim -= (positives - log_num.unsqueeze(-1)).exp_()
             grad_sim.mul_(weights.unsqueeze(-1))
