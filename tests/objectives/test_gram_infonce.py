@@ -11,9 +11,10 @@ from comoe.moe.routing import Routing
 from comoe.objectives import contrastive
 from comoe.objectives.contrastive import comoe_batched
 from comoe.objectives.gram import anchor_cosines
-from comoe.objectives.gram_infonce import GramComoeInfoNCE, every_anchor_and_negative, gram_comoe_loss
+from comoe.objectives.gram_infonce import GramComoeInfoNCE, gram_comoe_loss
 from comoe.objectives.infonce import comoe_loss_from_anchor_cosines
 from comoe.objectives.reference import comoe_loss
+from comoe.objectives.triton_infonce import every_anchor_and_negative
 
 
 def experts(lead, tokens, n, k, seed, dtype=torch.float64, r=3, d=7, zero_experts=()):

@@ -33,14 +33,12 @@ import torch
 from comoe.objectives.cosine import NORMALIZE_EPS
 from comoe.objectives.infonce import draw_anchors_and_negatives, sampled_negatives, valid_mask
 
-__all__ = ["GramComoeInfoNCE", "every_anchor_and_negative", "gram_comoe_loss"]
+__all__ = ["GramComoeInfoNCE", "gram_comoe_loss", "work_dtype"]
 
 
-def every_anchor_and_negative(anchor: str, num_negatives: int | None, n: int, k: int) -> bool:
-    """Whether a CoMoE setting is the one the Triton kernel computes: every activated expert an anchor
-    (`anchor: all`), every inactive expert a negative (`num_negatives` None or >= n - k), k >= 2."""
-    all_negatives = num_negatives is None or num_negatives >= n - k
-    return anchor == "all" and all_negatives and k >= 2
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the Function computes in: float64 when an input is float64 (gradcheck), else float32."""
+    return torch.float64 if any(tensor.dtype == torch.float64 for tensor in tensors) else torch.float32
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -72,7 +70,7 @@ class GramComoeInfoNCE(torch.autograd.Function):
         layers, tokens, n, r = z.shape
         k = indices.shape[-1]
         ctx.dtypes = (z.dtype, gram.dtype)
-        work = torch.float64 if torch.float64 in (z.dtype, gram.dtype) else torch.float32
+        work = work_dtype(z, gram)
         with without_autocast(z.device):
             z, gram = z.to(work), gram.to(work)
             # each anchor's z in its expert's r-block of an n*r row: all anchors' rows of G in one bmm
@@ -193,8 +191,7 @@ def gram_comoe_loss(
     well_formed = torch.arange(k, device=z.device)
     indices = torch.where(valid.unsqueeze(-1), indices.view(layers, tokens, k), well_formed)
     count = valid.sum(-1, keepdim=True).clamp_min(1)
-    wide = torch.float64 in (z.dtype, gram.dtype)
-    weights = (valid.double() if wide else valid) / count  # [L, T]
+    weights = valid.to(work_dtype(z, gram)) / count  # [L, T]
     if slots is None:  # every activated expert an anchor, each 1/k of its token
         weights = (weights / k).unsqueeze(-1)
     else:  # the drawn slot's anchor carries the token

@@ -27,12 +27,17 @@ import torch
 
 from comoe.moe.triton_jit import TRITON_AVAILABLE, jit, next_power_of_2, runnable, tl
 from comoe.objectives.cosine import NORMALIZE_EPS
-from comoe.objectives.gram_infonce import every_anchor_and_negative
 from comoe.objectives.infonce import valid_mask
 
 BLOCK_T = 16  # tokens per program
 
-__all__ = ["BLOCK_T", "FusedComoeInfoNCE", "fused_comoe_applies", "fused_comoe_loss"]
+__all__ = [
+    "BLOCK_T",
+    "FusedComoeInfoNCE",
+    "every_anchor_and_negative",
+    "fused_comoe_applies",
+    "fused_comoe_loss",
+]
 
 
 def _comoe_infonce_kernel(
@@ -147,6 +152,13 @@ class FusedComoeInfoNCE(torch.autograd.Function):
         grad_dots, grad_self = ctx.saved_tensors
         scale = grad_losses.to(grad_dots.dtype)
         return grad_dots * scale[:, None, None], grad_self * scale[:, None], None, None, None, None, None
+
+
+def every_anchor_and_negative(anchor: str, num_negatives: int | None, n: int, k: int) -> bool:
+    """Whether a CoMoE setting is the one the fused kernel computes: every activated expert an anchor
+    (`anchor: all`), every inactive expert a negative (`num_negatives` None or >= n - k), k >= 2."""
+    all_negatives = num_negatives is None or num_negatives >= n - k
+    return anchor == "all" and all_negatives and k >= 2
 
 
 def fused_comoe_applies(device_type: str, anchor: str, num_negatives: int | None, n: int, k: int) -> bool:
