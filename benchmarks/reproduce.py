@@ -19,6 +19,7 @@ variant, e.g. one per seed: `--seeds 1 --methods lora,moe` picks a worker's shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import math
@@ -28,17 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from comoe.adapter.method import method_for
+from comoe.adapter.model import config_call_inputs
 from comoe.analysis.pipeline import analyze
 from comoe.analysis.settings import AnalyzeArgs
-from comoe.config import BASELINES
+from comoe.config import BASELINES, ComoeConfig
 from comoe.evaluation import stats
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
 from comoe.evaluation.stats import questions_to_detect, seed_interval, seed_means, seeds_to_detect
 from comoe.files import atomic_write_text
+from comoe.models.gguf import ALIASES, alias_cache, cache_root
 from comoe.training.loop import train
 from comoe.training.settings import TrainArgs
 
@@ -139,6 +145,26 @@ def adapter_parameters(adapter: Path) -> int:
     (experts, routers, DoRA magnitudes; PEFT and comoe folders alike)."""
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
         return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118 (not a dict)
+
+
+def counted_parameters(spec: dict[str, Any], config: dict[str, Any]) -> int | None:
+    """A trained method's trainable parameters on the config's model, counted on the meta device (shapes
+    only, no weights read; the same count as `adapter_parameters` of its adapter folder): the table's
+    figure for runs recorded before `trainable_params` was kept. None when the model's config cannot be
+    read here (an alias not yet converted, a hub id offline)."""
+    name = config["model"]
+    try:
+        folder = alias_cache(name, cache_root(None)) if name in ALIASES else Path(name)
+        model_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+    preset = spec["preset"]
+    adapter = ComoeConfig.from_preset(BASELINES.get(preset, preset), spec.get("adapter_config", {}))
+    if adapter.tasks is None and "task_ids" in config_call_inputs(adapter):  # as training gives them
+        adapter = dataclasses.replace(adapter, tasks=list(config["train_tasks"]))
+    with torch.device("meta"):
+        model = method_for(preset).build(AutoModelForCausalLM.from_config(model_config), adapter, False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def paired_answers(
@@ -249,6 +275,7 @@ def summarise(results: list[dict], config: dict[str, Any]) -> str:
             differ = f"{100 * diff['discordant']:.1f}% | {questions_to_detect(diff['discordant']):,}"
             lines.append(f"| {a} − {b} | {difference_cells(diff)} | {differ} | {seeds or '-'} |")
     lines += task_differences(by_method, config)
+    lines += paper_table(by_method, config)
     lines += ["", *header("method", *SPECIALISATION.values())]
     for method, runs in by_method.items():
         runs = [r["specialisation"] for r in runs if "specialisation" in r]
@@ -286,6 +313,56 @@ def load_config(path: str | Path, variant: str | None) -> dict[str, Any]:
         raise ValueError(f"methods: {unknown} not defined under methods: in {path}")
     config["methods"] = {name: loaded["methods"][name] for name in config["methods"]}
     return config
+
+
+def paper_table(by_method: dict[str, list[dict]], config: dict[str, Any]) -> list[str]:
+    """Every trained method against the config's `reference` method (LoRA), in the shape of the CoMoE
+    paper's Table 1 (arXiv 2505.17553): trainable parameters, seeds run, task accuracies and their average
+    (means over the method's seeds), the paired difference from the reference on seed 0 alone (the seed
+    every method has first) and over every seed both ran (points; 95% intervals over questions and over
+    seeds; seed by seed), and the paper's multi-task average (`paper_averages`, LLaMA-2 7B) where the paper
+    has the method. Empty without `reference` or before the reference has a run."""
+    reference, papers = config.get("reference"), config.get("paper_averages", {})
+    if reference not in by_method:
+        return []
+    tasks = config["eval_tasks"]
+    lines = [
+        "",
+        *header(
+            f"method (− {reference}: paired by seed and question)",
+            "trainable parameters",
+            "seeds",
+            *tasks,
+            "average",
+            f"− {reference}, seed 0 [95% CI, questions]",
+            f"− {reference}, every seed",
+            "95% CI, questions",
+            "95% CI, seeds (t)",
+            "per seed",
+            "paper's average",
+        ),
+    ]
+    for method, runs in by_method.items():
+        spec = config["methods"][method]
+        if spec is None:
+            continue
+        recorded = median_cell(runs, "trainable_params", 0)
+        counted = counted_parameters(spec, config) if recorded == "-" else None
+        cells = [recorded if counted is None else f"{counted:,}", str(len(runs))]
+        cells += [f"{100 * statistics.mean(r['accuracy'][task] for r in runs):.1f}" for task in tasks]
+        cells.append(f"{100 * statistics.mean(r['average'] for r in runs):.1f}")
+        first = paired_difference([r for r in runs if r["seed"] == 0], by_method[reference])
+        every = paired_difference(runs, by_method[reference])
+        if method == reference or not first:
+            cells.append("-")
+        else:
+            cells.append(f"{100 * first['mean']:+.1f} {interval(first['ci95'])}")
+        cells.append("-" if method == reference or not every else difference_cells(every))
+        if method == reference or not every:
+            cells += ["-"] * (len(DIFFERENCE_COLUMNS) - 1)
+        cells.append(str(papers.get(method, "-")))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def load_runs(path: Path) -> list[dict]:

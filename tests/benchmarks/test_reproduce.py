@@ -140,6 +140,61 @@ def test_workers_sharing_a_results_file_keep_each_others_runs(tmp_path, monkeypa
     ]
 
 
+def scored(method: str, seed: int, answers: list[bool], **extra) -> dict:
+    accuracy = sum(answers) / len(answers)
+    return {**run(method, seed, {"t": answers}), "accuracy": {"t": accuracy}, "average": accuracy, **extra}
+
+
+def test_paper_table_pairs_every_method_with_the_reference_and_counts_unrecorded_parameters(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from comoe.adapter.method import method_for
+    from comoe.config import BASELINES, ComoeConfig
+
+    lora = [scored("lora", s, [True, False, False, False]) for s in (0, 1, 2)]  # recorded no parameter count
+    liu = [  # seed 0: +2 of 4 questions, seed 1: +1 of 4
+        scored("moelora-liu", 0, [True, True, True, False], trainable_params=1234),
+        scored("moelora-liu", 1, [True, True, False, False], trainable_params=1234),
+    ]
+    config = {
+        "model": str(tiny_model_dir),
+        "train_tasks": ["a", "b", "c"],
+        "eval_tasks": ["t"],
+        "methods": {"base": None, "lora": {"preset": "lora"}, "moelora-liu": {"preset": "moelora-liu"}},
+        "reference": "lora",
+        "paper_averages": {"lora": 65.5},
+    }
+    rows = {
+        line.split(" | ")[0]: line.split(" | ")
+        for line in reproduce.paper_table(
+            {"base": [scored("base", 0, [False] * 4)], "lora": lora, "moelora-liu": liu}, config
+        )[3:]
+    }
+    assert set(rows) == {"| lora", "| moelora-liu"}  # the untrained base has no row
+    # columns: method, parameters, seeds, t, average, seed 0, every seed, CI questions, CI seeds, per seed, paper
+    assert rows["| moelora-liu"][1:5] == ["1,234", "2", "62.5", "62.5"]
+    assert rows["| moelora-liu"][5].startswith("+50.0 [")
+    assert rows["| moelora-liu"][6] == "+37.5" and rows["| moelora-liu"][9] == "+50.0, +25.0"
+    assert rows["| moelora-liu"][10] == "- |" and rows["| lora"][10] == "65.5 |"
+    assert rows["| lora"][2:7] == ["3", "25.0", "25.0", "-", "-"]
+    # LoRA's count, from its preset on the meta device, is the trainable count of the model training builds
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    built = method_for("lora").build(base, ComoeConfig.preset(BASELINES["lora"]), False)
+    expected = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert rows["| lora"][1] == f"{expected:,}"
+    # a task-routed method is counted with the training tasks as its vocabulary, as training builds it
+    counted = reproduce.counted_parameters({"preset": "moelora-liu"}, config)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    built = method_for("moelora-liu").build(
+        base, ComoeConfig.preset("moelora-liu", tasks=["a", "b", "c"]), False
+    )
+    assert counted == sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert counted != reproduce.counted_parameters(
+        {"preset": "moelora-liu"}, {**config, "train_tasks": ["a"]}
+    )
+    assert reproduce.paper_table({"lora": lora}, {**config, "reference": None}) == []
+
+
 def test_committed_config_variants_resolve_and_bad_ones_are_named():
     config_path = SCRIPT.with_name("reproduce.yaml")
     full = reproduce.load_config(config_path, None)
