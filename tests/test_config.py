@@ -85,6 +85,9 @@ def test_presets():
     mola = ComoeConfig.preset("mola")  # MoLA-▽ (docs/methods/mola.md)
     assert (mola.experts_by_depth, mola.num_experts, mola.top_k, mola.r) == ([2, 4, 6, 8], 8, 2, 8)
     assert (mola.routing, mola.objective_weights) == ("topk", {})
+    # the release's commands (GCYZSL/MoLA README): every attention and MLP linear, alpha 16, dropout 0.05
+    assert mola.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (mola.lora_alpha, mola.lora_dropout) == (16.0, 0.05)
     omoe = ComoeConfig.preset("omoe")
     assert (omoe.num_experts, omoe.r, omoe.lora_alpha, omoe.routing, omoe.expert_bank) == (4, 16, 32, "soft", "omoe")
     with pytest.raises(ValueError, match="unknown value 'nope'"):

@@ -474,13 +474,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts=4, r=16, lora_alpha=32.0, routing="soft", expert_bank="omoe", contrastive="none"
     ),
     # MoLA (arXiv 2402.08562), its best allocation "MoLA-▽" (more experts higher up: 2/4/6/8 experts for the
-    # four quarters of the blocks, bottom to top), top-2, r=8 (docs/methods/mola.md), no auxiliary loss.
+    # four quarters of the blocks, bottom to top), top-2, as the release's commands train it: r=8, alpha 16,
+    # dropout 0.05 on every attention and MLP linear, no auxiliary loss (docs/methods/mola.md).
     "mola": dict(
         num_experts=8,
         experts_by_depth=[2, 4, 6, 8],
         top_k=2,
         r=8,
         lora_alpha=16.0,
+        target_modules=[*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj"],
         contrastive="none",
     ),
     # AdaMoLE (arXiv 2405.00361) as its release trains it (configs/llama_adamole_csr_train.config, train.py):

@@ -118,14 +118,16 @@ def test_mola_is_a_plain_moe_lora_per_block_with_that_blocks_expert_count(tmp_pa
     targets = find_target_linears(tiny_llama_blocks(4), config)
     assert adapter_shapes(targets, config) == {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
     assert expected_shapes(tiny_llama_blocks(4), config) == adapter_shapes(targets, config)
-    total = sum(8 * n * (64 + out) + n * 64 for n in MOLA_BLOCKS for out in (64, 32, 32, 64))
+    shapes = ((64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64))  # q k v o gate up down
+    total = sum(8 * n * (d_in + d_out) + n * d_in for n in MOLA_BLOCKS for d_in, d_out in shapes)
     assert model.get_nb_trainable_parameters()[0] == total
     assert total == sum(
-        comoe_trainable_parameters(layer_config, 64, m.out_features)
+        comoe_trainable_parameters(layer_config, m.in_features, m.out_features)
         for name, m in targets.items()
         for layer_config in [config.at_depth(int(name.split(".")[2]), 4)]
     )
-    assert matched_lora_config(config, tiny_llama_blocks(4)).r == round(total / (4 * (128 + 96 + 96 + 128)))
+    per_rank = 4 * sum(d_in + d_out for d_in, d_out in shapes)  # a LoRA's parameters per rank, 4 blocks
+    assert matched_lora_config(config, tiny_llama_blocks(4)).r == round(total / per_rank)
     # saved and loaded: the folder keeps experts_by_depth and reloads each block's count
     model.save_pretrained(tmp_path / "mola")
     loaded = ComoeModel.from_pretrained(tiny_llama_blocks(4), tmp_path / "mola")

@@ -37,7 +37,8 @@ def test_each_preset_builds_a_model_its_method_owns(preset):
     assert isinstance(model, PeftModel) == baseline
     assert method_of(model) is method and method_of(Wrapper(model)) is method  # DoRA's PEFT model is not LoRA's
     assert method.has_routing == (not baseline)
-    routed = {"hydralora": 6, "mixlora-ffn": 2}.get(preset, 8)  # mixlora-ffn: the MLPs, not plain LoRAs
+    # mixlora-ffn: the MLPs, not plain LoRAs; mola: every attention and MLP linear of the two blocks
+    routed = {"hydralora": 6, "mixlora-ffn": 2, "mola": 14}.get(preset, 8)
     assert len(method.routed_layers(model)) == (0 if baseline else routed)
 
 
