@@ -240,3 +240,6 @@ def test_misconfigurations_are_refused_naming_the_field():
         matched_lora_config(ComoeConfig.preset("mixlora-ffn"), tiny_llama())
     with pytest.raises(ValueError, match="target_modules: .*inside the ffn_experts MLPs"):
         get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora-ffn", target_modules=["q_proj", "up_proj"]))
+    # DoRA experts rescale the base weight: no LoRA update for an FFN block to add (once an AttributeError)
+    with pytest.raises(ValueError, match="expert_bank='dora' with ffn_experts.*valid with ffn_experts: lora, hydra, omoe"):
+        get_comoe_model(tiny_llama(), ComoeConfig.preset("mixlora-ffn", expert_bank="dora"))

@@ -19,6 +19,10 @@ from comoe.validation import InvalidSetting
         ({"aux_objectives": {"nope": 1.0}}, "auxiliary objective 'nope' is not registered"),
         ({"routing": "soft"}, "contrastive='comoe' contrasts each token's activated experts"),  # always 0
         ({"num_experts": 2, "top_k": 2}, "contrastive='comoe' contrasts each token's activated experts"),
+        (  # a registered bank, but not one whose experts are LoRA updates, as FFN-block experts need
+            {"ffn_experts": ["mlp"], "expert_bank": "dora", "contrastive": "none"},
+            "expert_bank='dora' with ffn_experts: FFN-block experts add LoRA updates",
+        ),
     ],
 )
 def test_an_unregistered_name_is_one_line_naming_the_file_and_field(tmp_path, caplog, override, named):

@@ -30,7 +30,7 @@ from torch import nn
 from comoe.adapter.layer import ComoeContext, ComoeLinear, adapter_dtype, layer_features
 from comoe.adapter.targeting import layer_index, matches
 from comoe.config import ComoeConfig
-from comoe.moe.banks import ExpertBank, get_bank
+from comoe.moe.banks import BANKS, ExpertBank, get_bank
 from comoe.moe.experts import choose_strategy, mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import Router, Routing, RoutingKind, get_routing
@@ -200,6 +200,23 @@ def mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     return (*layer_features(mlp.gate_proj), layer_features(mlp.down_proj)[1])
 
 
+def ffn_bank(name: str) -> type[ExpertBank]:
+    """The registered expert bank `name` for FFN-block experts (`ffn_experts`), whose three projections add
+    their experts' LoRA updates B_i A_i h to the frozen MLP's: a bank that computes its routed output
+    itself (`outputs_are_lora = False`, e.g. 'dora', whose experts rescale the base weight) has no such
+    update. Raises ValueError naming the bank and the registered banks that work (an unregistered name:
+    get_bank's ValueError)."""
+    bank = get_bank(name)
+    if not bank.outputs_are_lora:
+        usable = [entry for entry, bank_class in BANKS.items() if bank_class.outputs_are_lora]
+        raise ValueError(
+            f"expert_bank={name!r} with ffn_experts: FFN-block experts add LoRA updates B_i A_i h to the "
+            f"frozen MLP's projections, and {name!r} experts are not of that form; valid with ffn_experts: "
+            f"{', '.join(usable)} (or leave ffn_experts null for {name!r} experts on each linear)"
+        )
+    return bank
+
+
 def pair_routing(routing: Routing) -> Routing:
     """The T*k (token, active expert) pairs of a routing as T*k rows routed to one expert each with gate 1,
     so a mix strategy returns each pair's own s B_e z_e unsummed: [T*k, 1] indices and gates."""
@@ -249,7 +266,7 @@ class ComoeFFN(nn.Module):
         self.routing_kind.create(self, factory)
         if isinstance(getattr(self, "router", None), Router):
             nn.init.normal_(self.router.weight, mean=0.0, std=ROUTER_INIT_STD)
-        self.bank = get_bank(config.expert_bank)
+        self.bank = ffn_bank(config.expert_bank)
         d, d_ff, n, r = self.in_features, self.intermediate_features, self.num_experts, self.r
         self.gate_proj = ExpertProjection(d, d_ff, n, r, self.bank, factory)
         self.up_proj = ExpertProjection(d, d_ff, n, r, self.bank, factory)
@@ -344,7 +361,7 @@ def mixlora_shapes(
     for name, linear in linears.items():
         for key, shape in plain.shapes(1, config.r, *layer_features(linear)).items():
             shapes[f"{name}.{key}"] = shape
-    bank, routing = get_bank(config.expert_bank), get_routing(config.routing)
+    bank, routing = ffn_bank(config.expert_bank), get_routing(config.routing)
     for name, mlp in mlps.items():
         n = config.experts_at(layer_index(name), num_blocks)
         block_config = config.at_depth(layer_index(name), num_blocks)

@@ -2,11 +2,13 @@
 
 The settings (pure Python, read before torch is imported) check the rest of the config; these names live in
 registries that torch modules fill (and plugins extend), so they are checked here, importing the registries
-only (about a second), not transformers or the base model.
+(and the FFN-expert module, for the banks it takes) only (about a second), not transformers or the base
+model.
 """
 
 from __future__ import annotations
 
+from comoe.adapter.ffn import ffn_bank
 from comoe.moe.banks import get_bank
 from comoe.moe.experts import choose_strategy
 from comoe.moe.routing import get_routing
@@ -28,6 +30,8 @@ def check_registered_names(args: TrainArgs) -> None:
     try:
         get_routing(config.routing)
         get_bank(config.expert_bank)
+        if config.ffn_experts:
+            ffn_bank(config.expert_bank)
         choose_strategy(config.expert_compute, config.num_experts, config.top_k)
         usable_objectives(config, strict=True)
     except ValueError as error:
