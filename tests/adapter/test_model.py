@@ -1,5 +1,6 @@
 """Injection, forward with auxiliary losses, save/load, disable/unload, and the errors users hit."""
 
+import itertools
 import json
 import re
 
@@ -12,6 +13,7 @@ from comoe import ComoeConfig, ComoeModel, get_comoe_model
 from comoe.adapter.layer import ComoeLinear
 from comoe.config import PRESETS
 from comoe.objectives.reference import comoe_loss, load_balance_loss
+from comoe.training.loss import response_loss
 from tests.helpers import tiny_config, tiny_llama
 
 
@@ -301,3 +303,42 @@ def test_every_preset_trains_under_bfloat16_autocast_as_in_float32(preset):
         cosine = torch.nn.functional.cosine_similarity(grads16[name].flatten(), grad.flatten(), dim=0)
         # the same direction, to bfloat16's precision (a top-k choice may flip for a near-tied token)
         assert cosine > 0.95, (name, float(cosine))
+
+
+@pytest.mark.parametrize("bank", ["lora", "hydra", "omoe", "dora"])
+def test_every_combination_of_the_seams_trains_or_is_refused_in_one_line(bank):
+    """Each expert bank with every routing kind, contrastive objective, FFN-block experts or not, and an
+    auxiliary objective or none: the adapter builds, takes a training step (finite task and auxiliary
+    losses, a gradient on its parameters) and generates one eval forward, or the config is refused with
+    one ValueError line. Anything else (an AttributeError deep in a bank, a shape error) is a bug of the
+    combination: FFN-block DoRA experts were once one."""
+    ids, mask = batch(seed=1, shape=(2, 6))
+    trained = refused = 0
+    for routing, contrastive, ffn, aux in itertools.product(
+        ("topk", "soft", "threshold", "prompt", "task"),
+        ("none", "comoe", "moelora"),
+        (None, ["mlp"]),
+        ({}, {"loramoe": 0.1}, {"router_z": 0.01}),
+    ):
+        fields = dict(expert_bank=bank, routing=routing, contrastive=contrastive, ffn_experts=ffn, r=4)
+        try:
+            config = ComoeConfig.preset("moe", **fields, aux_objectives=aux, tasks=["a", "b"])
+            model = get_comoe_model(tiny_llama(), config).train()
+        except ValueError as error:
+            assert "\n" not in str(error), (fields, aux, str(error))
+            refused += 1
+            continue
+        call = {name: torch.tensor([0, 1]) for name in model.call_input_names}
+        task, auxiliary = response_loss(
+            model, {"input_ids": ids, "attention_mask": mask, "labels": ids, **call}
+        )
+        (task + auxiliary).backward()
+        assert torch.isfinite(task) and torch.isfinite(auxiliary), (fields, aux)
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), (fields, aux)
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(input_ids=ids, attention_mask=mask, **call).logits).all()
+        trained += 1
+    # the refusals are the documented ones: contrastive objectives with FFN-block experts, and (dora) FFN
+    # experts of a bank that is not a LoRA update
+    assert refused == 30 + (15 if bank == "dora" else 0) and trained == 90 - refused
