@@ -1,7 +1,9 @@
 """Reproduce the papers' comparison at SmolLM2-135M scale: base zero-shot, LoRA (matched parameters),
 MoE-LoRA, CoMoE and MoELoRA, several seeds, multi-task commonsense training (or math), per-task evaluation,
 specialisation measures, paired differences with two 95% intervals (over test questions and over training
-seeds), overall and task by task, and the questions and seeds a 1-point difference would need.
+seeds), overall and task by task, and the questions and seeds a 1-point difference would need; with
+`reference:` in the variant (builtin), every trained method against it in the CoMoE paper's Table 1 shape,
+the paper's averages (`paper_averages`) beside.
 
     python benchmarks/reproduce.py [--config benchmarks/reproduce.yaml] [--quick | --variant math]
                                    [--workdir runs/reproduce]
