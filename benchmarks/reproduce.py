@@ -44,7 +44,13 @@ from comoe.config import BASELINES, ComoeConfig
 from comoe.evaluation import stats
 from comoe.evaluation.runner import run_eval
 from comoe.evaluation.settings import EvalArgs
-from comoe.evaluation.stats import questions_to_detect, seed_interval, seed_means, seeds_to_detect
+from comoe.evaluation.stats import (
+    pooled_seed_intervals,
+    questions_to_detect,
+    seed_interval,
+    seed_means,
+    seeds_to_detect,
+)
 from comoe.files import atomic_write_text
 from comoe.models.gguf import ALIASES, alias_cache, cache_root
 from comoe.training.loop import train
@@ -321,13 +327,19 @@ def paper_table(by_method: dict[str, list[dict]], config: dict[str, Any]) -> lis
     """Every trained method against the config's `reference` method (LoRA), in the shape of the CoMoE
     paper's Table 1 (arXiv 2505.17553): trainable parameters, seeds run, task accuracies and their average
     (means over the method's seeds), the paired difference from the reference on seed 0 alone (the seed
-    every method has first) and over every seed both ran (points; 95% intervals over questions and over
-    seeds; seed by seed), and the paper's multi-task average (`paper_averages`, LLaMA-2 7B) where the paper
-    has the method. Empty without `reference` or before the reference has a run."""
+    every method has first) and over every seed both ran (points; 95% intervals over questions, over the
+    method's own seeds (t), and over seeds with the seed-to-seed spread pooled over every method
+    (`stats.pooled_seed_intervals`: the one interval that both includes the seeds' spread and exists for a
+    method run on one or two seeds); seed by seed), and the paper's multi-task average (`paper_averages`,
+    LLaMA-2 7B) where the paper has the method. Empty without `reference` or before the reference has a
+    run."""
     reference, papers = config.get("reference"), config.get("paper_averages", {})
     if reference not in by_method:
         return []
     tasks = config["eval_tasks"]
+    trained = {m: runs for m, runs in by_method.items() if config["methods"][m] is not None}
+    every = {m: paired_difference(rs, by_method[reference]) for m, rs in trained.items() if m != reference}
+    pooled = pooled_seed_intervals({m: diff["per_seed"] for m, diff in every.items() if diff})
     lines = [
         "",
         *header(
@@ -340,28 +352,26 @@ def paper_table(by_method: dict[str, list[dict]], config: dict[str, Any]) -> lis
             f"− {reference}, every seed",
             "95% CI, questions",
             "95% CI, seeds (t)",
+            "95% CI, seeds (pooled spread)",
             "per seed",
             "paper's average",
         ),
     ]
-    for method, runs in by_method.items():
-        spec = config["methods"][method]
-        if spec is None:
-            continue
+    for method, runs in trained.items():
         recorded = median_cell(runs, "trainable_params", 0)
-        counted = counted_parameters(spec, config) if recorded == "-" else None
+        counted = counted_parameters(config["methods"][method], config) if recorded == "-" else None
         cells = [recorded if counted is None else f"{counted:,}", str(len(runs))]
         cells += [f"{100 * statistics.mean(r['accuracy'][task] for r in runs):.1f}" for task in tasks]
         cells.append(f"{100 * statistics.mean(r['average'] for r in runs):.1f}")
         first = paired_difference([r for r in runs if r["seed"] == 0], by_method[reference])
-        every = paired_difference(runs, by_method[reference])
-        if method == reference or not first:
-            cells.append("-")
+        diff = every.get(method)
+        cells.append(f"{100 * first['mean']:+.1f} {interval(first['ci95'])}" if first and diff else "-")
+        if diff:
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"])
+            cells += [f"{100 * diff['mean']:+.1f}", interval(diff["ci95"]), interval(diff["seed_ci95"])]
+            cells += [interval(pooled.get(method)), per_seed]
         else:
-            cells.append(f"{100 * first['mean']:+.1f} {interval(first['ci95'])}")
-        cells.append("-" if method == reference or not every else difference_cells(every))
-        if method == reference or not every:
-            cells += ["-"] * (len(DIFFERENCE_COLUMNS) - 1)
+            cells += ["-"] * 5
         cells.append(str(papers.get(method, "-")))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines

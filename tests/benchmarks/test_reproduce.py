@@ -156,26 +156,37 @@ def test_paper_table_pairs_every_method_with_the_reference_and_counts_unrecorded
         scored("moelora-liu", 0, [True, True, True, False], trainable_params=1234),
         scored("moelora-liu", 1, [True, True, False, False], trainable_params=1234),
     ]
+    moe = [scored("moe", s, [True, True, False, False], trainable_params=99) for s in (0, 1, 2)]  # +1 of 4
     config = {
         "model": str(tiny_model_dir),
         "train_tasks": ["a", "b", "c"],
         "eval_tasks": ["t"],
-        "methods": {"base": None, "lora": {"preset": "lora"}, "moelora-liu": {"preset": "moelora-liu"}},
+        "methods": {
+            "base": None,
+            "lora": {"preset": "lora"},
+            "moelora-liu": {"preset": "moelora-liu"},
+            "moe": {"preset": "moe"},
+        },
         "reference": "lora",
         "paper_averages": {"lora": 65.5},
     }
     rows = {
         line.split(" | ")[0]: line.split(" | ")
         for line in reproduce.paper_table(
-            {"base": [scored("base", 0, [False] * 4)], "lora": lora, "moelora-liu": liu}, config
+            {"base": [scored("base", 0, [False] * 4)], "lora": lora, "moelora-liu": liu, "moe": moe}, config
         )[3:]
     }
-    assert set(rows) == {"| lora", "| moelora-liu"}  # the untrained base has no row
-    # columns: method, parameters, seeds, t, average, seed 0, every seed, CI questions, CI seeds, per seed, paper
+    assert set(rows) == {"| lora", "| moelora-liu", "| moe"}  # the untrained base has no row
+    # columns: method, parameters, seeds, t, average, seed 0, every seed, CI questions, CI seeds (t),
+    # CI seeds (pooled spread), per seed, paper
     assert rows["| moelora-liu"][1:5] == ["1,234", "2", "62.5", "62.5"]
     assert rows["| moelora-liu"][5].startswith("+50.0 [")
-    assert rows["| moelora-liu"][6] == "+37.5" and rows["| moelora-liu"][9] == "+50.0, +25.0"
-    assert rows["| moelora-liu"][10] == "- |" and rows["| lora"][10] == "65.5 |"
+    assert rows["| moelora-liu"][6] == "+37.5" and rows["| moelora-liu"][10] == "+50.0, +25.0"
+    assert rows["| moelora-liu"][8] == "[-100.0, +100.0]"  # its own t interval, 1 df: clipped
+    # pooled spread: squared deviations 0.03125 (moelora-liu, 1 df) and 0 (moe, 2 df): s_p = sqrt(0.03125 / 3),
+    # t(0.975, 3 df) = 3.18245: +37.5 ± 22.97 points for two seeds, +25.0 ± 18.75 for three
+    assert rows["| moelora-liu"][9] == "[+14.5, +60.5]" and rows["| moe"][9] == "[+6.2, +43.8]"
+    assert rows["| moelora-liu"][11] == "- |" and rows["| lora"][11] == "65.5 |"
     assert rows["| lora"][2:7] == ["3", "25.0", "25.0", "-", "-"]
     # LoRA's count, from its preset on the meta device, is the trainable count of the model training builds
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -10,6 +10,7 @@ import pytest
 from comoe.evaluation.stats import (
     paired_bootstrap,
     paired_difference,
+    pooled_seed_intervals,
     questions_to_detect,
     seed_interval,
     seed_means,
@@ -69,3 +70,22 @@ def test_seed_interval_and_power():
     assert seed_interval([0.7, 0.8]) == [pytest.approx(0.75 - 12.706 * 0.05, abs=1e-3), 1.0]
     assert abs(questions_to_detect(0.5, effect=0.1) - 392) <= 1
     assert seeds_to_detect([-0.021, 0.044, 0.002]) == 86 and seeds_to_detect([0.01]) is None
+
+
+def test_pooled_seed_intervals_pool_the_spread_of_every_comparison_with_two_seeds_or_more():
+    stats = pytest.importorskip("scipy.stats")
+    per_seed = {"a": [0.01, 0.02, 0.03], "b": [0.02, -0.01], "c": [-0.03]}
+    # by hand: squared deviations 2e-4 (a, 2 df) and 4.5e-4 (b, 1 df): s_p^2 = 6.5e-4 / 3 with 3 df
+    pooled = math.sqrt(6.5e-4 / 3)
+    t = stats.t.ppf(0.975, 3)
+    got = pooled_seed_intervals(per_seed)
+    for name, values in per_seed.items():
+        centre, half = sum(values) / len(values), t * pooled / math.sqrt(len(values))
+        assert got[name] == pytest.approx([centre - half, centre + half], rel=1e-9), name
+    # a one-seed comparison gets an interval (c) where its own t interval has none
+    assert seed_interval(per_seed["c"]) is None and got["c"][0] < -0.03 < got["c"][1]
+    # with two seeds the pooled interval is far narrower than the comparison's own (t with 1 df)
+    own = seed_interval(per_seed["b"])
+    assert got["b"][1] - got["b"][0] < (own[1] - own[0]) / 2
+    assert pooled_seed_intervals({"x": [0.1], "y": [0.2]}) == {}  # no spread measured: no interval
+    assert pooled_seed_intervals({"x": [0.9, 0.99], "y": [0.0, 0.5]})["x"][1] == 1.0  # clipped

@@ -73,6 +73,30 @@ def seed_interval(per_seed: list[float]) -> list[float] | None:
     return [max(-1.0, centre - half), min(1.0, centre + half)]
 
 
+def pooled_seed_intervals(per_seed: dict[str, list[float]]) -> dict[str, list[float]]:
+    """95% intervals for the mean of each comparison's per-seed differences with one seed-to-seed standard
+    deviation pooled over every comparison (the pooled within-group variance of a one-way layout:
+    s_p^2 = sum_m (n_m - 1) s_m^2 / sum_m (n_m - 1), Student t with sum_m (n_m - 1) degrees of freedom),
+    clipped to [-1, 1] like `seed_interval`. Assumes the comparisons share one seed-to-seed variance (the
+    same training setting and test questions); in exchange, a comparison run on one or two seeds gets an
+    interval that includes the seed-to-seed spread, which its own t interval (12.7 standard errors wide for
+    two seeds, none for one) cannot give. Keys: comparison names; values: per-seed differences (fractions;
+    a per-seed difference already carries its test questions' sampling noise). Every comparison with at
+    least one seed gets an interval, none when no comparison has two seeds to measure the spread."""
+    spread = [values for values in per_seed.values() if len(values) > 1]
+    dof = sum(len(values) - 1 for values in spread)
+    if dof == 0:
+        return {}
+    pooled = math.sqrt(sum((len(values) - 1) * statistics.variance(values) for values in spread) / dof)
+    quantile = t_quantile(0.975, dof)
+    intervals = {}
+    for name, values in per_seed.items():
+        if values:
+            centre, half = statistics.mean(values), quantile * pooled / math.sqrt(len(values))
+            intervals[name] = [max(-1.0, centre - half), min(1.0, centre + half)]
+    return intervals
+
+
 def questions_to_detect(discordant: float, effect: float = 0.01) -> int:
     """Paired test questions needed to detect a true difference `effect` (two-sided 5%, power 80%) when a
     `discordant` fraction of questions is answered differently: (1.96 + 0.84)^2 * discordant / effect^2."""
