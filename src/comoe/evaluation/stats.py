@@ -80,7 +80,9 @@ def pooled_seed_intervals(per_seed: dict[str, list[float]]) -> dict[str, list[fl
     clipped to [-1, 1] like `seed_interval`. Assumes the comparisons share one seed-to-seed variance (the
     same training setting and test questions); in exchange, a comparison run on one or two seeds gets an
     interval that includes the seed-to-seed spread, which its own t interval (12.7 standard errors wide for
-    two seeds, none for one) cannot give. Keys: comparison names; values: per-seed differences (fractions;
+    two seeds, none for one) cannot give. Comparisons against one reference share its runs, so their
+    spreads are not independent and the pooled degrees of freedom overstate the evidence somewhat: read
+    the interval as approximate. Keys: comparison names; values: per-seed differences (fractions;
     a per-seed difference already carries its test questions' sampling noise). Every comparison with at
     least one seed gets an interval, none when no comparison has two seeds to measure the spread."""
     spread = [values for values in per_seed.values() if len(values) > 1]
