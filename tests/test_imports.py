@@ -177,3 +177,13 @@ def test_every_module_has_its_mirrored_test_file():
         if name not in packages and not mirrored_test(name).is_file()
     ]
     assert not missing, "modules without their test file:\n" + "\n".join(missing)
+
+
+def test_registry_check_of_a_training_config_loads_no_transformers():
+    """`comoe train` checks a config's registry names (banks, routing kinds, objectives, the banks FFN-block
+    experts take) before the base model loads: that check imports the registries, not transformers (about
+    two seconds more), so a misspelled name is reported at once."""
+    out = run_python(
+        "import sys, comoe.training.registered; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    )
+    assert out.split() == ["False", "True"]

@@ -30,7 +30,7 @@ from torch import nn
 from comoe.adapter.layer import ComoeContext, ComoeLinear, adapter_dtype, layer_features
 from comoe.adapter.targeting import layer_index, matches
 from comoe.config import ComoeConfig
-from comoe.moe.banks import BANKS, ExpertBank, get_bank
+from comoe.moe.banks import ExpertBank, ffn_bank, get_bank
 from comoe.moe.experts import choose_strategy, mix
 from comoe.moe.record import LayerRecord
 from comoe.moe.routing import Router, Routing, RoutingKind, get_routing
@@ -198,23 +198,6 @@ def ffn_shapes(
 def mlp_features(mlp: nn.Module) -> tuple[int, int, int]:
     """(d, d_ff, d_out) of a gated MLP: gate_proj's input and output, down_proj's output."""
     return (*layer_features(mlp.gate_proj), layer_features(mlp.down_proj)[1])
-
-
-def ffn_bank(name: str) -> type[ExpertBank]:
-    """The registered expert bank `name` for FFN-block experts (`ffn_experts`), whose three projections add
-    their experts' LoRA updates B_i A_i h to the frozen MLP's: a bank that computes its routed output
-    itself (`outputs_are_lora = False`, e.g. 'dora', whose experts rescale the base weight) has no such
-    update. Raises ValueError naming the bank and the registered banks that work (an unregistered name:
-    get_bank's ValueError)."""
-    bank = get_bank(name)
-    if not bank.outputs_are_lora:
-        usable = [entry for entry, bank_class in BANKS.items() if bank_class.outputs_are_lora]
-        raise ValueError(
-            f"expert_bank={name!r} with ffn_experts: FFN-block experts add LoRA updates B_i A_i h to the "
-            f"frozen MLP's projections, and {name!r} experts are not of that form; valid with ffn_experts: "
-            f"{', '.join(usable)} (or leave ffn_experts null for {name!r} experts on each linear)"
-        )
-    return bank
 
 
 def pair_routing(routing: Routing) -> Routing:

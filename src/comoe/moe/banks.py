@@ -337,6 +337,23 @@ unregister_bank = BANKS.unregister
 get_bank = BANKS.lookup  # ValueError naming the registered banks when `name` is not one
 
 
+def ffn_bank(name: str) -> type[ExpertBank]:
+    """The registered expert bank `name` for FFN-block experts (`ffn_experts`), whose three projections add
+    their experts' LoRA updates B_i A_i h to the frozen MLP's: a bank that computes its routed output
+    itself (`outputs_are_lora = False`, e.g. 'dora', whose experts rescale the base weight) has no such
+    update. Raises ValueError naming the bank and the registered banks that work (an unregistered name:
+    get_bank's ValueError)."""
+    bank = get_bank(name)
+    if not bank.outputs_are_lora:
+        usable = [entry for entry, bank_class in BANKS.items() if bank_class.outputs_are_lora]
+        raise ValueError(
+            f"expert_bank={name!r} with ffn_experts: FFN-block experts add LoRA updates B_i A_i h to the "
+            f"frozen MLP's projections, and {name!r} experts are not of that form; valid with ffn_experts: "
+            f"{', '.join(usable)} (or leave ffn_experts null for {name!r} experts on each linear)"
+        )
+    return bank
+
+
 register_bank(LoraExperts)
 register_bank(HydraExperts)
 register_bank(OrthogonalExperts)

@@ -2,14 +2,12 @@
 
 The settings (pure Python, read before torch is imported) check the rest of the config; these names live in
 registries that torch modules fill (and plugins extend), so they are checked here, importing the registries
-(and the FFN-expert module, for the banks it takes) only (about a second), not transformers or the base
-model.
+only (about a second), not transformers or the base model.
 """
 
 from __future__ import annotations
 
-from comoe.adapter.ffn import ffn_bank
-from comoe.moe.banks import get_bank
+from comoe.moe.banks import ffn_bank, get_bank
 from comoe.moe.experts import choose_strategy
 from comoe.moe.routing import get_routing
 from comoe.objectives.auxiliary import usable_objectives
