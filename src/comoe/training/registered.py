@@ -27,9 +27,7 @@ def check_registered_names(args: TrainArgs) -> None:
     config = args.comoe_config()
     try:
         get_routing(config.routing)
-        get_bank(config.expert_bank)
-        if config.ffn_experts:
-            ffn_bank(config.expert_bank)
+        (ffn_bank if config.ffn_experts else get_bank)(config.expert_bank)  # ffn_bank: get_bank + its check
         choose_strategy(config.expert_compute, config.num_experts, config.top_k)
         usable_objectives(config, strict=True)
     except ValueError as error:
