@@ -79,8 +79,8 @@ def pooled_seed_intervals(per_seed: dict[str, list[float]]) -> dict[str, list[fl
     s_p^2 = sum_m (n_m - 1) s_m^2 / sum_m (n_m - 1), Student t with sum_m (n_m - 1) degrees of freedom),
     clipped to [-1, 1] like `seed_interval`. Assumes the comparisons share one seed-to-seed variance (the
     same training setting and test questions); in exchange, a comparison run on one or two seeds gets an
-    interval that includes the seed-to-seed spread, which its own t interval (12.7 standard errors wide for
-    two seeds, none for one) cannot give. Comparisons against one reference share its runs, so their
+    interval that includes the seed-to-seed spread, which its own t interval (± 12.7 standard errors for two
+    seeds, none for one) cannot give. Comparisons against one reference share its runs, so their
     spreads are not independent and the pooled degrees of freedom overstate the evidence somewhat: read
     the interval as approximate. Keys: comparison names; values: per-seed differences (fractions;
     a per-seed difference already carries its test questions' sampling noise). Every comparison with at
