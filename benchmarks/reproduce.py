@@ -178,13 +178,13 @@ def counted_parameters(spec: dict[str, Any], config: dict[str, Any]) -> int | No
 def paired_answers(
     a: list[dict], b: list[dict], b_untrained: bool = False, tasks: list[str] | None = None
 ) -> list[list[int]]:
-    """Per paired seed, a's answer minus b's on each test question (+1, 0, -1) of `tasks` (all of a's
-    when None). An untrained b (the base model: one deterministic run) is paired with every seed of a; a
-    trained one only seed by seed, so a half-finished reproduction never pairs one method's seed 1 with
-    another's 0."""
+    """Per paired seed, in seed order (workers record runs in the order they end), a's answer minus b's on
+    each test question (+1, 0, -1) of `tasks` (all of a's when None). An untrained b (the base model: one
+    deterministic run) is paired with every seed of a; a trained one only seed by seed, so a half-finished
+    reproduction never pairs one method's seed 1 with another's 0."""
     by_seed = {r["seed"]: r for r in b}
     diffs = []
-    for run in a:
+    for run in sorted(a, key=lambda r: r["seed"]):
         other = b[0] if b_untrained and b else by_seed.get(run["seed"])
         if other is not None:
             diffs.append(

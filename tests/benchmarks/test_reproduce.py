@@ -27,6 +27,8 @@ def test_paired_difference_matches_counting_and_brackets_the_mean():
     assert diff["mean"] == pytest.approx((3 - 1 + 2 - 2) / 8)
     assert diff["per_seed"] == pytest.approx([2 / 4, 0.0])
     assert diff["discordant"] == pytest.approx(4 / 8)
+    # runs recorded in the order workers finished them: the per-seed differences are still in seed order
+    assert reproduce.paired_difference(a[::-1], b)["per_seed"] == pytest.approx([2 / 4, 0.0])
     low, high = diff["ci95"]
     assert low <= diff["mean"] <= high and low < high
 
