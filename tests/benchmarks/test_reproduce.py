@@ -309,16 +309,16 @@ def test_committed_lora_control_for_mola_matches_its_count_targets_and_scaling(t
     """`lora_mola` (builtin): PEFT LoRA on MoLA's linears at MoLA's trainable-parameter count, alpha / r as
     MoLA's: the control that separates MoLA's routing from its targets and size."""
     from comoe.adapter.lora import matched_lora_config
-    from comoe.config import ComoeConfig
+    from comoe.config import BASELINES, ComoeConfig
     from tests.helpers import tiny_llama
 
     config = reproduce.load_config(SCRIPT.with_name("reproduce.yaml"), "builtin")
     assert {"lora_mola", "mola"} <= set(config["methods"]) and ["mola", "lora_mola"] in config["comparisons"]
     spec, mola = config["methods"]["lora_mola"], config["methods"]["mola"]
     setting = {"model": str(tiny_model_dir), "train_tasks": config["train_tasks"]}
-    control, moe = reproduce.counted_parameters(spec, setting), reproduce.counted_parameters(mola, setting)
-    assert spec["preset"] == "lora" and abs(control - moe) / moe < 0.05, (control, moe)
-    adapter = ComoeConfig.from_preset("comoe", spec["adapter_config"])
+    control, target = reproduce.counted_parameters(spec, setting), reproduce.counted_parameters(mola, setting)
+    assert spec["preset"] == "lora" and abs(control - target) / target < 0.05, (control, target)
+    adapter = ComoeConfig.from_preset(BASELINES[spec["preset"]], spec["adapter_config"])  # as training resolves it
     lora = matched_lora_config(adapter, tiny_llama())
     assert sorted(lora.target_modules) == sorted(ComoeConfig.preset("mola").target_modules)
     assert lora.lora_alpha / lora.r == ComoeConfig.preset("mola").scaling
